@@ -1,0 +1,106 @@
+/* core.h -- process-local structures and the internal API shared by the
+ * subsystem files (segment.c, heap.c, tvar.c, txn.c, wait.c, proc.c). */
+#ifndef SHMSTM_CORE_H
+#define SHMSTM_CORE_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include "layout.h"
+#include "shmstm.h"
+
+/* Debug builds (-DSHMSTM_DEBUG) check states at entry points and offer fault
+ * injection; release builds compile all of it away. */
+#ifdef SHMSTM_DEBUG
+#include <assert.h>
+#define DASSERT(x) assert(x)
+#else
+#define DASSERT(x) ((void)0)
+#endif
+
+/* A mapped segment.  Geometry is copied out of the header once, after
+ * validation, and every bounds check uses these private copies: a corrupted or
+ * hostile header cannot move them after attach. */
+struct shmstm_seg {
+    unsigned char *base;
+    size_t size;
+    int read_only;
+    struct shm_header *h;
+    struct shm_proc *procs;
+    struct shm_tvar *tvars;
+    struct shm_dirent *dir;
+    unsigned char *heap;
+    uint64_t heap_size;
+    uint32_t max_tvars, max_procs, max_value_size, dir_slots;
+};
+
+struct rentry { uint32_t idx; uint32_t gen; uint64_t ver; };
+
+struct shmstm_ctx {
+    char *buf;               /* copy-out buffer (Python reads it) */
+    uint32_t slot;
+    uint32_t rs_n;           /* read-set length */
+    size_t buf_cap;
+    struct shmstm_seg *seg;
+    struct shm_proc *proc;   /* == &seg->procs[slot] */
+    pid_t pid;
+    int orphaned;            /* set in a fork child: slot belongs to the parent */
+    int active;              /* an attempt is under way (rv valid) */
+    int doomed;              /* a read failed: the attempt can only abort */
+    int has_token;
+    uint32_t failed_idx;     /* TVar that caused the last conflict (stats, errors) */
+    uint64_t rv;
+    struct rentry *rs;
+    uint32_t rs_cap;
+    uint32_t n_staged;
+    uint64_t bytes_staged;
+};
+
+/* proc.c */
+uint64_t proc_start_time(pid_t pid);            /* 0 if gone or a zombie */
+int      proc_alive(uint32_t pid, uint64_t start);
+int      slot_owner_dead(struct shmstm_seg *s, uint32_t slot);
+int      slot_recover(struct shmstm_seg *s, uint32_t slot);
+int      lock_owner_gone(struct shmstm_seg *s, uint64_t lockword);
+uint64_t now_ns(void);
+uint64_t realtime_ns(void);
+pid_t    my_tid(void);
+
+/* heap.c */
+int      heap_alloc(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off);
+int      heap_alloc_raw(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off);
+void     heap_free(struct shmstm_seg *s, struct shm_proc *p, uint64_t off);
+int      heap_block_ok(struct shmstm_seg *s, uint64_t off, uint32_t *len);
+static inline struct shm_block *heap_block(struct shmstm_seg *s, uint64_t off)
+{
+    return (struct shm_block *)(s->heap + off);
+}
+static inline unsigned char *heap_payload(struct shmstm_seg *s, uint64_t off)
+{
+    return s->heap + off + sizeof(struct shm_block);
+}
+static inline uint64_t heap_class_size(uint32_t c) { return 32ull << c; }
+
+/* tvar.c */
+int  tvar_alloc(struct shmstm_seg *s, uint32_t *idx, uint32_t *gen);
+void tvar_push_free(struct shmstm_seg *s, uint32_t idx);
+static inline int tag_is_heap(uint32_t tag) { return tag >= TAG_HEAP_MIN && tag <= TAG_MAX; }
+
+/* txn.c */
+struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r);
+void ctx_reset(shmstm_ctx *c);
+
+/* wait.c */
+int  futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns);
+void futex_wake(a32 *addr);
+void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t);
+
+/* fault injection (debug builds only) */
+#ifdef SHMSTM_DEBUG
+void fault_point(const char *name);
+#define FAULT_POINT(n) fault_point(n)
+#else
+#define FAULT_POINT(n) ((void)0)
+#endif
+
+#endif

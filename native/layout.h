@@ -1,0 +1,300 @@
+/* layout.h -- every structure that lives in the shared segment.
+ *
+ * Segment (one per runtime, POSIX shm "/shmstm.<name>", mode 0600):
+ *
+ *   offset 0        struct shm_header      magic, signature, limits, offsets,
+ *                                          then one cache line each for the
+ *                                          clock, the irrevocable token, the
+ *                                          TVar allocator, the heap bump
+ *                                          pointer and free lists, and the
+ *                                          durability fields (flushed_wv, lease)
+ *   off_procs       struct shm_proc[max_procs]       process (context) slots
+ *   off_tvars       struct shm_tvar[max_tvars]       TVar table, 64 B a slot
+ *   off_dir         struct shm_dirent[dir_slots]     name directory (open addressing)
+ *   off_ring        ring slots (durable runtimes; ring_slots == 0 otherwise)
+ *   off_heap        value heap, heap_size bytes, 16-byte units
+ *   seg_size        end
+ *
+ * Every region starts on a 64-byte boundary.  Offsets are relative to the
+ * segment base; no process pointer is ever stored in shared memory.
+ *
+ * Conventions in the field comments:
+ *   W: who writes it and under what protocol.
+ *   R: who reads it and which release the acquire pairs with.
+ *   "advisory": used for statistics or as a hint; never trusted for safety.
+ *   "authoritative": the truth the protocols depend on.
+ */
+#ifndef SHMSTM_LAYOUT_H
+#define SHMSTM_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "atomics.h"
+
+#define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
+#define SHMSTM_LAYOUT_VERSION 1u
+#define SHMSTM_CACHELINE      64u
+#define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
+
+/* ---- init state (header.init_state) ---- */
+#define INIT_CREATING 0u     /* creator is initialising; attachers wait (bounded) */
+#define INIT_READY    1u     /* fully initialised; never changes afterwards */
+
+/* ---- versioned lock word (shm_tvar.lock) ----
+ *
+ *   unlocked:  | version (63 bits)              | 0 |
+ *   locked:    | 0 ...  | owner slot (16 bits)  | 1 |
+ *
+ * The version is the write version (wv) of the last commit that wrote the
+ * TVar.  While locked the old word is kept in the owner's commit record
+ * (wentry.old_lock), which is where rollback restores it from.
+ */
+#define LOCK_BIT            1ull
+static inline int      lk_locked(uint64_t w)           { return (int)(w & LOCK_BIT); }
+static inline uint64_t lk_version(uint64_t w)          { return w >> 1; }
+static inline uint32_t lk_owner(uint64_t w)            { return (uint32_t)((w >> 1) & 0xffffu); }
+static inline uint64_t lk_make_unlocked(uint64_t ver)  { return ver << 1; }
+static inline uint64_t lk_make_locked(uint32_t owner)  { return ((uint64_t)owner << 1) | LOCK_BIT; }
+#define SHMSTM_MAX_VERSION  ((1ull << 62) - 1)
+
+/* ---- value tags (shm_tvar.tag) ----  tags >= TAG_HEAP_MIN: value is a heap offset */
+#define TAG_EMPTY    0u      /* free slot */
+#define TAG_NONE     1u
+#define TAG_FALSE    2u
+#define TAG_TRUE     3u
+#define TAG_INT      4u      /* int64 in the value word */
+#define TAG_FLOAT    5u      /* IEEE double bits in the value word */
+#define TAG_HEAP_MIN 6u
+#define TAG_BYTES    6u
+#define TAG_STR      7u      /* UTF-8 (surrogatepass) */
+#define TAG_PICKLE   8u      /* pickle protocol 5 */
+#define TAG_MAX      8u
+
+/* ---- process slot owner word (shm_proc.owner) ----
+ *   | pid (32 bits) | 0...0 | state (8 bits) |
+ * Packing pid with state lets a claimer take a FREE slot and publish its pid
+ * in one CAS, so no slot is ever ACTIVE without a pid to check liveness by.
+ */
+#define PS_FREE       0u
+#define PS_ACTIVE     1u
+#define PS_RECOVERING 2u
+static inline uint32_t ps_state(uint64_t o) { return (uint32_t)(o & 0xffu); }
+static inline uint32_t ps_pid(uint64_t o)   { return (uint32_t)(o >> 32); }
+static inline uint64_t ps_make(uint32_t pid, uint32_t st) { return ((uint64_t)pid << 32) | st; }
+
+/* ---- commit record state (shm_commit_rec.state) ---- */
+#define CR_IDLE       0u     /* no locks held; entries may be staged */
+#define CR_LOCKING    1u     /* taking locks; some may be held (owner == this slot) */
+#define CR_VALIDATING 2u     /* all locks held, wv taken, validating: roll back on death */
+#define CR_COMMITTED  3u     /* commit point passed: roll forward on death */
+
+/* abort reasons (index into shm_proc.aborts) */
+#define AB_LOCKED     0u     /* met a lock held by another commit */
+#define AB_VALIDATE   1u     /* read set invalid (read or commit validation) */
+#define AB_USER       2u     /* exception raised by the transaction body */
+#define AB_STALE      3u     /* handle to a freed TVar */
+#define AB_RESOURCE   4u     /* heap full, value too large, ... */
+#define AB_NREASONS   5u
+
+#define WE_FREE       1u     /* wentry.flags: this entry frees the TVar */
+
+#define REC_INLINE    48u    /* write-set entries kept in the slot; more spill to the heap */
+#define LAT_BUCKETS   32u    /* log2(ns) commit latency histogram */
+#define HEAP_CLASSES  28u    /* block sizes 32 << c bytes, c < HEAP_CLASSES */
+
+/* One write-set entry of a commit record.
+ * W: the owner only.  idx, gen, new_* and flags are written while staging
+ *    (state CR_IDLE), before any lock is taken; old_lock is written just
+ *    before the CAS that takes the lock (so it is right whenever the lock
+ *    word names this slot); old_tag/old_val right after the lock is held.
+ * R: a recoverer, only after the owner is dead (its stores are then all
+ *    visible: process exit orders them), and the owner itself. */
+struct shm_wentry {
+    uint32_t idx;
+    uint32_t gen;        /* generation the handle carried; checked under the lock */
+    uint16_t new_tag;
+    uint16_t old_tag;
+    uint32_t flags;      /* WE_FREE */
+    uint64_t new_val;    /* inline payload or heap offset of the staged block */
+    uint64_t old_lock;   /* lock word before we locked it: what rollback restores */
+    uint64_t old_val;    /* value replaced: freed after publish */
+};
+
+/* The commit record (crash recovery, section 6 of the brief).
+ * W: owner only (state transitions numbered in txn.c), or a recoverer that
+ *    holds the slot in PS_RECOVERING.  R: recoverers after the owner died. */
+struct shm_commit_rec {
+    a32 state;           /* CR_*; store_release by owner at each step */
+    a32 n;               /* entries staged; owner only */
+    a64 wv;              /* write version, valid from CR_VALIDATING on */
+    a64 spill_off;       /* heap offset of an entry array when n > REC_INLINE, else 0 */
+    a64 spill_cap;       /* entries that the spill block holds */
+    a64 ring_rec;        /* durable runtimes: heap offset of this commit's ring record (reserved) */
+    uint8_t pad_[24];
+    struct shm_wentry e[REC_INLINE];
+};
+
+/* A process slot.  One per transaction context: a process takes one slot per
+ * thread that runs transactions.  Groups of fields written by different
+ * parties sit on different cache lines. */
+struct shm_proc {
+    /* line 0: identity.  W: claimer (CAS FREE->ACTIVE|pid), recoverer
+     * (CAS ACTIVE->RECOVERING, then store FREE).  R: anyone checking liveness. */
+    _Alignas(64) a64 owner;  /* ps_make(pid, state): authoritative */
+    a64 start_time;          /* /proc/pid/stat starttime of the owner; 0 until written
+                                (right after the claim CAS); liveness check input */
+    a64 tid;                 /* owner's thread id (advisory, stats) */
+    a64 attach_ns;           /* CLOCK_REALTIME at claim (advisory, stats) */
+    /* line 1: wake-ups.  futex: W: committers (faa_seq_cst) that wrote a TVar
+     * this slot waits on; R: owner before futex_wait.  sleeping: W owner
+     * (store_seq_cst) around futex_wait; R committers (load_seq_cst) to skip
+     * the wake syscall when nobody sleeps. */
+    _Alignas(64) a32 futex;
+    a32 sleeping;
+    /* lines 2..: counters.  W: owner only (counter_add, relaxed).  R: the
+     * stats reader (relaxed; advisory). */
+    _Alignas(64) a64 commits;      /* writer commits */
+    a64 ro_commits;                /* read-only commits */
+    a64 aborts[AB_NREASONS];
+    a64 retries;                   /* blocking waits entered */
+    a64 wakeups;                   /* waits ended by a change */
+    a64 bytes_committed;
+    a64 irrevocable;               /* transactions run with the token */
+    a64 heap_allocs[HEAP_CLASSES]; /* blocks allocated / freed by this slot */
+    a64 heap_frees[HEAP_CLASSES];
+    a64 lat_hist[LAT_BUCKETS];     /* commit-call latency, bucket = floor(log2(ns)) */
+    /* the commit record, written only by the owner (or its recoverer) */
+    _Alignas(64) struct shm_commit_rec rec;
+};
+
+/* A TVar slot: one cache line, so disjoint TVars never share a line. */
+struct shm_tvar {
+    a64 lock;       /* versioned lock (see above).  W: committers by CAS (acq_rel)
+                       and store_release on unlock; recoverers likewise.
+                       R: readers load_acquire, pairs with the unlock release. */
+    a64 value;      /* payload.  W: lock holder, relaxed, between lock and unlock
+                       (ordered by fence_release after locking and the unlock
+                       release).  R: readers between two lock loads (seqlock). */
+    a32 tag;        /* TAG_*; same protocol as value */
+    a32 gen;        /* generation, odd while live.  W: allocator (free slot, not
+                       reachable) and the lock holder of a freeing commit.
+                       R: readers, inside the seqlock window */
+    a64 waiters;    /* waiter bitmap, bit (slot % 64).  W: waiters fetch_or (acq_rel),
+                       committers exchange to 0 (acq_rel).  See wait.c. */
+    a32 flags;      /* TV_NAMED.  W: creator before the handle escapes. advisory */
+    a32 conflicts;  /* aborts caused by this TVar (relaxed faa; advisory, stats) */
+    a64 next_free;  /* free-list link (index + 1) while the slot is free.
+                       W: freer before the push CAS (release) */
+    uint8_t pad_[16];
+};
+#define TV_NAMED 1u
+
+/* A name directory entry (open addressing, linear probing).
+ * key:  | hash (62 bits) | state (2 bits) |   state: DE_EMPTY, DE_BUSY, DE_READY
+ * W: a creator CASes EMPTY->BUSY (acq_rel), fills val, then store_release READY.
+ * R: lookups load_acquire key (pairs with that release), then read val. */
+#define DE_EMPTY 0u
+#define DE_BUSY  1u
+#define DE_READY 2u
+struct shm_dirent {
+    a64 key;
+    a64 val;        /* READY: (tvar index << 32) | (name block heap offset / 16).
+                       BUSY: creator's slot index (for recovery) */
+};
+
+/* A heap block header (16 bytes); the payload follows. */
+struct shm_block {
+    a32 cls;        /* size class; W: allocator.  R: readers bounds-check it */
+    a32 len;        /* payload bytes; W: allocator before publish; R: bounds-checked */
+    a64 next;       /* free-list link (unit offset) while free */
+};
+
+struct shm_header {
+    /* line 0..1: identity and geometry.  W: creator only, before init_state
+     * becomes INIT_READY (store_release).  R: attachers after load_acquire of
+     * init_state == INIT_READY (pairs with that release).  Read-only after. */
+    uint64_t magic;
+    uint64_t signature;      /* layout_signature(): version, struct sizes, line width */
+    a32 init_state;          /* INIT_CREATING -> INIT_READY */
+    uint32_t creator_pid;
+    uint64_t creator_start;
+    uint64_t seg_size;
+    uint8_t runtime_id[16];  /* random; also stored with durable data */
+    uint64_t created_ns;
+    uint32_t max_tvars;
+    uint32_t max_procs;
+    uint32_t max_value_size;
+    uint32_t dir_slots;      /* power of two */
+    uint64_t heap_size;
+    uint32_t ring_slots;     /* 0: not durable */
+    uint32_t flags_;
+    uint64_t off_procs, off_tvars, off_dir, off_ring, off_heap;
+    uint8_t pad0_[24];
+
+    /* the global clock: W: committers faa_acq_rel; R: begin (load_acquire,
+     * pairs with the faa of the commit whose unlock it must see). */
+    _Alignas(64) a64 clock;
+
+    /* irrevocable token: 0 or (slot + 1).  W: CAS by a transaction that has
+     * aborted too often; store_release 0 by its holder (or a recoverer).
+     * R: committers before locking (load_acquire).  token_futex: bumped on
+     * release so waiting committers sleep instead of spinning. */
+    _Alignas(64) a64 token;
+    a32 token_futex;
+    a32 token_waiters;
+
+    /* TVar allocator.  tvar_free: ABA-tagged stack head
+     * (tag << 32 | index + 1).  tvar_bump: next never-used index.
+     * W: allocators/freers by CAS (acq_rel). */
+    _Alignas(64) a64 tvar_free;
+    a32 tvar_bump;
+    a32 tvar_live_;          /* reserved */
+
+    /* heap bump pointer (bytes into the heap).  W: allocators by CAS. */
+    _Alignas(64) a64 heap_bump;
+
+    /* per-class free-list heads (tag << 32 | unit offset).  W: allocators
+     * and freers by CAS (acq_rel).  One line for all: frees are rare next
+     * to reads, and a per-class line would cost 1.7 KiB per segment. */
+    _Alignas(64) a64 heap_free[HEAP_CLASSES];
+
+    /* durability (issue 4): W: the flusher.  R: committers, stats. */
+    _Alignas(64) a64 flushed_wv;
+    a64 flusher_owner;       /* ps_make(pid, state) of the flusher lease */
+    a64 flusher_start;
+    a64 ring_reserved_[5];
+};
+
+/* Compile-time checks: the layout is the contract between processes. */
+_Static_assert(sizeof(struct shm_tvar) == 64, "TVar slot is one cache line");
+_Static_assert(sizeof(struct shm_wentry) == 40, "wentry size");
+_Static_assert(sizeof(struct shm_dirent) == 16, "dirent size");
+_Static_assert(sizeof(struct shm_block) == SHMSTM_UNIT, "block header is one unit");
+_Static_assert(offsetof(struct shm_header, clock) % 64 == 0, "clock on its own line");
+_Static_assert(offsetof(struct shm_proc, futex) % 64 == 0, "futex on its own line");
+_Static_assert(offsetof(struct shm_proc, rec) % 64 == 0, "record on its own line");
+_Static_assert(sizeof(struct shm_proc) % 64 == 0, "proc slot is whole lines");
+_Static_assert(sizeof(struct shm_header) % 64 == 0, "header is whole lines");
+_Static_assert(sizeof(a64) == 8 && sizeof(a32) == 4, "lock-free atomics");
+
+/* The layout signature folds the layout version and every struct size and the
+ * line width, as LMDB's MDB_LOCK_FORMAT does: any change that moves a field
+ * changes the signature and an older or newer build refuses to attach. */
+static inline uint64_t layout_signature(void)
+{
+    uint64_t s = 1469598103934665603ull;
+    const uint64_t parts[] = {
+        SHMSTM_LAYOUT_VERSION, SHMSTM_CACHELINE, SHMSTM_UNIT,
+        sizeof(struct shm_header), sizeof(struct shm_proc),
+        sizeof(struct shm_tvar), sizeof(struct shm_dirent),
+        sizeof(struct shm_wentry), sizeof(struct shm_commit_rec),
+        REC_INLINE, HEAP_CLASSES, AB_NREASONS, LAT_BUCKETS, TAG_MAX,
+    };
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+        s ^= parts[i];
+        s *= 1099511628211ull;
+    }
+    return s;
+}
+
+#endif

@@ -1,0 +1,193 @@
+/* proc.c -- process slots: liveness by the kernel, claiming, and recovery of
+ * a dead owner's commit (brief section 6).
+ *
+ * Invariants:
+ *  - A slot is ACTIVE only with the pid of a process that claimed it (one CAS
+ *    publishes both).  Liveness is the kernel's answer: /proc/<pid>/stat exists,
+ *    its starttime equals the slot's start_time (pids are reused), and it is not
+ *    a zombie.  A stopped (SIGSTOP) process is alive: it keeps its slot and locks.
+ *    Timeouts only decide *when* to ask the kernel, never the answer.
+ *  - Recovery claims the slot by CAS ACTIVE|pid -> RECOVERING|recoverer_pid, so
+ *    exactly one process recovers it; a recoverer that dies is itself replaced
+ *    by the same check on its own pid.
+ *  - Recovery is idempotent: every step tests the lock word for "still locked
+ *    by the dead slot" before acting, so re-running a half-done recovery
+ *    finishes it and never applies anything twice.
+ *  - Order (pitfalls: "recover from truth, then mark free"): repair the TVars
+ *    from the commit record first, then release the token, then mark FREE.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include "core.h"
+
+uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t realtime_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
+
+/* starttime (field 22 of /proc/<pid>/stat, clock ticks since boot), or 0 when
+ * the process does not exist or is a zombie (dead, not yet reaped). */
+uint64_t proc_start_time(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');      /* comm may contain spaces and ')' */
+    if (!p)
+        return 0;
+    p++;
+    /* tokens after ')': [0]=state (field 3) ... [19]=starttime (field 22) */
+    char *save = NULL, *tok = strtok_r(p, " ", &save);
+    for (int i = 0; tok; i++, tok = strtok_r(NULL, " ", &save)) {
+        if (i == 0 && (tok[0] == 'Z' || tok[0] == 'X'))
+            return 0;
+        if (i == 19)
+            return strtoull(tok, NULL, 10);
+    }
+    return 0;
+}
+
+int proc_alive(uint32_t pid, uint64_t start)
+{
+    if (pid == 0)
+        return 0;
+    uint64_t st = proc_start_time((pid_t)pid);
+    if (st == 0)
+        return 0;
+    /* start == 0: the owner died (or is) between its claim CAS and writing
+     * start_time; the pid alone is all we know, so trust it (a leak at worst). */
+    return start == 0 || st == start;
+}
+
+/* 1 if the slot's owner (or its recoverer) is gone, 0 if alive or slot FREE. */
+int slot_owner_dead(struct shmstm_seg *s, uint32_t slot)
+{
+    if (slot >= s->max_procs)
+        return 0;
+    struct shm_proc *p = &s->procs[slot];
+    uint64_t o = load_acquire(&p->owner);   /* pairs with the claim CAS */
+    uint32_t st = ps_state(o);
+    if (st == PS_FREE)
+        return 0;
+    if (st == PS_RECOVERING)
+        return !proc_alive(ps_pid(o), 0) ;
+    return !proc_alive(ps_pid(o), load_relaxed(&p->start_time));
+}
+
+int lock_owner_gone(struct shmstm_seg *s, uint64_t w)
+{
+    return lk_locked(w) && slot_owner_dead(s, lk_owner(w));
+}
+
+/* Finish or undo the dead owner's commit, then free the slot.
+ * Returns 1 if this call recovered it (or found it FREE), 0 if the owner is
+ * alive or someone else is recovering it now. */
+int slot_recover(struct shmstm_seg *s, uint32_t slot)
+{
+    if (s->read_only || slot >= s->max_procs)
+        return 0;
+    struct shm_proc *p = &s->procs[slot];
+    uint32_t me = (uint32_t)getpid();
+    uint64_t o = load_acquire(&p->owner);
+    for (;;) {
+        uint32_t st = ps_state(o);
+        if (st == PS_FREE)
+            return 1;
+        if (st == PS_ACTIVE) {
+            if (proc_alive(ps_pid(o), load_relaxed(&p->start_time)))
+                return 0;
+        } else if (st == PS_RECOVERING) {
+            if (ps_pid(o) == me || proc_alive(ps_pid(o), 0))
+                return 0;       /* a live recoverer is on it (or we are, re-entrantly) */
+        }
+        /* Claim: pairs with nothing to publish yet; acq_rel so the dead
+         * owner's record (visible since it exited) is read after the claim. */
+        if (cas_acq_rel(&p->owner, &o, ps_make(me, PS_RECOVERING)))
+            break;
+    }
+    FAULT_POINT("recover.claimed");
+
+    struct shm_commit_rec *r = &p->rec;
+    uint32_t rst = load_acquire(&r->state);
+    uint32_t n = load_relaxed(&r->n);
+    struct shm_wentry *e = rec_entries(s, r);
+    uint64_t mine = lk_make_locked(slot);
+    if (e && n && (rst == CR_LOCKING || rst == CR_VALIDATING || rst == CR_COMMITTED)) {
+        uint64_t wv = load_relaxed(&r->wv);
+        for (uint32_t i = 0; i < n; i++) {
+            if (e[i].idx >= s->max_tvars)
+                continue;                       /* corrupt entry: skip, never write */
+            struct shm_tvar *t = &s->tvars[e[i].idx];
+            if (load_acquire(&t->lock) != mine)
+                continue;                       /* not (or no longer) held by the dead slot */
+            if (rst == CR_COMMITTED) {
+                /* roll forward: the commit point was reached */
+                store_relaxed(&t->tag, (uint32_t)e[i].new_tag);
+                store_relaxed(&t->value, e[i].new_val);
+                if (e[i].flags & WE_FREE)
+                    store_relaxed(&t->gen, load_relaxed(&t->gen) + 1);
+                /* Pairs with readers' load_acquire of the lock word. */
+                store_release(&t->lock, lk_make_unlocked(wv));
+                if (e[i].flags & WE_FREE)
+                    tvar_push_free(s, e[i].idx);
+                fence_seq_cst();                /* see wait.c: Dekker with waiters */
+                wake_waiters(s, t);
+            } else {
+                /* roll back: restore the word we replaced */
+                store_release(&t->lock, e[i].old_lock);
+            }
+            FAULT_POINT("recover.entry");
+        }
+    }
+    /* release the irrevocable token if the dead slot held it */
+    uint64_t tok = slot + 1ull;
+    if (cas_acq_rel(&s->h->token, &tok, 0)) {
+        faa_seq_cst(&s->h->token_futex, 1);
+        futex_wake(&s->h->token_futex);
+    }
+    store_relaxed(&r->n, 0);
+    store_relaxed(&r->spill_off, 0);     /* the spill block leaks: acceptable */
+    store_release(&r->state, CR_IDLE);
+    store_relaxed(&p->start_time, 0);
+    store_relaxed(&p->sleeping, 0);
+    FAULT_POINT("recover.before_free");
+    /* Pairs with the load_acquire in claimers: all repairs above happen-before
+     * anyone reuses the slot. */
+    store_release(&p->owner, ps_make(0, PS_FREE));
+    return 1;
+}
+
+int shmstm_seg_reclaim_dead(shmstm_seg *s)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < s->max_procs; i++)
+        if (slot_owner_dead(s, i) && slot_recover(s, i))
+            n++;
+    return n;
+}

@@ -1,0 +1,184 @@
+/* shmstm.h -- everything Python sees.  native/build_shmstm.py reads the part
+ * between the CDEF markers as the cffi cdef, so this file is the one source of
+ * truth for the C/Python boundary.  Inside the markers: only what cffi's
+ * parser accepts (integer #defines, structs, prototypes).
+ *
+ * Conventions: functions are shmstm_<object>_<verb>; they return 0 (or a
+ * non-negative result documented per function) on success and a negative
+ * SHMSTM_E* code on failure.  Python maps codes to exceptions in one table
+ * (shmstm/_binding.py).
+ */
+#ifndef SHMSTM_H
+#define SHMSTM_H
+#include <stdint.h>
+#include <stddef.h>
+
+typedef struct shmstm_ctx shmstm_ctx;
+
+/* CDEF BEGIN */
+#define SHMSTM_OK            0
+#define SHMSTM_ECONFLICT    -1   /* transaction must re-run */
+#define SHMSTM_ESTALE       -2   /* handle names a freed or reused TVar */
+#define SHMSTM_EBADHANDLE   -3   /* index out of range: a forged handle */
+#define SHMSTM_ETOOLARGE    -4   /* value larger than max_value_size */
+#define SHMSTM_EHEAPFULL    -5   /* value heap exhausted */
+#define SHMSTM_ETVARSFULL   -6   /* TVar table exhausted */
+#define SHMSTM_EPROCSFULL   -7   /* no free process slot */
+#define SHMSTM_ELAYOUT      -8   /* segment of another layout version / bad magic */
+#define SHMSTM_ECORRUPT     -9   /* header inconsistent (sizes, offsets) */
+#define SHMSTM_EPERM        -10  /* segment owned by another user or mode not 0600 */
+#define SHMSTM_EINIT        -11  /* segment never finished initialisation */
+#define SHMSTM_ENOMEM       -12  /* process-local allocation failed */
+#define SHMSTM_ETIMEOUT     -13  /* blocking wait timed out */
+#define SHMSTM_EINTR        -14  /* blocking wait interrupted by a signal */
+#define SHMSTM_EINVAL       -15  /* bad argument (size, tag, name length) */
+#define SHMSTM_ESYS         -16  /* system call failed; errno kept */
+#define SHMSTM_EFORKED      -17  /* context belongs to the parent of a fork */
+#define SHMSTM_ENOSPC       -18  /* no room in /dev/shm at creation */
+#define SHMSTM_EDIRFULL     -19  /* name directory full */
+#define SHMSTM_ENOTFOUND    -20  /* lookup found nothing */
+#define SHMSTM_EDUP         -21  /* a TVar staged twice in one commit */
+
+#define SHMSTM_TAG_EMPTY   0
+#define SHMSTM_TAG_NONE    1
+#define SHMSTM_TAG_FALSE   2
+#define SHMSTM_TAG_TRUE    3
+#define SHMSTM_TAG_INT     4
+#define SHMSTM_TAG_FLOAT   5
+#define SHMSTM_TAG_BYTES   6
+#define SHMSTM_TAG_STR     7
+#define SHMSTM_TAG_PICKLE  8
+
+#define SHMSTM_AB_LOCKED   0
+#define SHMSTM_AB_VALIDATE 1
+#define SHMSTM_AB_USER     2
+#define SHMSTM_AB_STALE    3
+#define SHMSTM_AB_RESOURCE 4
+#define SHMSTM_AB_NREASONS 5
+#define SHMSTM_HEAP_CLASSES 28
+#define SHMSTM_LAT_BUCKETS 32
+#define SHMSTM_MAX_NAME    400
+#define SHMSTM_LAYOUT_VERSION_ 1
+
+typedef struct {
+    uint32_t max_tvars;
+    uint32_t max_procs;
+    uint32_t max_value_size;
+    uint32_t dir_slots;
+    uint64_t heap_size;
+    uint32_t ring_slots;
+    uint64_t seg_size;        /* out: computed total size */
+    uint64_t created_ns;      /* out */
+    uint32_t creator_pid;     /* out */
+    uint32_t layout_version;  /* out */
+    unsigned char runtime_id[16];
+} shmstm_params;
+
+/* process-local handle on a mapped segment (opaque to Python) */
+typedef struct shmstm_seg shmstm_seg;
+
+/* process-local, per-thread transaction context; claims one process slot.
+ * C sees the full struct (core.h); Python sees the fields below only. */
+/* CDEF-ONLY
+typedef struct {
+    char *buf;
+    uint32_t slot;
+    uint32_t rs_n;
+    ...;
+} shmstm_ctx;
+CDEF-ONLY */
+
+typedef struct {
+    uint32_t slot;
+    uint32_t state;           /* 0 free, 1 active, 2 recovering */
+    uint32_t pid;
+    uint32_t rec_state;
+    uint64_t start_time;
+    uint64_t tid;
+    uint64_t attach_ns;
+    uint64_t commits;
+    uint64_t ro_commits;
+    uint64_t aborts[5];
+    uint64_t retries;
+    uint64_t wakeups;
+    uint64_t bytes_committed;
+    uint64_t irrevocable;
+    uint64_t lat_hist[32];
+    uint32_t alive;           /* kernel's answer: pid exists, same start time, not a zombie */
+    uint32_t waiting;         /* currently sleeping in retry */
+} shmstm_proc_info;
+
+typedef struct {
+    uint64_t clock;
+    uint64_t seg_size;
+    uint64_t heap_size;
+    uint64_t heap_bump;
+    uint32_t max_tvars;
+    uint32_t max_procs;
+    uint32_t max_value_size;
+    uint32_t dir_slots;
+    uint32_t tvar_bump;       /* TVar slots ever used */
+    uint32_t tvars_live;      /* live TVars (a scan; advisory) */
+    uint32_t names;           /* named TVars */
+    uint32_t procs_active;
+    uint64_t token;           /* irrevocable token holder (slot+1) or 0 */
+    uint64_t flushed_wv;
+    uint64_t created_ns;
+    uint32_t creator_pid;
+    uint32_t layout_version;
+    uint64_t signature;
+    int64_t class_blocks[28]; /* live blocks per size class (sum over slots) */
+    uint64_t class_size[28];
+    unsigned char runtime_id[16];
+} shmstm_seg_info;
+
+int shmstm_noop(void);
+uint64_t shmstm_layout_signature(void);
+const char *shmstm_build_info(void);
+
+/* segment: fd from posix_ipc; the segment is mapped, fd may be closed after */
+int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out);
+int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, shmstm_seg **out);
+int shmstm_seg_detach(shmstm_seg *seg);
+int shmstm_seg_info_get(shmstm_seg *seg, shmstm_seg_info *out);
+int shmstm_seg_proc_info(shmstm_seg *seg, uint32_t slot, shmstm_proc_info *out);
+int shmstm_seg_hot_tvars(shmstm_seg *seg, uint32_t *idx, uint32_t *conflicts, uint32_t n);
+int shmstm_seg_name_of(shmstm_seg *seg, uint32_t idx, char *buf, uint32_t cap);
+int shmstm_seg_reclaim_dead(shmstm_seg *seg);
+int shmstm_header_check(const unsigned char *hdr, uint64_t len, uint64_t file_size);
+
+/* contexts */
+int shmstm_ctx_new(shmstm_seg *seg, shmstm_ctx **out);
+int shmstm_ctx_free(shmstm_ctx *c);       /* releases the slot */
+int shmstm_ctx_orphan(shmstm_ctx *c);     /* after fork, in the child: forget, keep slot */
+
+/* TVars */
+int shmstm_tvar_new(shmstm_ctx *c, uint32_t tag, int64_t iv, double fv,
+                    const char *buf, size_t len, uint32_t *out_idx, uint32_t *out_gen);
+int shmstm_tvar_discard(shmstm_ctx *c, uint32_t idx, uint32_t gen);
+int shmstm_tvar_lookup(shmstm_ctx *c, const char *name, size_t nlen,
+                       uint32_t *out_idx, uint32_t *out_gen);
+int shmstm_tvar_named(shmstm_ctx *c, const char *name, size_t nlen, uint32_t tag,
+                      int64_t iv, double fv, const char *buf, size_t len,
+                      uint32_t *out_idx, uint32_t *out_gen);
+int shmstm_tvar_check(shmstm_ctx *c, uint32_t idx, uint32_t gen);
+
+/* transactions: read returns the tag (>= 0) or a negative code.
+ * out[0]: the inline payload (int64 or double bits), out[1]: heap value length
+ * (bytes copied to c->buf). */
+int shmstm_tx_read(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out);
+int shmstm_read1(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out);
+int shmstm_tx_stage_i(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag, int64_t v);
+int shmstm_tx_stage_f(shmstm_ctx *c, uint32_t idx, uint32_t gen, double v);
+int shmstm_tx_stage_b(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag,
+                      const char *buf, size_t len);
+int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen);
+int shmstm_tx_commit(shmstm_ctx *c);
+int shmstm_tx_end_ro(shmstm_ctx *c);
+int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason);
+int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns);
+int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns);
+uint32_t shmstm_tx_failed_idx(shmstm_ctx *c);
+/* CDEF END */
+
+#endif

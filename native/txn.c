@@ -1,0 +1,689 @@
+/* txn.c -- transactions: TL2 with snapshot extension (brief section 5) and
+ * the commit protocol with its commit record (section 6).
+ *
+ * Invariants:
+ *  - Opacity: every read is validated against the snapshot rv; a read that
+ *    finds a newer version extends the snapshot (re-validating every earlier
+ *    read at the current clock) or dooms the attempt.  A doomed attempt returns
+ *    SHMSTM_ECONFLICT from every later call, so user code never sees a mix
+ *    of two snapshots.
+ *  - Reads never write shared memory.  A read-only attempt commits with no
+ *    shared write at all; it serialises at its final rv.
+ *  - Writers serialise in wv order.  The commit is one C call: no Python code,
+ *    signal handler or allocation by Python can run between taking the first
+ *    lock and releasing the last, so a live process never leaks a lock.
+ *  - Locks are taken in ascending TVar index order with bounded waiting, so
+ *    two commits never wait on each other in a cycle; a lock held too long is
+ *    either an owner the kernel says is dead (recovered, see proc.c) or a
+ *    conflict (abort and re-run).
+ *  - The commit record lists every entry before its lock is taken, and
+ *    old_lock is stored before the CAS that takes it: whenever a lock word
+ *    names this slot, the record says how to undo or finish it.
+ *
+ * Which operations may run concurrently: everything, across processes and
+ * threads, except that one context (shmstm_ctx) belongs to one thread.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "core.h"
+
+#define READ_SPIN_LIMIT    400u     /* lock_wait rounds before a read gives up */
+#define COMMIT_SPIN_LIMIT  2000u    /* ... before a commit gives up on a lock */
+
+struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r)
+{
+    uint64_t off = load_relaxed(&r->spill_off);
+    if (!off)
+        return r->e;
+    uint32_t len;
+    if (!heap_block_ok(s, off, &len) || len < load_relaxed(&r->spill_cap) * sizeof(struct shm_wentry))
+        return NULL;
+    return (struct shm_wentry *)heap_payload(s, off);
+}
+
+void ctx_reset(shmstm_ctx *c)
+{
+    c->active = 0;
+    c->doomed = 0;
+    c->rs_n = 0;
+}
+
+static void release_token(shmstm_ctx *c)
+{
+    if (!c->has_token)
+        return;
+    c->has_token = 0;
+    /* Pairs with the load_acquire of token in wait_token(). */
+    store_release(&c->seg->h->token, 0);
+    faa_seq_cst(&c->seg->h->token_futex, 1);
+    futex_wake(&c->seg->h->token_futex);
+}
+
+/* One round of waiting for a lock word to change.  Spin first, then yield
+ * (two cores: the holder may need ours), and every 64 yields ask the kernel
+ * whether the holder still exists; a dead holder is recovered here.
+ * Returns 0 when the caller should give up (limit reached). */
+static int lock_wait(struct shmstm_seg *s, uint64_t w, uint32_t *spins, uint32_t limit)
+{
+    uint32_t n = (*spins)++;
+    if (n < 64) {
+        cpu_relax();
+        return 1;
+    }
+    if (limit && n >= limit)
+        return 0;
+    sched_yield();
+    if (n % 64 == 63 && lock_owner_gone(s, w))
+        slot_recover(s, lk_owner(w));
+    return 1;
+}
+
+static int rs_push(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint64_t ver)
+{
+    if (c->rs_n == c->rs_cap) {
+        uint32_t cap = c->rs_cap * 2;
+        struct rentry *n = realloc(c->rs, cap * sizeof *n);
+        if (!n)
+            return SHMSTM_ENOMEM;
+        c->rs = n;
+        c->rs_cap = cap;
+    }
+    c->rs[c->rs_n++] = (struct rentry){idx, gen, ver};
+    return 0;
+}
+
+/* The write entry for idx in a sorted entry array, or NULL. */
+static struct shm_wentry *find_entry(struct shm_wentry *e, uint32_t n, uint32_t idx)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = (lo + hi) / 2;
+        if (e[mid].idx < idx)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && e[lo].idx == idx ? &e[lo] : NULL;
+}
+
+/* Is every read still current?  During commit (e != NULL) a TVar locked by
+ * this slot is checked against the version it had when we locked it. */
+static int validate_reads(shmstm_ctx *c, struct shm_wentry *e, uint32_t n)
+{
+    struct shmstm_seg *s = c->seg;
+    uint64_t mine = lk_make_locked(c->slot);
+    for (uint32_t i = 0; i < c->rs_n; i++) {
+        struct rentry *r = &c->rs[i];
+        /* Pairs with the store_release that unlocked it. */
+        uint64_t w = load_acquire(&s->tvars[r->idx].lock);
+        if (w == mine && e) {
+            struct shm_wentry *we = find_entry(e, n, r->idx);
+            w = we ? we->old_lock : w;
+        }
+        if (lk_locked(w) || lk_version(w) != r->ver) {
+            c->failed_idx = r->idx;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int extend(shmstm_ctx *c)
+{
+    /* Pairs with the clock faa of every commit whose unlock we must see. */
+    uint64_t now = load_acquire(&c->seg->h->clock);
+    if (!validate_reads(c, NULL, 0))
+        return 0;
+    c->rv = now;
+    return 1;
+}
+
+static void note_abort(shmstm_ctx *c, uint32_t reason, uint32_t idx)
+{
+    counter_add(&c->proc->aborts[reason], 1);
+    if (idx < c->seg->max_tvars && (reason == AB_LOCKED || reason == AB_VALIDATE))
+        faa_relaxed(&c->seg->tvars[idx].conflicts, 1);   /* advisory */
+}
+
+/* The seqlock read shared by transactional and snapshot reads.
+ * record: 1 inside a transaction (validate against rv, add to the read set). */
+static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, int record)
+{
+    struct shmstm_seg *s = c->seg;
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    if (idx >= s->max_tvars)
+        return SHMSTM_EBADHANDLE;
+    if (record) {
+        if (c->doomed)
+            return SHMSTM_ECONFLICT;
+        if (!c->active) {
+            c->rv = load_acquire(&s->h->clock);   /* begin; pairs with commits' faa */
+            c->active = 1;
+        }
+    }
+    struct shm_tvar *t = &s->tvars[idx];
+    uint32_t spins = 0;
+    for (;;) {
+        /* Pairs with the store_release that unlocked it (commit step 8). */
+        uint64_t v1 = load_acquire(&t->lock);
+        if (lk_locked(v1)) {
+            if (!lock_wait(s, v1, &spins, record ? READ_SPIN_LIMIT : 0)) {
+                c->doomed = 1;
+                c->failed_idx = idx;
+                note_abort(c, AB_LOCKED, idx);
+                return SHMSTM_ECONFLICT;
+            }
+            continue;
+        }
+        if (record && lk_version(v1) > c->rv) {
+            if (!extend(c)) {
+                c->doomed = 1;
+                note_abort(c, AB_VALIDATE, c->failed_idx);
+                return SHMSTM_ECONFLICT;
+            }
+            continue;
+        }
+        uint32_t g = load_relaxed(&t->gen);
+        uint32_t tag = load_relaxed(&t->tag);
+        uint64_t w = load_relaxed(&t->value);
+        uint32_t len = 0;
+        int torn = 0;
+        if (tag_is_heap(tag)) {
+            if (!heap_block_ok(s, w, &len) || len > s->max_value_size) {
+                torn = 1;
+            } else {
+                if (len > c->buf_cap) {
+                    char *nb = realloc(c->buf, len);   /* bounded by max_value_size */
+                    if (!nb)
+                        return SHMSTM_ENOMEM;
+                    c->buf = nb;
+                    c->buf_cap = len;
+                }
+                /* May copy a block being reused: the re-check below rejects it. */
+                memcpy(c->buf, heap_payload(s, w), len);
+            }
+        }
+        fence_acquire();      /* seqlock: the copies above happen before the re-check */
+        uint64_t v2 = load_relaxed(&t->lock);
+        if (v1 != v2)
+            continue;
+        if (torn)
+            return SHMSTM_ECORRUPT;
+        if (g != gen || tag == TAG_EMPTY)
+            return SHMSTM_ESTALE;
+        if (record) {
+            int rc = rs_push(c, idx, gen, lk_version(v1));
+            if (rc)
+                return rc;
+        }
+        out[0] = (int64_t)w;
+        out[1] = len;
+        return (int)tag;
+    }
+}
+
+int shmstm_tx_read(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out)
+{
+    return read_tvar(c, idx, gen, out, 1);
+}
+
+int shmstm_read1(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out)
+{
+    return read_tvar(c, idx, gen, out, 0);
+}
+
+/* ---- staging the write set into the commit record ---- */
+
+static int stage(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag, uint64_t word,
+                 uint32_t flags)
+{
+    struct shmstm_seg *s = c->seg;
+    struct shm_commit_rec *r = &c->proc->rec;
+    uint32_t n = c->n_staged;
+    uint32_t cap = load_relaxed(&r->spill_off) ? (uint32_t)load_relaxed(&r->spill_cap) : REC_INLINE;
+    struct shm_wentry *e = rec_entries(s, r);
+    if (!e)
+        return SHMSTM_ECORRUPT;
+    if (n == cap) {
+        /* Spill to a heap block twice as large; the record points to it
+         * before any lock is taken, so recovery always finds the entries. */
+        uint64_t ncap = (uint64_t)cap * 2, off;
+        int rc = heap_alloc_raw(s, c->proc, ncap * sizeof *e, &off);
+        if (rc)
+            return rc;
+        struct shm_wentry *ne = (struct shm_wentry *)heap_payload(s, off);
+        memcpy(ne, e, n * sizeof *e);
+        uint64_t old = load_relaxed(&r->spill_off);
+        store_relaxed(&r->spill_cap, ncap);
+        store_release(&r->spill_off, off);
+        if (old)
+            heap_free(s, c->proc, old);
+        e = ne;
+    }
+    e[n] = (struct shm_wentry){.idx = idx, .gen = gen, .new_tag = (uint16_t)tag,
+                               .flags = flags, .new_val = word};
+    c->n_staged = n + 1;
+    store_release(&r->n, n + 1);
+    return 0;
+}
+
+static int stage_check(shmstm_ctx *c, uint32_t idx)
+{
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    if (idx >= c->seg->max_tvars)
+        return SHMSTM_EBADHANDLE;
+    return 0;
+}
+
+int shmstm_tx_stage_i(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag, int64_t v)
+{
+    int rc = stage_check(c, idx);
+    if (rc)
+        return rc;
+    if (tag != TAG_NONE && tag != TAG_FALSE && tag != TAG_TRUE && tag != TAG_INT)
+        return SHMSTM_EINVAL;
+    c->bytes_staged += 8;
+    return stage(c, idx, gen, tag, (uint64_t)v, 0);
+}
+
+int shmstm_tx_stage_f(shmstm_ctx *c, uint32_t idx, uint32_t gen, double v)
+{
+    int rc = stage_check(c, idx);
+    if (rc)
+        return rc;
+    uint64_t w;
+    memcpy(&w, &v, 8);
+    c->bytes_staged += 8;
+    return stage(c, idx, gen, TAG_FLOAT, w, 0);
+}
+
+int shmstm_tx_stage_b(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag,
+                      const char *buf, size_t len)
+{
+    int rc = stage_check(c, idx);
+    if (rc)
+        return rc;
+    if (!tag_is_heap(tag))
+        return SHMSTM_EINVAL;
+    uint64_t off;
+    rc = heap_alloc(c->seg, c->proc, len, &off);
+    if (rc)
+        return rc;
+    memcpy(heap_payload(c->seg, off), buf, len);
+    rc = stage(c, idx, gen, tag, off, 0);
+    if (rc) {
+        heap_free(c->seg, c->proc, off);
+        return rc;
+    }
+    c->bytes_staged += len;
+    return 0;
+}
+
+int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen)
+{
+    int rc = stage_check(c, idx);
+    if (rc)
+        return rc;
+    return stage(c, idx, gen, TAG_EMPTY, 0, WE_FREE);
+}
+
+/* Drop the staged entries (freeing their new blocks) and end the attempt. */
+static void drop_staged(shmstm_ctx *c)
+{
+    struct shm_commit_rec *r = &c->proc->rec;
+    struct shm_wentry *e = rec_entries(c->seg, r);
+    for (uint32_t i = 0; e && i < c->n_staged; i++)
+        if (tag_is_heap(e[i].new_tag))
+            heap_free(c->seg, c->proc, e[i].new_val);
+    c->n_staged = 0;
+    c->bytes_staged = 0;
+    store_relaxed(&r->n, 0);
+    /* Pairs with a recoverer's load_acquire of state. */
+    store_release(&r->state, CR_IDLE);
+    ctx_reset(c);
+}
+
+int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason)
+{
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    /* reason >= AB_NREASONS: end silently (cleanup after an error that was
+     * already counted, or after a timed-out wait).  Conflicts were counted
+     * where they were found; count the others here. */
+    if (reason >= AB_NREASONS) {
+        release_token(c);
+    } else if (reason != AB_LOCKED && reason != AB_VALIDATE) {
+        counter_add(&c->proc->aborts[reason], 1);
+        release_token(c);      /* the transaction is over, not re-running */
+    }
+    drop_staged(c);
+    return 0;
+}
+
+int shmstm_tx_end_ro(shmstm_ctx *c)
+{
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    if (c->doomed) {
+        drop_staged(c);
+        return SHMSTM_ECONFLICT;
+    }
+    counter_add(&c->proc->ro_commits, 1);
+    release_token(c);
+    drop_staged(c);
+    return 0;
+}
+
+uint32_t shmstm_tx_failed_idx(shmstm_ctx *c) { return c->failed_idx; }
+
+/* Wait (holding no lock) while another slot holds the irrevocable token. */
+static int wait_token(shmstm_ctx *c, int64_t timeout_ns)
+{
+    struct shm_header *h = c->seg->h;
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    for (uint32_t rounds = 0;; rounds++) {
+        uint32_t f = load_seq_cst(&h->token_futex);
+        uint64_t tok = load_acquire(&h->token);   /* pairs with release_token() */
+        if (tok == 0 || tok == c->slot + 1ull)
+            return 0;
+        if (rounds % 8 == 7 && slot_owner_dead(c->seg, (uint32_t)(tok - 1)))
+            slot_recover(c->seg, (uint32_t)(tok - 1));
+        uint64_t now = now_ns();
+        if (now >= deadline)
+            return SHMSTM_ETIMEOUT;
+        int64_t left = (int64_t)(deadline - now);
+        int rc = futex_wait(&h->token_futex, f, left < 10000000 ? left : 10000000);
+        if (rc == SHMSTM_EINTR)
+            return rc;
+    }
+}
+
+/* Make the running transaction irrevocable: take the global token, so that
+ * other writers wait before locking until this transaction ends.  Used after
+ * many aborts so that no transaction starves. */
+int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns)
+{
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    if (c->has_token)
+        return 0;
+    struct shm_header *h = c->seg->h;
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    for (;;) {
+        uint64_t z = 0;
+        if (cas_acq_rel(&h->token, &z, c->slot + 1ull)) {
+            c->has_token = 1;
+            counter_add(&c->proc->irrevocable, 1);
+            return 0;
+        }
+        uint64_t now = now_ns();
+        if (now >= deadline)
+            return SHMSTM_ETIMEOUT;
+        int rc = wait_token(c, (int64_t)(deadline - now));
+        if (rc)
+            return rc;
+    }
+}
+
+static int cmp_entry(const void *a, const void *b)
+{
+    uint32_t x = ((const struct shm_wentry *)a)->idx, y = ((const struct shm_wentry *)b)->idx;
+    return x < y ? -1 : x > y;
+}
+
+static void sort_entries(struct shm_wentry *e, uint32_t n)
+{
+    if (n > 16) {
+        qsort(e, n, sizeof *e, cmp_entry);
+        return;
+    }
+    for (uint32_t i = 1; i < n; i++) {
+        struct shm_wentry x = e[i];
+        uint32_t j = i;
+        while (j > 0 && e[j - 1].idx > x.idx) {
+            e[j] = e[j - 1];
+            j--;
+        }
+        e[j] = x;
+    }
+}
+
+static void note_latency(struct shm_proc *p, uint64_t t0)
+{
+    uint64_t d = now_ns() - t0;
+    uint32_t b = d ? 63u - (uint32_t)__builtin_clzll(d) : 0;
+    counter_add(&p->lat_hist[b < LAT_BUCKETS ? b : LAT_BUCKETS - 1], 1);
+}
+
+/* Commit the attempt.  Returns 0, SHMSTM_ECONFLICT (re-run), SHMSTM_ESTALE
+ * (a written TVar was freed), or another code (nothing was changed).
+ *
+ * Steps (numbers are the kill points of the crash tests):
+ *  1. sort the staged entries by index; no lock held, state CR_IDLE
+ *  2. wait while another slot holds the irrevocable token (no lock held)
+ *  3. state := CR_LOCKING; lock each entry in index order, storing old_lock
+ *     before its CAS; check the generation under the lock
+ *  4. state := CR_VALIDATING; wv := clock + 1 (fetch_add)
+ *  5. validate the read set unless rv + 1 == wv (nobody committed between)
+ *  6. state := CR_COMMITTED            <-- commit point, point of no return
+ *  7. publish each new value
+ *  8. release each lock with version wv (store_release)
+ *  9. wake the waiters of every written TVar
+ * 10. free old values and freed TVar slots; state := CR_IDLE
+ */
+int shmstm_tx_commit(shmstm_ctx *c)
+{
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    uint32_t n = c->n_staged;
+    if (n == 0)
+        return shmstm_tx_end_ro(c);
+    struct shmstm_seg *s = c->seg;
+    struct shm_proc *p = c->proc;
+    struct shm_commit_rec *r = &p->rec;
+    if (c->doomed) {
+        drop_staged(c);
+        return SHMSTM_ECONFLICT;
+    }
+    uint64_t t0 = now_ns();
+    struct shm_wentry *e = rec_entries(s, r);
+    if (!e)
+        return SHMSTM_ECORRUPT;
+    /* 1 */
+    sort_entries(e, n);
+    for (uint32_t i = 1; i < n; i++)
+        if (e[i].idx == e[i - 1].idx) {
+            drop_staged(c);
+            return SHMSTM_EDUP;
+        }
+    /* 2 */
+    if (load_acquire(&s->h->token) && !c->has_token) {
+        int rc = wait_token(c, -1);
+        if (rc) {
+            drop_staged(c);
+            return rc;
+        }
+    }
+    /* 3 */
+    store_release(&r->state, CR_LOCKING);
+    FAULT_POINT("commit.locking");
+    uint64_t mine = lk_make_locked(c->slot);
+    uint32_t locked = 0, reason = AB_LOCKED, bad = 0;
+    for (; locked < n; locked++) {
+        struct shm_tvar *t = &s->tvars[e[locked].idx];
+        uint64_t w = load_relaxed(&t->lock);
+        uint32_t spins = 0;
+        for (;;) {
+            if (lk_locked(w)) {
+                if (!lock_wait(s, w, &spins, COMMIT_SPIN_LIMIT)) {
+                    bad = e[locked].idx;
+                    goto fail;
+                }
+                w = load_relaxed(&t->lock);
+                continue;
+            }
+            e[locked].old_lock = w;          /* before the CAS: see invariants */
+            if (cas_acq_rel(&t->lock, &w, mine))
+                break;
+        }
+        if (load_relaxed(&t->gen) != e[locked].gen || !(e[locked].gen & 1u)) {
+            locked++;
+            reason = AB_STALE;
+            bad = e[locked - 1].idx;
+            goto fail;
+        }
+        e[locked].old_tag = (uint16_t)load_relaxed(&t->tag);
+        e[locked].old_val = load_relaxed(&t->value);
+        FAULT_POINT("commit.locked_one");
+    }
+    /* Seqlock writer: the value stores below are ordered after the lock CASes,
+     * so a reader that sees a new value also sees the lock (fence pairs with
+     * the fence_acquire in read_tvar). */
+    fence_release();
+    /* 4 */
+    store_release(&r->state, CR_VALIDATING);
+    uint64_t wv = faa_acq_rel(&s->h->clock, 1) + 1;
+    store_relaxed(&r->wv, wv);
+    FAULT_POINT("commit.validating");
+    /* 5 */
+    if (c->rs_n && !(c->active && c->rv + 1 == wv) && !validate_reads(c, e, n)) {
+        reason = AB_VALIDATE;
+        bad = c->failed_idx;
+        goto fail;
+    }
+    /* 6: the commit point.  Recovery rolls forward from here on. */
+    store_release(&r->state, CR_COMMITTED);
+    FAULT_POINT("commit.committed");
+    /* 7, 8 */
+    for (uint32_t i = 0; i < n; i++) {
+        struct shm_tvar *t = &s->tvars[e[i].idx];
+        store_relaxed(&t->tag, (uint32_t)e[i].new_tag);
+        store_relaxed(&t->value, e[i].new_val);
+        if (e[i].flags & WE_FREE)
+            store_relaxed(&t->gen, e[i].gen + 1);
+        /* Pairs with readers' load_acquire of the lock word. */
+        store_release(&t->lock, lk_make_unlocked(wv));
+        FAULT_POINT("commit.published_one");
+    }
+    /* 9: Dekker with retry(): waiters set their bit, fence, then read lock
+     * words; we wrote lock words, fence, then read their bits (wait.c). */
+    fence_seq_cst();
+    for (uint32_t i = 0; i < n; i++)
+        wake_waiters(s, &s->tvars[e[i].idx]);
+    /* 10 */
+    for (uint32_t i = 0; i < n; i++) {
+        if (tag_is_heap(e[i].old_tag))
+            heap_free(s, p, e[i].old_val);
+        if (e[i].flags & WE_FREE)
+            tvar_push_free(s, e[i].idx);
+    }
+    store_relaxed(&r->n, 0);
+    store_release(&r->state, CR_IDLE);
+    c->n_staged = 0;
+    counter_add(&p->commits, 1);
+    counter_add(&p->bytes_committed, c->bytes_staged);
+    c->bytes_staged = 0;
+    note_latency(p, t0);
+    release_token(c);
+    ctx_reset(c);
+    return 0;
+
+fail:
+    for (uint32_t i = 0; i < locked; i++)
+        store_release(&s->tvars[e[i].idx].lock, e[i].old_lock);
+    c->failed_idx = bad;
+    note_abort(c, reason, bad);
+    drop_staged(c);
+    return reason == AB_STALE ? SHMSTM_ESTALE : SHMSTM_ECONFLICT;
+}
+
+/* ---- contexts ---- */
+
+int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
+{
+    if (s->read_only)
+        return SHMSTM_EINVAL;
+    shmstm_ctx *c = calloc(1, sizeof *c);
+    if (!c)
+        return SHMSTM_ENOMEM;
+    c->rs_cap = 64;
+    c->rs = malloc(c->rs_cap * sizeof *c->rs);
+    c->buf_cap = 4096;
+    c->buf = malloc(c->buf_cap);
+    if (!c->rs || !c->buf) {
+        free(c->rs);
+        free(c->buf);
+        free(c);
+        return SHMSTM_ENOMEM;
+    }
+    uint32_t pid = (uint32_t)getpid();
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t i = 0; i < s->max_procs; i++) {
+            struct shm_proc *p = &s->procs[i];
+            uint64_t o = load_acquire(&p->owner);   /* pairs with the FREE release */
+            if (ps_state(o) != PS_FREE)
+                continue;
+            if (!cas_acq_rel(&p->owner, &o, ps_make(pid, PS_ACTIVE)))
+                continue;
+            store_relaxed(&p->start_time, proc_start_time((pid_t)pid));
+            store_relaxed(&p->tid, (uint64_t)my_tid());
+            store_relaxed(&p->attach_ns, realtime_ns());
+            /* Fresh counters for the new owner (owner-written, advisory). */
+            store_relaxed(&p->commits, 0);
+            store_relaxed(&p->ro_commits, 0);
+            for (uint32_t k = 0; k < AB_NREASONS; k++)
+                store_relaxed(&p->aborts[k], 0);
+            store_relaxed(&p->retries, 0);
+            store_relaxed(&p->wakeups, 0);
+            store_relaxed(&p->bytes_committed, 0);
+            store_relaxed(&p->irrevocable, 0);
+            for (uint32_t k = 0; k < LAT_BUCKETS; k++)
+                store_relaxed(&p->lat_hist[k], 0);
+            /* heap_allocs/frees are kept: their difference is live blocks. */
+            c->seg = s;
+            c->slot = i;
+            c->proc = p;
+            c->pid = (pid_t)pid;
+            *out = c;
+            return 0;
+        }
+        if (pass == 0 && shmstm_seg_reclaim_dead(s) == 0)
+            break;
+    }
+    free(c->rs);
+    free(c->buf);
+    free(c);
+    return SHMSTM_EPROCSFULL;
+}
+
+int shmstm_ctx_free(shmstm_ctx *c)
+{
+    if (!c)
+        return 0;
+    if (!c->orphaned) {
+        drop_staged(c);
+        release_token(c);
+        struct shm_proc *p = c->proc;
+        store_relaxed(&p->sleeping, 0);
+        store_relaxed(&p->start_time, 0);
+        /* Pairs with claimers' load_acquire of owner. */
+        store_release(&p->owner, ps_make(0, PS_FREE));
+    }
+    free(c->rs);
+    free(c->buf);
+    free(c);
+    return 0;
+}
+
+int shmstm_ctx_orphan(shmstm_ctx *c)
+{
+    if (c)
+        c->orphaned = 1;
+    return 0;
+}

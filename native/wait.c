@@ -1,0 +1,152 @@
+/* wait.c -- blocking retry: futex waits on shared memory, woken only by the
+ * committers of TVars the waiter read.
+ *
+ * Protocol (no lost wake-up):
+ *   waiter W                               committer C (txn.c, steps 8-9)
+ *   a. for each TVar read: fetch_or bit    1. store_release(lock, new version)
+ *   b. fence_seq_cst                       2. fence_seq_cst
+ *   c. f := futex word (seq_cst)           3. if waiters: bits := exchange(0)
+ *   d. every read still current? if not,   4. for each bit: futex += 1 (seq_cst),
+ *      return: something changed              wake if the slot sleeps
+ *   e. sleeping := 1; futex_wait(f)
+ * The fences make (a, d) and (1, 3) a Dekker pair: either C sees W's bit and
+ * bumps W's futex word (then W's futex_wait(f) returns at once, or W's check
+ * (d) already saw the change), or W's check (d) sees C's new version.
+ * Committers clear whole bitmaps (exchange), waiters never clear bits: a bit
+ * is shared by slots s, s+64, ... so clearing one's own could drop another's.
+ * A stale bit costs one spurious futex bump, after which the woken waiter
+ * re-validates and sleeps again: spurious wake-ups never reach Python.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include "core.h"
+
+int futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns)
+{
+    struct timespec ts, *tp = NULL;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000;
+        ts.tv_nsec = timeout_ns % 1000000000;
+        tp = &ts;
+    }
+    /* Not FUTEX_PRIVATE: the word is in a mapping shared across processes. */
+    long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, val, tp, NULL, 0);
+    if (rc == 0)
+        return 0;
+    if (errno == ETIMEDOUT)
+        return SHMSTM_ETIMEOUT;
+    if (errno == EINTR)
+        return SHMSTM_EINTR;
+    return 0;     /* EAGAIN: the word changed before we slept */
+}
+
+void futex_wake(a32 *addr)
+{
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* Called by committers after fence_seq_cst (step 9). */
+void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t)
+{
+    if (!load_relaxed(&t->waiters))
+        return;
+    uint64_t bits = xchg_acq_rel(&t->waiters, 0);
+    while (bits) {
+        uint32_t b = (uint32_t)__builtin_ctzll(bits);
+        bits &= bits - 1;
+        for (uint32_t slot = b; slot < s->max_procs; slot += 64) {
+            struct shm_proc *p = &s->procs[slot];
+            faa_seq_cst(&p->futex, 1);
+            if (load_seq_cst(&p->sleeping))
+                futex_wake(&p->futex);
+        }
+    }
+}
+
+static int reads_current(shmstm_ctx *c)
+{
+    for (uint32_t i = 0; i < c->rs_n; i++) {
+        struct rentry *r = &c->rs[i];
+        uint64_t w = load_acquire(&c->seg->tvars[r->idx].lock);
+        if (lk_locked(w) || lk_version(w) != r->ver)
+            return 0;
+    }
+    return 1;
+}
+
+/* retry(): block until a TVar read by this attempt changes.
+ * Returns 0 when something changed (re-run the transaction), SHMSTM_ETIMEOUT,
+ * SHMSTM_EINTR (a signal arrived: Python runs its handlers and calls again
+ * with the time left; the read set is kept), or SHMSTM_EINVAL (nothing read:
+ * the wait could never end). */
+int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns)
+{
+    if (c->orphaned)
+        return SHMSTM_EFORKED;
+    struct shmstm_seg *s = c->seg;
+    struct shm_proc *p = c->proc;
+    if (c->n_staged) {
+        /* first call of this wait: drop the attempt's writes, keep its reads */
+        uint32_t rs_n = c->rs_n, active = (uint32_t)c->active, doomed = (uint32_t)c->doomed;
+        uint64_t rv = c->rv;
+        struct shm_commit_rec *r = &p->rec;
+        struct shm_wentry *e = rec_entries(s, r);
+        for (uint32_t i = 0; e && i < c->n_staged; i++)
+            if (tag_is_heap(e[i].new_tag))
+                heap_free(s, p, e[i].new_val);
+        c->n_staged = 0;
+        c->bytes_staged = 0;
+        store_relaxed(&r->n, 0);
+        c->rs_n = rs_n;
+        c->active = (int)active;
+        c->doomed = (int)doomed;
+        c->rv = rv;
+    }
+    if (c->has_token) {
+        /* a blocked transaction must not hold up every writer */
+        c->has_token = 0;
+        store_release(&s->h->token, 0);
+        faa_seq_cst(&s->h->token_futex, 1);
+        futex_wake(&s->h->token_futex);
+    }
+    if (c->doomed) {           /* inconsistent view: re-run at once */
+        ctx_reset(c);
+        return 0;
+    }
+    if (c->rs_n == 0)
+        return SHMSTM_EINVAL;
+    counter_add(&p->retries, 1);
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    uint64_t bit = 1ull << (c->slot % 64);
+    for (;;) {
+        for (uint32_t i = 0; i < c->rs_n; i++)
+            for_acq_rel(&s->tvars[c->rs[i].idx].waiters, bit);      /* a */
+        fence_seq_cst();                                            /* b */
+        uint32_t f = load_seq_cst(&p->futex);                       /* c */
+        if (!reads_current(c)) {                                    /* d */
+            counter_add(&p->wakeups, 1);
+            ctx_reset(c);
+            return 0;
+        }
+        int64_t left = -1;
+        if (deadline != UINT64_MAX) {
+            uint64_t now = now_ns();
+            if (now >= deadline) {
+                ctx_reset(c);
+                return SHMSTM_ETIMEOUT;
+            }
+            left = (int64_t)(deadline - now);
+        }
+        store_seq_cst(&p->sleeping, 1);                              /* e */
+        int rc = futex_wait(&p->futex, f, left);
+        store_seq_cst(&p->sleeping, 0);
+        if (rc == SHMSTM_EINTR)
+            return rc;
+        /* woken, timed out or raced: loop re-checks (and re-sets cleared bits) */
+    }
+}

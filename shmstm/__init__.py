@@ -1,0 +1,39 @@
+"""shmstm: software transactional memory shared by independent processes.
+
+TVars live in a POSIX shared-memory segment and are updated by transactions
+that run truly in parallel in several processes (GHC-STM semantics:
+``atomically``, blocking ``retry``, ``or_else``, ``check``; opacity).
+
+    import shmstm
+    with shmstm.open("bank") as rt:
+        a, b = rt.tvar("a", 100), rt.tvar("b", 0)
+        @shmstm.atomic
+        def transfer(n):
+            shmstm.check(a.value >= n)
+            a.value -= n
+            b.value += n
+        transfer(10)
+
+See docs/api.md for the whole API.
+"""
+from .__about__ import __version__
+from ._stm import (
+    Runtime, TVar, atomic, atomically, check, in_transaction, open, or_else, retry, unlink,
+)
+from .errors import (
+    BlockedForeverError, CorruptSegmentError, CrossRuntimeError, EncodeError, Error,
+    ForkedContextError, HeapFullError, LayoutMismatchError, LimitMismatchError,
+    NoSpaceError, NotInTransactionError, PermissionDeniedError, RetryTimeout,
+    RuntimeClosedError, SegmentInitError, SegmentNotFoundError, StaleTVarError,
+    TooManyProcessesError, TVarTableFullError, ValueTooLargeError,
+)
+
+__all__ = [
+    "__version__", "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
+    "check", "or_else", "in_transaction",
+    "Error", "StaleTVarError", "EncodeError", "ValueTooLargeError", "HeapFullError",
+    "TVarTableFullError", "TooManyProcessesError", "LayoutMismatchError",
+    "CorruptSegmentError", "SegmentInitError", "LimitMismatchError", "RuntimeClosedError",
+    "SegmentNotFoundError", "PermissionDeniedError", "NoSpaceError", "CrossRuntimeError",
+    "NotInTransactionError", "RetryTimeout", "BlockedForeverError", "ForkedContextError",
+]

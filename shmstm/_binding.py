@@ -1,0 +1,57 @@
+"""The one module that imports the compiled core, and the table that maps its
+return codes to exceptions."""
+import os
+
+from . import errors
+from .__about__ import __version__
+
+try:
+    from ._native import ffi, lib
+except ImportError as e:  # pragma: no cover - a broken install
+    raise ImportError(
+        "shmstm's compiled core (shmstm._native) is missing: install the package "
+        "with 'pip install .' so that setup.py builds it (%s)" % e
+    ) from e
+
+_build = ffi.string(lib.shmstm_build_info()).decode()
+if not _build.startswith(__version__ + " "):
+    raise ImportError(
+        "shmstm._native was built for %r but the Python package is %s: rebuild "
+        "with 'pip install .'" % (_build, __version__)
+    )
+
+_ERRORS = {
+    lib.SHMSTM_ESTALE: (errors.StaleTVarError, "the TVar was freed; this handle is stale"),
+    lib.SHMSTM_EBADHANDLE: (errors.StaleTVarError, "the handle names no TVar of this runtime (forged or out of range)"),
+    lib.SHMSTM_ETOOLARGE: (errors.ValueTooLargeError, "the value is larger than max_value_size"),
+    lib.SHMSTM_EHEAPFULL: (errors.HeapFullError, "the shared value heap is full"),
+    lib.SHMSTM_ETVARSFULL: (errors.TVarTableFullError, "the TVar table is full (max_tvars)"),
+    lib.SHMSTM_EDIRFULL: (errors.TVarTableFullError, "the name directory is full"),
+    lib.SHMSTM_EPROCSFULL: (errors.TooManyProcessesError, "every process slot is in use (max_procs)"),
+    lib.SHMSTM_ELAYOUT: (errors.LayoutMismatchError, "the segment is not a shmstm segment of this layout version"),
+    lib.SHMSTM_ECORRUPT: (errors.CorruptSegmentError, "the segment is corrupt"),
+    lib.SHMSTM_EPERM: (errors.PermissionDeniedError, "the segment belongs to another user or is not mode 0600"),
+    lib.SHMSTM_EINIT: (errors.SegmentInitError, "the segment's creator never finished initialising it"),
+    lib.SHMSTM_ENOMEM: (MemoryError, "out of process memory"),
+    lib.SHMSTM_ETIMEOUT: (errors.RetryTimeout, "timed out"),
+    lib.SHMSTM_EINVAL: (errors.Error, "invalid argument"),
+    lib.SHMSTM_EFORKED: (errors.ForkedContextError, "context inherited across fork"),
+    lib.SHMSTM_ENOSPC: (errors.NoSpaceError, "no room in /dev/shm for the segment"),
+    lib.SHMSTM_ENOTFOUND: (KeyError, "not found"),
+    lib.SHMSTM_EDUP: (errors.Error, "internal error: a TVar staged twice"),
+}
+
+
+def error_for(rc, what=None):
+    """The exception for return code ``rc`` (a negative SHMSTM_E* value)."""
+    if rc == lib.SHMSTM_ESYS:
+        err = ffi.errno
+        return OSError(err, "%s: %s" % (what or "system call failed", os.strerror(err)))
+    cls, msg = _ERRORS.get(rc, (errors.Error, "error %d" % rc))
+    return cls("%s: %s" % (what, msg) if what else msg)
+
+
+def check(rc, what=None):
+    if rc < 0:
+        raise error_for(rc, what)
+    return rc

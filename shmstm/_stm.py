@@ -1,0 +1,882 @@
+"""Runtimes, TVars and transactions.
+
+One module on purpose: the hot path (``TVar.value``, ``atomically``) reads
+module globals and calls ``lib`` directly, which is measurably faster than
+going through another module.  Everything else reaches the core through
+``_binding``.
+
+Per thread and runtime there is one *context* (a C ``shmstm_ctx`` that owns a
+process slot in the segment).  A transaction binds to one runtime at its first
+TVar access.
+"""
+import atexit
+import os
+import pickle
+import random
+import threading
+import time
+import weakref
+
+import posix_ipc
+
+from . import errors
+from ._binding import check as _check_rc, error_for, ffi, lib
+
+__all__ = [
+    "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
+    "check", "or_else", "in_transaction",
+]
+
+# ---- codec tags (native/layout.h) ----
+T_NONE = lib.SHMSTM_TAG_NONE
+T_FALSE = lib.SHMSTM_TAG_FALSE
+T_TRUE = lib.SHMSTM_TAG_TRUE
+T_INT = lib.SHMSTM_TAG_INT
+T_FLOAT = lib.SHMSTM_TAG_FLOAT
+T_BYTES = lib.SHMSTM_TAG_BYTES
+T_STR = lib.SHMSTM_TAG_STR
+T_PICKLE = lib.SHMSTM_TAG_PICKLE
+T_FREE = -1          # write-buffer marker: the transaction frees the TVar
+
+E_CONFLICT = lib.SHMSTM_ECONFLICT
+E_INTR = lib.SHMSTM_EINTR
+E_TIMEOUT = lib.SHMSTM_ETIMEOUT
+E_INVAL = lib.SHMSTM_EINVAL
+AB_USER = lib.SHMSTM_AB_USER
+AB_RESOURCE = lib.SHMSTM_AB_RESOURCE
+AB_SILENT = 255
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+PICKLE_PROTOCOL = 5
+
+# Conflicts before a transaction takes the irrevocable token.
+IRREVOCABLE_AFTER = 32
+
+_read = lib.shmstm_tx_read
+_read1 = lib.shmstm_read1
+_stage_i = lib.shmstm_tx_stage_i
+_stage_f = lib.shmstm_tx_stage_f
+_stage_b = lib.shmstm_tx_stage_b
+_commit = lib.shmstm_tx_commit
+_unpack = ffi.unpack
+_loads = pickle.loads
+_dumps = pickle.dumps
+
+DEFAULT_LIMITS = {
+    "max_tvars": 65536,
+    "heap_size": 64 << 20,
+    "max_procs": 64,
+    "max_value_size": 1 << 20,
+}
+
+_WAIT_FOR_INIT_NS = 5_000_000_000
+
+
+class _Conflict(BaseException):
+    """Internal: the attempt must re-run.  A BaseException so that a user's
+    ``except Exception`` inside a transaction cannot swallow it."""
+
+
+class _RetrySignal(BaseException):
+    """Internal: retry() was called."""
+
+
+class _TLS(threading.local):
+    tx = None
+
+
+_tls = _TLS()
+
+
+# ---------------------------------------------------------------- codec
+
+def _encode(value, max_size):
+    """(tag, payload) for a value: payload is an int/float for inline tags and
+    bytes otherwise.  Raises before anything shared changes."""
+    t = type(value)
+    if t is int:
+        if INT64_MIN <= value <= INT64_MAX:
+            return T_INT, value
+    elif t is float:
+        return T_FLOAT, value
+    elif value is None:
+        return T_NONE, 0
+    elif t is bool:
+        return (T_TRUE if value else T_FALSE), 0
+    elif t is bytes:
+        if len(value) > max_size:
+            raise errors.ValueTooLargeError(
+                "value of %d bytes exceeds max_value_size (%d)" % (len(value), max_size))
+        return T_BYTES, value
+    elif t is str:
+        b = value.encode("utf-8", "surrogatepass")
+        if len(b) > max_size:
+            raise errors.ValueTooLargeError(
+                "value of %d bytes exceeds max_value_size (%d)" % (len(b), max_size))
+        return T_STR, b
+    try:
+        b = _dumps(value, PICKLE_PROTOCOL)
+    except Exception as e:
+        raise errors.EncodeError("cannot store a %s in a TVar: %s" % (t.__name__, e)) from e
+    if len(b) > max_size:
+        raise errors.ValueTooLargeError(
+            "pickled value of %d bytes exceeds max_value_size (%d)" % (len(b), max_size))
+    return T_PICKLE, b
+
+
+def _decode(tag, ctx):
+    """Decode a read result (tag from the core, payload in ctx.out / ctx.buf)."""
+    if tag == T_INT:
+        return ctx.out[0]
+    if tag == T_NONE:
+        return None
+    if tag == T_TRUE:
+        return True
+    if tag == T_FALSE:
+        return False
+    if tag == T_FLOAT:
+        return ctx.outf[0]
+    if tag >= T_BYTES:
+        # A copy: unpickling may run code that reads TVars and reuses the buffer.
+        data = _unpack(ctx.ptr.buf, ctx.out[1])
+        if tag == T_BYTES:
+            return data
+        if tag == T_STR:
+            return data.decode("utf-8", "surrogatepass")
+        return _loads(data)
+    if tag == E_CONFLICT:
+        raise _Conflict()
+    raise error_for(tag)
+
+
+def _buffered(entry):
+    """The value of a write-buffer entry, copied out like a read would be."""
+    tag = entry[1]
+    if tag == T_PICKLE:
+        return _loads(entry[2])
+    if tag == T_FREE:
+        raise errors.StaleTVarError("the TVar was freed by this transaction")
+    return entry[3]
+
+
+# ---------------------------------------------------------------- contexts
+
+class _Ctx:
+    """A thread's context on a runtime: the C context and its out-parameters,
+    allocated once (never an ffi.new per operation)."""
+    __slots__ = ("ptr", "out", "outf", "rt", "__weakref__")
+
+    def __init__(self, rt, ptr):
+        self.rt = rt
+        self.ptr = ptr
+        self.out = ffi.new("int64_t[2]")
+        self.outf = ffi.cast("double *", self.out)
+
+
+class _CtxHolder:
+    """Lives in a thread's threading.local; frees the context (and its slot)
+    when the thread ends."""
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __del__(self):
+        ctx = self.ctx
+        if ctx is not None and ctx.ptr is not None:
+            ctx.rt._release_ctx(ctx)
+
+
+class _Local(threading.local):
+    holder = None
+    ctx = None
+
+
+# ---------------------------------------------------------------- runtime
+
+_registry = {}                 # name -> Runtime attached (or lazily attachable) here
+_registry_lock = threading.RLock()
+
+
+def _shm_name(name):
+    return "/shmstm." + name
+
+
+def _check_name(name):
+    if not isinstance(name, str):
+        raise TypeError("runtime name must be a str, not %s" % type(name).__name__)
+    if not name or len(name) > 200 or "/" in name or "\0" in name:
+        raise ValueError("runtime name must be 1-200 characters without '/' or NUL: %r" % (name,))
+
+
+class Runtime:
+    """A shmstm runtime attached in this process.  Create with ``shmstm.open``.
+
+    Use as a context manager or call ``close()``; closing detaches this
+    process only (the segment stays until ``shmstm.unlink``)."""
+
+    def __init__(self, name):
+        self.name = name
+        self._seg = None
+        self._params = None
+        self._local = _Local()
+        self._ctxs = []            # every live _Ctx of this process
+        self._lock = threading.RLock()
+        self._refs = 0
+        self._closed = False
+        self._max_value_size = 0
+        self._pid = os.getpid()
+
+    # -- attach / detach
+
+    def _attach(self, limits, wait_ns=_WAIT_FOR_INIT_NS):
+        params = ffi.new("shmstm_params *")
+        segp = ffi.new("shmstm_seg **")
+        shm_name = _shm_name(self.name)
+        for _ in range(3):
+            try:
+                shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o600, size=0)
+            except posix_ipc.ExistentialError:
+                pass
+            except posix_ipc.PermissionsError as e:
+                raise errors.PermissionDeniedError("cannot create %s: %s" % (shm_name, e)) from None
+            else:
+                lim = dict(DEFAULT_LIMITS)
+                lim.update(limits)
+                params.max_tvars = lim["max_tvars"]
+                params.max_procs = lim["max_procs"]
+                params.max_value_size = lim["max_value_size"]
+                params.heap_size = lim["heap_size"]
+                try:
+                    rc = lib.shmstm_seg_create(shm.fd, params, segp)
+                finally:
+                    shm.close_fd()
+                if rc < 0:
+                    try:
+                        shm.unlink()
+                    except posix_ipc.ExistentialError:
+                        pass
+                    raise error_for(rc, "creating runtime %r" % self.name)
+                break
+            try:
+                shm = posix_ipc.SharedMemory(shm_name, 0)
+            except posix_ipc.ExistentialError:
+                continue            # unlinked between our two opens: create again
+            except posix_ipc.PermissionsError as e:
+                raise errors.PermissionDeniedError(
+                    "cannot attach to %s: %s (another user's segment?)" % (shm_name, e)) from None
+            try:
+                rc = lib.shmstm_seg_attach(shm.fd, 0, wait_ns, params, segp)
+            finally:
+                shm.close_fd()
+            if rc < 0:
+                raise error_for(rc, "attaching to runtime %r" % self.name)
+            mismatch = [
+                "%s=%d (segment has %d)" % (k, v, getattr(params, k))
+                for k, v in sorted(limits.items()) if getattr(params, k) != v
+            ]
+            if mismatch:
+                lib.shmstm_seg_detach(segp[0])
+                raise errors.LimitMismatchError(
+                    "runtime %r exists with other limits: %s" % (self.name, ", ".join(mismatch)))
+            break
+        else:
+            raise errors.Error("runtime %r: segment kept vanishing while opening" % self.name)
+        self._seg = segp[0]
+        self._params = params
+        self._max_value_size = params.max_value_size
+        self._pid = os.getpid()
+
+    def _ensure(self):
+        if self._seg is None:
+            with self._lock:
+                if self._closed:
+                    raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
+                if self._seg is None:
+                    self._attach({})
+
+    def _new_ctx(self):
+        """The calling thread's context, creating it (and claiming a slot)."""
+        if self._closed:
+            raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
+        self._ensure()
+        out = ffi.new("shmstm_ctx **")
+        with self._lock:
+            _check_rc(lib.shmstm_ctx_new(self._seg, out), "runtime %r" % self.name)
+            ctx = _Ctx(self, out[0])
+            self._ctxs.append(ctx)
+        self._local.holder = _CtxHolder(ctx)
+        self._local.ctx = ctx
+        return ctx
+
+    def _release_ctx(self, ctx):
+        with self._lock:
+            if ctx.ptr is not None:
+                if os.getpid() == self._pid:
+                    lib.shmstm_ctx_free(ctx.ptr)
+                ctx.ptr = None
+                try:
+                    self._ctxs.remove(ctx)
+                except ValueError:
+                    pass
+
+    def _ctx(self):
+        ctx = self._local.ctx
+        if ctx is None or ctx.ptr is None:
+            return self._new_ctx()
+        return ctx
+
+    def close(self):
+        """Detach this process from the runtime (idempotent).  Other threads of
+        this process must not be inside a transaction on it."""
+        with _registry_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                self._refs -= 1
+                if self._refs > 0:
+                    return
+                self._closed = True
+                for ctx in list(self._ctxs):
+                    self._release_ctx(ctx)
+                if self._seg is not None:
+                    lib.shmstm_seg_detach(self._seg)
+                    self._seg = None
+                self._local = _Local()
+                if _registry.get(self.name) is self:
+                    del _registry[self.name]
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else ("attached" if self._seg is not None else "lazy")
+        return "<shmstm.Runtime %r %s>" % (self.name, state)
+
+    def __reduce__(self):
+        return (_runtime_from_pickle, (self.name,))
+
+    # -- limits
+
+    @property
+    def limits(self):
+        """The segment's limits (dict)."""
+        self._ensure()
+        p = self._params
+        return {
+            "max_tvars": p.max_tvars, "heap_size": p.heap_size,
+            "max_procs": p.max_procs, "max_value_size": p.max_value_size,
+        }
+
+    # -- TVars
+
+    def tvar(self, name, default=None):
+        """The TVar named ``name``, created with ``default`` if it does not exist
+        (atomic across processes: exactly one creator wins)."""
+        if not isinstance(name, str):
+            raise TypeError("TVar name must be a str, not %s" % type(name).__name__)
+        b = name.encode("utf-8", "surrogatepass")
+        if not 0 < len(b) <= lib.SHMSTM_MAX_NAME:
+            raise ValueError("TVar name must be 1-%d bytes of UTF-8" % lib.SHMSTM_MAX_NAME)
+        ctx = self._ctx()
+        oi = ffi.new("uint32_t[2]")
+        rc = lib.shmstm_tvar_lookup(ctx.ptr, b, len(b), oi, oi + 1)
+        if rc == lib.SHMSTM_ENOTFOUND:
+            tag, payload = _encode(default, self._max_value_size)
+            rc = _new_call(lib.shmstm_tvar_named, ctx.ptr, (b, len(b)), tag, payload, oi)
+        _check_rc(rc, "TVar %r" % name)
+        return TVar(self, oi[0], oi[1], name)
+
+    def new_tvar(self, value=None):
+        """A new anonymous TVar holding ``value``.  Inside a transaction it
+        exists only if the transaction commits."""
+        tag, payload = _encode(value, self._max_value_size)
+        ctx = self._ctx()
+        oi = ffi.new("uint32_t[2]")
+        _check_rc(_new_call(lib.shmstm_tvar_new, ctx.ptr, (), tag, payload, oi), "new TVar")
+        tv = TVar(self, oi[0], oi[1], None)
+        tx = _tls.tx
+        if tx is not None:
+            tx._bind(self)
+            tx.created.append(tv)
+        return tv
+
+    def free(self, tv):
+        """Free an anonymous TVar (effective when the transaction commits)."""
+        tv.free()
+
+    def stats(self):
+        """Counters and facts read from the segment (no lock taken)."""
+        from ._stats import runtime_stats
+        self._ensure()
+        return runtime_stats(self._seg, self.name)
+
+
+def _new_call(fn, cptr, name_args, tag, payload, oi):
+    if tag == T_FLOAT:
+        return fn(cptr, *name_args, tag, 0, payload, ffi.NULL, 0, oi, oi + 1)
+    if tag >= T_BYTES:
+        return fn(cptr, *name_args, tag, 0, 0.0, payload, len(payload), oi, oi + 1)
+    return fn(cptr, *name_args, tag, payload, 0.0, ffi.NULL, 0, oi, oi + 1)
+
+
+def _runtime_from_pickle(name):
+    with _registry_lock:
+        rt = _registry.get(name)
+        if rt is None or rt._closed:
+            rt = Runtime(name)         # attaches lazily, on first use
+            rt._refs = 1
+            _registry[name] = rt
+        return rt
+
+
+def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the API's name
+    """Create the runtime ``name`` or attach to it if it exists.
+
+    Limits (keyword arguments): ``max_tvars`` (65536), ``heap_size`` (64 MiB),
+    ``max_procs`` (64 process/thread slots), ``max_value_size`` (1 MiB).
+    Given limits must match an existing segment's (``LimitMismatchError``).
+    """
+    _check_name(name)
+    if path is not None or durability not in (None, "none"):
+        raise errors.Error(
+            "durability (path=..., durability=...) is not available in this version of "
+            "shmstm; open the runtime without a path")
+    for k, v in limits.items():
+        if k not in DEFAULT_LIMITS:
+            raise TypeError("open() got an unknown limit %r (known: %s)" % (k, ", ".join(DEFAULT_LIMITS)))
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError("limit %s must be a positive int, got %r" % (k, v))
+    lim = dict(DEFAULT_LIMITS)
+    lim.update(limits)
+    if lim["heap_size"] < 65536 or lim["heap_size"] % 16:
+        raise ValueError("heap_size must be at least 64 KiB and a multiple of 16")
+    if lim["max_value_size"] > lim["heap_size"] // 2:
+        raise ValueError("max_value_size must be at most heap_size / 2")
+    if lim["max_procs"] > 4096:
+        raise ValueError("max_procs must be at most 4096")
+    if lim["max_tvars"] > 1 << 24:
+        raise ValueError("max_tvars must be at most 16777216")
+    with _registry_lock:
+        rt = _registry.get(name)
+        if rt is not None and not rt._closed and rt._pid == os.getpid():
+            if rt._seg is None:
+                rt._attach(limits)
+            elif limits:
+                have = rt.limits
+                bad = ["%s=%d (segment has %d)" % (k, v, have[k]) for k, v in sorted(limits.items()) if have[k] != v]
+                if bad:
+                    raise errors.LimitMismatchError(
+                        "runtime %r exists with other limits: %s" % (name, ", ".join(bad)))
+            rt._refs += 1
+            return rt
+        rt = Runtime(name)
+        rt._attach(limits)
+        rt._refs = 1
+        _registry[name] = rt
+        return rt
+
+
+def unlink(name):
+    """Remove the runtime's shared-memory segment.  Processes still attached
+    keep their mapping until they close.  Returns False if it did not exist."""
+    _check_name(name)
+    try:
+        posix_ipc.unlink_shared_memory(_shm_name(name))
+        return True
+    except posix_ipc.ExistentialError:
+        return False
+
+
+def _close_all():
+    with _registry_lock:
+        for rt in list(_registry.values()):
+            if rt._pid == os.getpid():
+                rt._refs = 1
+                rt.close()
+
+
+atexit.register(_close_all)
+
+
+def _after_fork_child():
+    """In a fork child: the parent's contexts (and slots) are not ours.  Forget
+    them without releasing the slots; the child claims its own lazily."""
+    global _tls, _registry_lock
+    _tls = _TLS()
+    _registry_lock = threading.RLock()
+    for rt in list(_registry.values()):
+        rt._lock = threading.RLock()
+        for ctx in rt._ctxs:
+            if ctx.ptr is not None:
+                lib.shmstm_ctx_orphan(ctx.ptr)
+                lib.shmstm_ctx_free(ctx.ptr)     # frees memory only: orphaned
+                ctx.ptr = None
+        rt._ctxs = []
+        rt._local = _Local()
+        rt._pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_child)
+
+
+# ---------------------------------------------------------------- TVar
+
+class TVar:
+    """A transactional variable in a runtime's shared segment.  Holds an
+    immutable snapshot of a Python value: read it and write it back."""
+    __slots__ = ("_rt", "_idx", "_gen", "_name", "__weakref__")
+
+    def __init__(self, rt, idx, gen, name):
+        self._rt = rt
+        self._idx = idx
+        self._gen = gen
+        self._name = name
+
+    def get(self):
+        """The value: a transactional read inside a transaction, an atomic
+        snapshot read outside."""
+        tx = _tls.tx
+        if tx is None:
+            ctx = self._rt._local.ctx
+            if ctx is None or ctx.ptr is None:
+                ctx = self._rt._ctx()
+            tag = _read1(ctx.ptr, self._idx, self._gen, ctx.out)
+            if tag == T_INT:
+                return ctx.out[0]
+            return _decode(tag, ctx)
+        if self._rt is not tx.rt:
+            tx._bind(self._rt)
+        w = tx.writes.get(self._idx)
+        if w is not None:
+            return _buffered(w)
+        ctx = tx.ctx
+        tag = _read(ctx.ptr, self._idx, self._gen, ctx.out)
+        if tag == T_INT:
+            return ctx.out[0]
+        if tag == E_CONFLICT:
+            tx.doomed = True
+            raise _Conflict()
+        return _decode(tag, ctx)
+
+    def set(self, value):
+        """Write: buffered inside a transaction, a one-TVar transaction outside."""
+        tx = _tls.tx
+        if tx is None:
+            atomically(self.set, value)
+            return
+        if self._rt is not tx.rt:
+            tx._bind(self._rt)
+        tag, payload = _encode(value, self._rt._max_value_size)
+        idx = self._idx
+        writes = tx.writes
+        if tx.depth:
+            tx.undo.append((idx, writes.get(idx)))
+        writes[idx] = (self, tag, payload, value)
+
+    value = property(get, set, doc="The TVar's value (see get() and set()).")
+
+    def modify(self, fn):
+        """Atomically replace the value with ``fn(value)``; returns the new value."""
+        def rmw():
+            v = fn(self.get())
+            self.set(v)
+            return v
+        return atomically(rmw)
+
+    def free(self):
+        """Free this anonymous TVar when the transaction commits; every handle
+        to it then raises StaleTVarError."""
+        if self._name is not None:
+            raise errors.Error("named TVar %r cannot be freed" % self._name)
+        tx = _tls.tx
+        if tx is None:
+            atomically(self.free)
+            return
+        if self._rt is not tx.rt:
+            tx._bind(self._rt)
+        idx = self._idx
+        if tx.depth:
+            tx.undo.append((idx, tx.writes.get(idx)))
+        tx.writes[idx] = (self, T_FREE, None, None)
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def runtime(self):
+        return self._rt
+
+    def __reduce__(self):
+        return (_tvar_from_pickle, (self._rt, self._idx, self._gen, self._name))
+
+    def __repr__(self):
+        return "<shmstm.TVar %s#%d.%d of %r>" % (
+            repr(self._name) if self._name else "anon", self._idx, self._gen, self._rt.name)
+
+    def __eq__(self, other):
+        return (isinstance(other, TVar) and other._rt is self._rt
+                and other._idx == self._idx and other._gen == self._gen)
+
+    def __hash__(self):
+        return hash((self._rt.name, self._idx, self._gen))
+
+
+def _tvar_from_pickle(rt, idx, gen, name):
+    if not isinstance(rt, Runtime) or not all(isinstance(x, int) for x in (idx, gen)):
+        raise errors.StaleTVarError("malformed TVar handle in pickle")
+    if not (0 <= idx < 1 << 32 and 0 <= gen < 1 << 32):
+        raise errors.StaleTVarError("TVar handle out of range: (%d, %d)" % (idx, gen))
+    return TVar(rt, idx, gen, name)
+
+
+# ---------------------------------------------------------------- transactions
+
+class _Tx:
+    __slots__ = ("rt", "ctx", "writes", "undo", "depth", "created", "doomed")
+
+    def __init__(self):
+        self.rt = None
+        self.ctx = None
+        self.writes = {}
+        self.undo = []
+        self.depth = 0
+        self.created = []
+        self.doomed = False
+
+    def _bind(self, rt):
+        if self.rt is None:
+            self.rt = rt
+            self.ctx = rt._ctx()
+        elif rt is not self.rt:
+            raise errors.CrossRuntimeError(
+                "a transaction cannot use TVars of two runtimes (%r and %r)" % (self.rt.name, rt.name))
+
+    def _discard_created(self, since=0):
+        created = self.created
+        if len(created) > since:
+            ptr = self.ctx.ptr
+            for tv in created[since:]:
+                lib.shmstm_tvar_discard(ptr, tv._idx, tv._gen)
+            del created[since:]
+
+    def _end(self, reason):
+        """End the attempt without committing (idempotent)."""
+        if self.ctx is not None and self.ctx.ptr is not None:
+            self._discard_created()
+            lib.shmstm_tx_abort(self.ctx.ptr, reason)
+        self.writes.clear()
+        del self.undo[:]
+        self.doomed = False
+
+    def _commit(self):
+        """Stage the write buffer and commit.  True on success, False on a
+        conflict (the attempt was reset); raises on errors (after cleanup)."""
+        ctx = self.ctx
+        if ctx is None:
+            return True                     # touched no TVar
+        ptr = ctx.ptr
+        if self.doomed:
+            self._end(AB_SILENT)
+            return False
+        for idx, (tv, tag, payload, _) in self.writes.items():
+            gen = tv._gen
+            if tag == T_INT or tag <= T_TRUE and tag > 0:
+                rc = _stage_i(ptr, idx, gen, tag, payload)
+            elif tag >= T_BYTES:
+                rc = _stage_b(ptr, idx, gen, tag, payload, len(payload))
+            elif tag == T_FLOAT:
+                rc = _stage_f(ptr, idx, gen, payload)
+            else:
+                rc = lib.shmstm_tx_stage_free(ptr, idx, gen)
+            if rc < 0:
+                self._end(AB_RESOURCE)
+                raise error_for(rc, "committing %r" % (tv,))
+        rc = _commit(ptr)
+        if rc == 0:
+            self.writes.clear()
+            del self.created[:]
+            return True
+        if rc == E_CONFLICT:
+            self._end(AB_SILENT)
+            return False
+        self._end(AB_SILENT)
+        raise error_for(rc, "commit")
+
+    def _block(self, deadline):
+        """retry(): wait until something this attempt read changes."""
+        ctx = self.ctx
+        if ctx is None:
+            raise errors.BlockedForeverError(
+                "retry() in a transaction that read no TVar would wait forever")
+        self._discard_created()
+        self.writes.clear()
+        del self.undo[:]
+        if self.doomed:
+            self._end(AB_SILENT)
+            return
+        while True:
+            if deadline is None:
+                ns = -1
+            else:
+                ns = int((deadline - time.monotonic()) * 1e9)
+                if ns < 0:
+                    ns = 0
+            rc = lib.shmstm_tx_wait(ctx.ptr, ns)
+            if rc == 0:
+                return
+            if rc == E_INTR:
+                continue        # signal handlers ran at this bytecode; wait on
+            self._end(AB_SILENT)
+            if rc == E_TIMEOUT:
+                raise errors.RetryTimeout("transaction blocked in retry() for longer than its timeout")
+            if rc == E_INVAL:
+                raise errors.BlockedForeverError(
+                    "retry() in a transaction that read no TVar would wait forever")
+            raise error_for(rc, "retry")
+
+
+def _backoff(n):
+    if n < 4:
+        return
+    if n < 12:
+        os.sched_yield()
+    else:
+        time.sleep(random.random() * min(0.0002 * (1 << min(n - 12, 6)), 0.01))
+
+
+def _run(fn, args, kwargs, timeout):
+    if not callable(fn):
+        raise TypeError("atomically() needs a callable, not %s" % type(fn).__name__)
+    tx = _Tx()
+    _tls.tx = tx
+    deadline = None if timeout is None else time.monotonic() + timeout
+    conflicts = 0
+    try:
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except _Conflict:
+                tx._end(AB_SILENT)
+            except _RetrySignal:
+                tx._block(deadline)
+                continue
+            except BaseException:
+                if tx.doomed:          # the body failed on a view we cannot trust: re-run
+                    tx._end(AB_SILENT)
+                else:
+                    tx._end(AB_USER)
+                    raise
+            else:
+                if tx._commit():
+                    return result
+            conflicts += 1
+            _backoff(conflicts)
+            if conflicts == IRREVOCABLE_AFTER and tx.ctx is not None:
+                lib.shmstm_tx_irrevocable(tx.ctx.ptr, -1)
+    except BaseException:
+        tx._end(AB_SILENT)
+        raise
+    finally:
+        _tls.tx = None
+
+
+def atomically(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` as a transaction and return its result.
+
+    The function is re-run if it conflicts with another commit, so it must
+    not have side effects outside TVars.  Inside a transaction, a nested
+    ``atomically`` joins the outer transaction."""
+    if _tls.tx is not None:
+        return fn(*args, **kwargs)
+    return _run(fn, args, kwargs, None)
+
+
+def atomic(fn=None, *, timeout=None):
+    """Decorator: every call of the function runs atomically.
+
+    ``@atomic`` or ``@atomic(timeout=seconds)``: with a timeout, a call that
+    stays blocked in ``retry()`` longer than that raises ``RetryTimeout``."""
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError("timeout must be a non-negative number of seconds")
+
+    def wrap(f):
+        if not callable(f):
+            raise TypeError("atomic() decorates a callable, not %s" % type(f).__name__)
+
+        def call(*args, **kwargs):
+            if _tls.tx is not None:
+                return f(*args, **kwargs)
+            return _run(f, args, kwargs, timeout)
+        call.__name__ = getattr(f, "__name__", "atomic")
+        call.__qualname__ = getattr(f, "__qualname__", call.__name__)
+        call.__doc__ = getattr(f, "__doc__", None)
+        call.__wrapped__ = f
+        return call
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap
+
+
+def retry():
+    """Abandon the transaction and block until a TVar it read changes, then
+    re-run it."""
+    if _tls.tx is None:
+        raise errors.NotInTransactionError("retry() outside a transaction")
+    raise _RetrySignal()
+
+
+def check(cond):
+    """``retry()`` unless ``cond`` is true."""
+    if not cond:
+        retry()
+
+
+def or_else(*branches):
+    """Run the first branch (a no-argument callable) as a nested transaction;
+    if it calls retry(), undo its writes (keeping what it read, so a change
+    to it wakes the transaction) and run the next.  Retries only if every
+    branch retries.  Returns the result of the branch that finished."""
+    tx = _tls.tx
+    if tx is None:
+        raise errors.NotInTransactionError("or_else() outside a transaction")
+    if not branches:
+        raise TypeError("or_else() needs at least one branch")
+    for b in branches:
+        if not callable(b):
+            raise TypeError("or_else() branches must be callables, not %s" % type(b).__name__)
+    for b in branches[:-1]:
+        mark = len(tx.undo)
+        created = len(tx.created)
+        tx.depth += 1
+        try:
+            return b()
+        except _RetrySignal:
+            undo = tx.undo
+            writes = tx.writes
+            while len(undo) > mark:
+                idx, prev = undo.pop()
+                if prev is None:
+                    writes.pop(idx, None)
+                else:
+                    writes[idx] = prev
+            if tx.ctx is not None:
+                tx._discard_created(created)
+        finally:
+            tx.depth -= 1
+    return branches[-1]()
+
+
+def in_transaction():
+    """True inside ``atomically`` in this thread."""
+    return _tls.tx is not None
