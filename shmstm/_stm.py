@@ -230,7 +230,7 @@ class Runtime:
 
     # -- attach / detach
 
-    def _attach(self, limits, wait_ns=_WAIT_FOR_INIT_NS):
+    def _attach(self, limits, create_limits=None, wait_ns=_WAIT_FOR_INIT_NS):
         params = ffi.new("shmstm_params *")
         segp = ffi.new("shmstm_seg **")
         shm_name = _shm_name(self.name)
@@ -242,8 +242,7 @@ class Runtime:
             except posix_ipc.PermissionsError as e:
                 raise errors.PermissionDeniedError("cannot create %s: %s" % (shm_name, e)) from None
             else:
-                lim = dict(DEFAULT_LIMITS)
-                lim.update(limits)
+                lim = create_limits or _creation_limits(limits)
                 params.max_tvars = lim["max_tvars"]
                 params.max_procs = lim["max_procs"]
                 params.max_value_size = lim["max_value_size"]
@@ -428,6 +427,16 @@ def _new_call(fn, cptr, name_args, tag, payload, oi):
     return fn(cptr, *name_args, tag, payload, 0.0, ffi.NULL, 0, oi, oi + 1)
 
 
+def _creation_limits(limits):
+    """The limits a new segment gets: the defaults, with max_value_size capped
+    at a quarter of the heap unless given."""
+    lim = dict(DEFAULT_LIMITS)
+    lim.update(limits)
+    if "max_value_size" not in limits:
+        lim["max_value_size"] = min(DEFAULT_LIMITS["max_value_size"], lim["heap_size"] // 4)
+    return lim
+
+
 def _runtime_from_pickle(name):
     with _registry_lock:
         rt = _registry.get(name)
@@ -442,7 +451,8 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
     """Create the runtime ``name`` or attach to it if it exists.
 
     Limits (keyword arguments): ``max_tvars`` (65536), ``heap_size`` (64 MiB),
-    ``max_procs`` (64 process/thread slots), ``max_value_size`` (1 MiB).
+    ``max_procs`` (64 process/thread slots), ``max_value_size`` (1 MiB, at
+    most a quarter of the heap by default).
     Given limits must match an existing segment's (``LimitMismatchError``).
     """
     _check_name(name)
@@ -455,8 +465,7 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
             raise TypeError("open() got an unknown limit %r (known: %s)" % (k, ", ".join(DEFAULT_LIMITS)))
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError("limit %s must be a positive int, got %r" % (k, v))
-    lim = dict(DEFAULT_LIMITS)
-    lim.update(limits)
+    lim = _creation_limits(limits)
     if lim["heap_size"] < 65536 or lim["heap_size"] % 16:
         raise ValueError("heap_size must be at least 64 KiB and a multiple of 16")
     if lim["max_value_size"] > lim["heap_size"] // 2:
@@ -469,7 +478,7 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
         rt = _registry.get(name)
         if rt is not None and not rt._closed and rt._pid == os.getpid():
             if rt._seg is None:
-                rt._attach(limits)
+                rt._attach(limits, lim)
             elif limits:
                 have = rt.limits
                 bad = ["%s=%d (segment has %d)" % (k, v, have[k]) for k, v in sorted(limits.items()) if have[k] != v]
@@ -479,7 +488,7 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
             rt._refs += 1
             return rt
         rt = Runtime(name)
-        rt._attach(limits)
+        rt._attach(limits, lim)
         rt._refs = 1
         _registry[name] = rt
         return rt

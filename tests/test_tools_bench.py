@@ -1,7 +1,9 @@
 """tools/bench runs end to end (--quick) and its JSON report is complete."""
 
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,11 +20,20 @@ def test_bench_quick_json(tmp_path):
     md = tmp_path / "bench.md"
     md.write_text("# Bench\n\nkept above\n\n<!-- bench:core:start -->\nOLD-SECTION-SENTINEL\n"
                   "<!-- bench:core:end -->\n\nkept below\n")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, BENCH, "--quick", "--json", str(out), "--markdown", str(md)],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=150)
+        cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bench and the workers it spawned
+        stdout, stderr = proc.communicate()
+        raise AssertionError("tools/bench --quick timed out\n" + stdout + stderr) from None
     assert proc.returncode == 0, (
-        "exit %d\nstdout:\n%s\nstderr:\n%s" % (proc.returncode, proc.stdout, proc.stderr))
+        "exit %d\nstdout:\n%s\nstderr:\n%s" % (proc.returncode, stdout, stderr))
+    # every shmstm segment the bench made (named bench-<its pid>-...) is unlinked
+    assert glob.glob("/dev/shm/shmstm.bench-%d-*" % proc.pid) == []
 
     report = json.loads(out.read_text())
     ops = report["ops_per_sec"]
@@ -46,8 +57,8 @@ def test_bench_quick_json(tmp_path):
 
     # the report names the machine and the command, and the markdown section
     # was replaced in place
-    assert "nproc=" in proc.stdout and "--quick" in proc.stdout
-    assert "Targets:" in proc.stdout
+    assert "nproc=" in stdout and "--quick" in stdout
+    assert "Targets:" in stdout
     text = md.read_text()
     assert text.startswith("# Bench\n\nkept above\n")
     assert text.rstrip().endswith("kept below")

@@ -200,6 +200,23 @@ _FACTORIES = {
 }
 
 
+def _shmstm_own_stats(rt):
+    """This process's commit/abort counters, if the runtime offers ``stats()``
+    (not part of the API contract, so optional).  Read before close() frees
+    the process slot and its counters."""
+    try:
+        import os
+        me = os.getpid()
+        for p in rt.stats()["processes"]:
+            if p.get("pid") == me:
+                return {"commits": p.get("commits"), "ro_commits": p.get("ro_commits"),
+                        "aborts": dict(p.get("aborts") or {}),
+                        "irrevocable": p.get("irrevocable")}
+    except Exception as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+    return None
+
+
 def worker(mechanism, workload, shared, k, seed, batch, barrier, gun, times, results):
     """One benchmark process.
 
@@ -207,7 +224,8 @@ def worker(mechanism, workload, shared, k, seed, batch, barrier, gun, times, res
     parent), wait for the ``gun`` event; the parent has written the window's
     start and end (``time.monotonic()``, system-wide on Linux) into
     ``times``.  Run ops in batches of ``batch`` until the end time, then report
-    ``("ok", k, ops, t_stop)`` on ``results``.  Any failure is reported as
+    ``("ok", k, ops, t_stop, extra)`` on ``results`` (extra: shmstm's own
+    commit/abort counters, or None).  Any failure is reported as
     ``("error", k, traceback)`` and breaks the barrier so nobody waits for it.
     """
     try:
@@ -227,7 +245,8 @@ def worker(mechanism, workload, shared, k, seed, batch, barrier, gun, times, res
             if mono() >= t_end:
                 break
         t_stop = mono()
-        results.put(("ok", k, ops, t_stop))
+        extra = _shmstm_own_stats(shared[0].runtime) if mechanism == "shmstm" else None
+        results.put(("ok", k, ops, t_stop, extra))
     except BaseException:
         try:
             barrier.abort()

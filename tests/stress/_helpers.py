@@ -198,6 +198,24 @@ class Group:
         return False
 
 
+def wait_until_blocked(rt, pid, timeout):
+    """Wait until process ``pid`` sleeps in retry() on ``rt``'s segment.
+
+    Observes the condition (the segment's per-process ``waiting`` flag from
+    ``rt.stats()``), so a test can make sure a wake-up is really needed; not a sleep
+    standing in for synchronisation.  Raises AssertionError after ``timeout`` s (a
+    retry() that never sleeps is spinning).
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in rt.stats()["processes"]:
+            if p["pid"] == pid and p["waiting"]:
+                return
+        time.sleep(0.001)
+    raise AssertionError("process %d never blocked in retry() within %.0f s"
+                         % (pid, timeout))
+
+
 def wait_event(ev, timeout, what):
     """Wait for a multiprocessing Event with a bound; fail with a message otherwise."""
     if not ev.wait(timeout):

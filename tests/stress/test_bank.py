@@ -115,7 +115,7 @@ def test_bank_total_conserved(runtime, segname, ctx):
     """Lost-update / bank invariant: P=3 processes make random transfers among 50
     accounts; every audit (each attempt and each committed read-only transaction)
     sees the conserved total, and so does the final state."""
-    n = scaled(1500)
+    n = scaled(20000)
     workers = [(_transfer_worker, (segname, 1000 + i, n)) for i in range(3)]
     total, final, balances, wres, ares, bad = _run_bank(runtime, segname, ctx, workers)
     assert final == total, "total not conserved: %d != %d" % (final, total)
@@ -200,7 +200,7 @@ def test_bank_check_never_negative(runtime, segname, ctx):
     source can pay (bounded by @atomic(timeout=...); timeouts are counted, not errors);
     no transaction ever sees a negative balance, audits and the final state see the
     conserved total and no negative balance."""
-    n = scaled(800)
+    n = scaled(4000)
     negatives = multiprocessing.get_context(ctx).Value("l", 0)
     workers = [(_checked_worker, (segname, 2000 + i, n, negatives, 1.0)) for i in range(2)]
     mover = [(_mover_worker, (segname, 3000, n, negatives))]

@@ -177,7 +177,7 @@ def test_list_append_serializable(runtime, ctx):
     end of the list, and the ww/wr/rw/process-order dependency graph is acyclic."""
     keys = [runtime.tvar("k%d" % k, ()) for k in range(KEYS)]
     mp = multiprocessing.get_context(ctx)
-    n = scaled(300)
+    n = scaled(1000)
     procs = 3
     with Group(mp, timeout=deadline_for(120)) as g:
         for p in range(procs):

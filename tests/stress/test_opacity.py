@@ -103,7 +103,7 @@ def test_opacity_no_inconsistent_reads(runtime, ctx):
     attempts = mp.Array("l", 3, lock=False)
     attempts2 = mp.Array("l", 3, lock=False)
     stop = mp.Event()
-    n = scaled(1500)
+    n = scaled(6000)
     with Group(mp, timeout=deadline_for(120)) as g:
         w = [g.add(_writer, x, y, zs, stop, 1, True, 50),
              g.add(_writer, x, y, zs, stop, 2, False, 50)]

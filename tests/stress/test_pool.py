@@ -49,7 +49,7 @@ def test_pool_counter_exact(runtime, ctx):
     an anonymous and a named counter n times atomically; the final counts are exact."""
     counter = runtime.new_tvar(0)
     named = runtime.tvar("pool-counter", 0)
-    n = scaled(500)
+    n = scaled(2000)
     tasks = 8
     done = _pool_map(ctx, _incr_task, [(counter, named, n)] * tasks)
     assert done == [n] * tasks

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import shmstm
-from _helpers import Group, deadline_for, scaled, wait_event
+from _helpers import Group, deadline_for, scaled, wait_event, wait_until_blocked
 
 
 # -- producer/consumer hand-off through one slot ------------------------------------
@@ -106,10 +106,11 @@ def test_or_else_all_branches_retry_wakes(runtime, ctx, n_branches, which):
     with Group(mp, timeout=deadline_for(30)) as g:
         w = g.add(_or_else_waiter, tvs, attempted, tried, 10.0)
         g.start()
-        # All branches ran and retried (the waiter blocks now or very soon; either way
-        # a correct STM must notice the write below).
+        # All branches ran and retried, and the waiter is asleep in retry(): only a
+        # wake-up by the commit below can release it.
         wait_event(attempted, 20, "the waiter's first attempt")
         assert all(t >= 1 for t in tried[:]), list(tried)
+        wait_until_blocked(runtime, g.procs[w].pid, 20)
         tvs[which].value = True  # a one-TVar transaction from another process
         (res,) = g.wait([w])
     assert res["branch"] == which, res

@@ -73,7 +73,7 @@ def test_no_write_skew(runtime, ctx):
     mp = multiprocessing.get_context(ctx)
     bad = mp.Value("l", 0)
     stop = mp.Event()
-    n = scaled(4000)
+    n = scaled(20000)
     with Group(mp, timeout=deadline_for(120)) as g:
         # TVar handles travel to the children by pickling (spawn) or inheritance (fork).
         a = g.add(_flipper, x, y, n, bad)

@@ -1,0 +1,161 @@
+"""Clear exceptions for bad input, and the segment stays usable after each."""
+import pickle
+
+import posix_ipc
+import pytest
+
+import shmstm
+
+
+def _still_works(rt):
+    tv = rt.new_tvar(1)
+    assert tv.modify(lambda v: v + 1) == 2
+
+
+def test_wrong_types(runtime):
+    with pytest.raises(TypeError):
+        runtime.tvar(5)
+    with pytest.raises(TypeError):
+        shmstm.atomically(42)
+    with pytest.raises(TypeError):
+        shmstm.open(3)
+    with pytest.raises(ValueError):
+        shmstm.open("a/b")
+    with pytest.raises(TypeError):
+        shmstm.open("x", bogus_limit=3)
+    with pytest.raises(ValueError):
+        runtime.tvar("")
+    _still_works(runtime)
+
+
+def test_unpicklable_value_changes_nothing(runtime):
+    tv = runtime.new_tvar("old")
+    with pytest.raises(shmstm.EncodeError):
+        tv.value = lambda: 1
+    with pytest.raises(TypeError):              # EncodeError is a TypeError
+        shmstm.atomically(lambda: setattr(tv, "value", posix_ipc))
+    assert tv.value == "old"
+    _still_works(runtime)
+
+
+def test_oversized_value(runtime):
+    tv = runtime.new_tvar(0)
+    size = runtime.limits["max_value_size"]
+    with pytest.raises(shmstm.ValueTooLargeError):
+        tv.value = b"x" * (size + 1)
+    with pytest.raises(ValueError):
+        runtime.new_tvar("y" * (size + 1))
+    tv.value = b"x" * size                      # exactly the limit is fine
+    assert len(tv.value) == size
+    _still_works(runtime)
+
+
+def test_heap_full_then_room_again(segname):
+    rt = shmstm.open(segname, max_tvars=4096, heap_size=1 << 16, max_value_size=4096)
+    try:
+        tvs = []
+        with pytest.raises(shmstm.HeapFullError):
+            for _ in range(100):
+                tvs.append(rt.new_tvar(b"z" * 4000))
+        assert len(tvs) >= 8
+        keep = tvs[0].value
+        for tv in tvs[1:]:
+            tv.free()
+        assert tvs[0].value == keep
+        again = rt.new_tvar(b"w" * 4000)        # freed blocks are reused
+        assert again.value == b"w" * 4000
+        _still_works(rt)
+    finally:
+        rt.close()
+
+
+def test_tvar_table_full(segname):
+    rt = shmstm.open(segname, max_tvars=16, heap_size=1 << 16)
+    try:
+        tvs = [rt.new_tvar(i) for i in range(16)]
+        with pytest.raises(shmstm.TVarTableFullError):
+            rt.new_tvar(99)
+        tvs[3].free()
+        assert rt.new_tvar(7).value == 7
+    finally:
+        rt.close()
+
+
+def test_forged_and_stale_handles(runtime):
+    tv = runtime.new_tvar(1)
+    name, idx, gen = runtime.name, tv._idx, tv._gen
+    for forged_idx, forged_gen in [(idx, gen + 2), (10**6, 1), (2**32 - 1, 1), (idx, 0)]:
+        data = pickle.dumps(tv).replace(
+            pickle.dumps((idx, gen))[2:-1], pickle.dumps((forged_idx, forged_gen))[2:-1])
+        f = shmstm.TVar(runtime, forged_idx, forged_gen, None)
+        with pytest.raises(shmstm.StaleTVarError):
+            f.value
+        with pytest.raises(shmstm.StaleTVarError):
+            f.value = 5
+        assert data
+    with pytest.raises(shmstm.StaleTVarError):
+        shmstm._stm._tvar_from_pickle(runtime, -1, 1, None)
+    assert tv.value == 1 and name == runtime.name
+    _still_works(runtime)
+
+
+def test_limit_mismatch(runtime, segname):
+    with pytest.raises(shmstm.LimitMismatchError):
+        shmstm.open(segname, max_tvars=runtime.limits["max_tvars"] + 1)
+    _still_works(runtime)
+
+
+def test_use_after_close(segname):
+    rt = shmstm.open(segname, max_tvars=64, heap_size=1 << 16)
+    tv = rt.new_tvar(1)
+    rt.close()
+    with pytest.raises(shmstm.RuntimeClosedError):
+        tv.value
+    with pytest.raises(shmstm.RuntimeClosedError):
+        rt.new_tvar(1)
+
+
+def test_cross_runtime_transaction(runtime, segname):
+    other_name = segname + "-2"
+    other = shmstm.open(other_name, max_tvars=64, heap_size=1 << 16)
+    try:
+        a, b = runtime.new_tvar(1), other.new_tvar(2)
+        with pytest.raises(shmstm.CrossRuntimeError):
+            shmstm.atomically(lambda: a.value + b.value)
+        assert a.value == 1 and b.value == 2
+    finally:
+        other.close()
+        shmstm.unlink(other_name)
+
+
+def test_layout_mismatch_and_garbage_segments(segname):
+    """A segment of another layout, or not ours at all, is a clear error."""
+    shm = posix_ipc.SharedMemory("/shmstm." + segname, posix_ipc.O_CREX, mode=0o600, size=1 << 16)
+    try:
+        import mmap
+        m = mmap.mmap(shm.fd, 1 << 16)
+        m[0:8] = b"NOTSHMST"
+        m[16:20] = (1).to_bytes(4, "little")   # init_state READY
+        m.close()
+        with pytest.raises(shmstm.LayoutMismatchError):
+            shmstm.open(segname)
+    finally:
+        shm.close_fd()
+        shm.unlink()
+
+
+def test_half_initialised_segment_times_out(segname, monkeypatch):
+    shm = posix_ipc.SharedMemory("/shmstm." + segname, posix_ipc.O_CREX, mode=0o600, size=1 << 16)
+    shm.close_fd()
+    try:
+        monkeypatch.setattr(shmstm._stm, "_WAIT_FOR_INIT_NS", 200_000_000)
+        rt = shmstm._stm.Runtime(segname)
+        with pytest.raises(shmstm.SegmentInitError):
+            rt._attach({}, wait_ns=200_000_000)
+    finally:
+        shm.unlink()
+
+
+def test_durability_not_available_yet(segname):
+    with pytest.raises(shmstm.Error, match="durability"):
+        shmstm.open(segname, path="/tmp/x")
