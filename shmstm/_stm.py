@@ -463,8 +463,10 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
     for k, v in limits.items():
         if k not in DEFAULT_LIMITS:
             raise TypeError("open() got an unknown limit %r (known: %s)" % (k, ", ".join(DEFAULT_LIMITS)))
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError("limit %s must be a positive int, got %r" % (k, v))
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError("limit %s must be an int, not %s" % (k, type(v).__name__))
+        if v <= 0:
+            raise ValueError("limit %s must be positive, got %r" % (k, v))
     lim = _creation_limits(limits)
     if lim["heap_size"] < 65536 or lim["heap_size"] % 16:
         raise ValueError("heap_size must be at least 64 KiB and a multiple of 16")
@@ -815,8 +817,11 @@ def atomic(fn=None, *, timeout=None):
 
     ``@atomic`` or ``@atomic(timeout=seconds)``: with a timeout, a call that
     stays blocked in ``retry()`` longer than that raises ``RetryTimeout``."""
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
-        raise ValueError("timeout must be a non-negative number of seconds")
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            raise TypeError("timeout must be a number of seconds, not %s" % type(timeout).__name__)
+        if timeout < 0 or timeout != timeout:
+            raise ValueError("timeout must be a non-negative number of seconds")
 
     def wrap(f):
         if not callable(f):
