@@ -5,6 +5,7 @@
  * SHMSTM_DELAY=<permille>    sched_yield at marked points with that chance
  *                            (liburcu's DEBUG_YIELD), to widen race windows
  */
+#define _GNU_SOURCE
 #include "core.h"
 
 #ifdef SHMSTM_DEBUG

@@ -83,7 +83,8 @@ class _RetrySignal(BaseException):
 
 
 class _TLS(threading.local):
-    tx = None
+    tx = None          # the running transaction
+    spare = None       # a finished _Tx kept for reuse (saves allocations per call)
 
 
 _tls = _TLS()
@@ -768,8 +769,13 @@ def _backoff(n):
 def _run(fn, args, kwargs, timeout):
     if not callable(fn):
         raise TypeError("atomically() needs a callable, not %s" % type(fn).__name__)
-    tx = _Tx()
-    _tls.tx = tx
+    tls = _tls
+    tx = tls.spare
+    if tx is None:
+        tx = _Tx()
+    else:
+        tls.spare = None
+    tls.tx = tx
     deadline = None if timeout is None else time.monotonic() + timeout
     conflicts = 0
     try:
@@ -798,7 +804,13 @@ def _run(fn, args, kwargs, timeout):
         tx._end(AB_SILENT)
         raise
     finally:
-        _tls.tx = None
+        tls.tx = None
+        if not tx.writes and not tx.created:
+            tx.rt = tx.ctx = None
+            tx.depth = 0
+            tx.doomed = False
+            del tx.undo[:]
+            tls.spare = tx
 
 
 def atomically(fn, *args, **kwargs):
