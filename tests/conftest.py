@@ -2,13 +2,15 @@
 
 * ``segname``: a unique segment name for one test, unlinked at teardown.
 * ``runtime``: a fresh, small runtime on a ``segname`` (closed and unlinked at teardown).
-* A session check that fails the run when a test leaves a ``/dev/shm/shmstm.*`` segment
-  behind (posix_ipc's tests do the same with their unique names).
+* Leak checks (posix_ipc's tests do the same with their unique names): each test
+  process fails at session teardown if a segment it named is left behind; at the end
+  of the session (in the xdist controller, after every worker) any new
+  ``/dev/shm/shmstm.*`` segment still present fails the run (see pytest_sessionfinish).
 * The ``stress`` marker (selection only: stress tests run by default).
 
 Names are ``t-<run>-<pid>-<uuid>``: ``<run>`` is one token per pytest invocation, shared
-with xdist workers through the environment, so the leak check only looks at segments
-this run created and never trips over a concurrent run on the same machine.
+with xdist workers through the environment, so a worker's check only looks at its own
+segments (other workers' are still in use) and this run's leaks can be cleaned up.
 """
 
 import glob
@@ -42,23 +44,35 @@ def _is_xdist_worker(config):
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "stress: multi-process stress workload (runs by default; -m stress selects, "
-        "-m 'not stress' skips). Scale with SHMSTM_STRESS=<float>.",
-    )
+    if not any(m.split(":")[0].strip() == "stress" for m in config.getini("markers")):
+        config.addinivalue_line(
+            "markers",
+            "stress: multi-process stress workload (runs by default; -m stress selects, "
+            "-m 'not stress' skips). Scale with SHMSTM_STRESS=<float>.",
+        )
     _run_token()
     config._shmstm_before = _segments()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Run-wide leak check, in the controller (or the only process without xdist)."""
+    """Run-wide leak check, in the xdist controller (or the only process), after every
+    test and worker is done: any ``shmstm.*`` segment that appeared during the session
+    and is still there fails the run.
+
+    On a machine shared with other shmstm users, ``SHMSTM_LEAK_SCOPE=run`` restricts
+    the failure to segments named by this run (``t-<run>-...``) and only notes others.
+    Only this run's segments are removed after being reported; others are never
+    touched (they may belong to a live process).
+    """
     config = session.config
     if _is_xdist_worker(config):
         return
     before = getattr(config, "_shmstm_before", set())
-    leaked = sorted(_segments("t-%s-*" % _run_token()) - before)
-    others = sorted(_segments() - before - set(leaked))
+    new = _segments() - before
+    ours = {p for p in new
+            if os.path.basename(p).startswith(SEG_PREFIX + "t-%s-" % _run_token())}
+    others = new - ours
+    strict = os.environ.get("SHMSTM_LEAK_SCOPE", "all") != "run"
     tr = config.pluginmanager.get_plugin("terminalreporter")
 
     def say(msg):
@@ -67,17 +81,18 @@ def pytest_sessionfinish(session, exitstatus):
         else:
             print(msg, file=sys.stderr)
 
+    leaked = sorted(ours | (others if strict else set()))
     if leaked:
-        say("shmstm: segments left behind by this test run: %s" % ", ".join(leaked))
-        for path in leaked:  # report, then clean up so the next run starts clean
+        say("shmstm: segments left behind by this test session: %s" % ", ".join(leaked))
+        for path in sorted(ours):  # report, then clean up so the next run starts clean
             try:
                 os.unlink(path)
             except OSError:
                 pass
         session.exitstatus = 1
-    if others:
-        say("shmstm: note: new segments not created by this run (another process?): %s"
-            % ", ".join(others))
+    elif others:
+        say("shmstm: note: new segments not named by this run (another user?): %s"
+            % ", ".join(sorted(others)))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -298,7 +298,11 @@ def _forgeries(tv, max_tvars):
         cases.append(("index %d -> %d" % (idx, i), ipos, i))
     cases.append(("index -> str", ipos, "7"))
     cases.append(("generation -> float", gpos, 1.5))
+    seen = set()
     for desc, pos, new in cases:
+        if (pos, new) in seen:
+            continue
+        seen.add((pos, new))
         forged = list(args)
         forged[pos] = new
         try:
