@@ -27,5 +27,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3"],
     },
+    entry_points={"console_scripts": ["shmstm-demo=shmstm.demo:main"]},
     zip_safe=False,
 )

@@ -1,4 +1,4 @@
-"""The demo: ``python -m shmstm.demo``.
+"""The demo: ``shmstm-demo`` (installed with the package).
 
 Four worker processes (spawned: they share nothing but the runtime, passed to
 them by pickle) move money between 20 accounts.  A withdrawal ``check``s the
