@@ -163,21 +163,17 @@ class Group:
             self._check_dead(range(len(self.procs)))
         self.go.set()
 
-    def wait(self, idxs=None, timeout=None):
-        """Results of children ``idxs`` (all by default), in that order; at most
-        ``timeout`` s from now (and never past the group's deadline)."""
+    def wait(self, idxs=None):
+        """Results of children ``idxs`` (all by default), in that order."""
         if idxs is None:
             idxs = range(len(self.procs))
         idxs = list(idxs)
-        limit, end = self.timeout, self.deadline
-        if timeout is not None and time.monotonic() + timeout < end:
-            limit, end = timeout, time.monotonic() + timeout
         while any(i not in self.results for i in idxs):
-            left = end - time.monotonic()
+            left = self._left()
             if left <= 0:
                 missing = [i for i in idxs if i not in self.results]
-                raise ChildFailed("children %s did not finish within %.1f s "
-                                  "(hang / lost wake-up?)" % (missing, limit))
+                raise ChildFailed("children %s did not finish within %.0f s "
+                                  "(hang / lost wake-up?)" % (missing, self.timeout))
             self._pump(min(0.2, left))
             self._check_dead(idxs)
         return [self.results[i] for i in idxs]

@@ -129,9 +129,8 @@ def test_bank_total_conserved(runtime, segname, ctx):
 
 # -- variant: check(balance >= amount), never negative ----------------------------
 
-def _checked_worker(start, name, seed, n_txns, negatives, timeout, max_timeouts):
-    """Transfers that retry until the source can pay (bounded by a RetryTimeout).
-    Gives up after ``max_timeouts`` timeouts (the test then fails on the count)."""
+def _checked_worker(start, name, seed, n_txns, negatives, timeout):
+    """Transfers that retry until the source can pay (bounded by a RetryTimeout)."""
     rt = open_rt(name)
     try:
         accts = _accounts(rt)
@@ -161,8 +160,6 @@ def _checked_worker(start, name, seed, n_txns, negatives, timeout, max_timeouts)
             except shmstm.RetryTimeout as e:
                 assert isinstance(e, TimeoutError)
                 timeouts += 1
-                if timeouts > max_timeouts:
-                    break
         return {"done": done, "timeouts": timeouts, "attempts": attempts[0]}
     finally:
         rt.close()
@@ -203,11 +200,9 @@ def test_bank_check_never_negative(runtime, segname, ctx):
     source can pay (bounded by @atomic(timeout=...); timeouts are counted, not errors);
     no transaction ever sees a negative balance, audits and the final state see the
     conserved total and no negative balance."""
-    n = scaled(2500)
-    max_timeouts = max(5, n // 250)
+    n = scaled(4000)
     negatives = multiprocessing.get_context(ctx).Value("l", 0)
-    workers = [(_checked_worker, (segname, 2000 + i, n, negatives, 1.0, max_timeouts))
-               for i in range(2)]
+    workers = [(_checked_worker, (segname, 2000 + i, n, negatives, 1.0)) for i in range(2)]
     mover = [(_mover_worker, (segname, 3000, n, negatives))]
     total, final, balances, wres, ares, bad = _run_bank(runtime, segname, ctx, workers,
                                                         background=mover,
@@ -218,12 +213,11 @@ def test_bank_check_never_negative(runtime, segname, ctx):
     assert ares["n_committed_bad"] == 0, "committed audits saw wrong totals: %r" % ares
     assert bad == 0, "%d audit attempts saw an inconsistent/negative snapshot" % bad
     checked = wres
+    assert sum(r["done"] + r["timeouts"] for r in checked) == 2 * n
     timeouts = sum(r["timeouts"] for r in checked)
     # The mover never blocks, so a blocked transfer is woken by a deposit well within
     # its 1 s budget; many timeouts mean wake-ups are being lost.
-    assert all(r["timeouts"] <= max_timeouts for r in checked), (
-        "too many RetryTimeouts (lost wake-ups?): %r" % (checked,))
-    assert sum(r["done"] + r["timeouts"] for r in checked) == 2 * n
+    assert timeouts <= max(5, n // 20), "too many RetryTimeouts: %r" % (checked,)
     print("ctx=%s checked-transfers done=%d timeouts=%d attempts=%d audits=%d" % (
         ctx, sum(r["done"] for r in checked), timeouts, sum(r["attempts"] for r in checked),
         ares["audits"]))
