@@ -4,8 +4,9 @@
 * ``runtime``: a fresh, small runtime on a ``segname`` (closed and unlinked at teardown).
 * Leak checks (posix_ipc's tests do the same with their unique names): each test
   process fails at session teardown if a segment it named is left behind; at the end
-  of the session (in the xdist controller, after every worker) any new
-  ``/dev/shm/shmstm.*`` segment still present fails the run (see pytest_sessionfinish).
+  of the session (in the xdist controller, after every worker) a new
+  ``/dev/shm/shmstm.*`` segment still present fails the run if this run named it or
+  no live process maps it (see pytest_sessionfinish).
 * The ``stress`` marker (selection only: stress tests run by default).
 
 Names are ``t-<run>-<pid>-<uuid>``: ``<run>`` is one token per pytest invocation, shared
@@ -16,6 +17,7 @@ segments (other workers' are still in use) and this run's leaks can be cleaned u
 import glob
 import os
 import sys
+import time
 
 import pytest
 
@@ -54,15 +56,43 @@ def pytest_configure(config):
     config._shmstm_before = _segments()
 
 
+def _mapped_segments():
+    """Paths of /dev/shm/shmstm.* files that some live process has mapped (the
+    kernel's answer to "is anyone still using it"; /proc/<pid>/maps)."""
+    mapped = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/maps" % pid) as f:
+                for line in f:
+                    i = line.find(os.path.join(SHM_DIR, SEG_PREFIX))
+                    if i >= 0:
+                        mapped.add(line[i:].rstrip("\n").replace(" (deleted)", ""))
+        except OSError:  # gone, or not ours to read
+            pass
+    return mapped
+
+
+def _orphans(paths, grace=3.0):
+    """The ``paths`` that still exist and that no process maps, after giving their
+    owners ``grace`` seconds to finish a close-then-unlink in flight."""
+    end = time.monotonic() + grace
+    while True:
+        left = {p for p in paths if os.path.exists(p)} - _mapped_segments()
+        if not left or time.monotonic() >= end:
+            return left
+        time.sleep(0.1)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Run-wide leak check, in the xdist controller (or the only process), after every
-    test and worker is done: any ``shmstm.*`` segment that appeared during the session
-    and is still there fails the run.
-
-    On a machine shared with other shmstm users, ``SHMSTM_LEAK_SCOPE=run`` restricts
-    the failure to segments named by this run (``t-<run>-...``) and only notes others.
-    Only this run's segments are removed after being reported; others are never
-    touched (they may belong to a live process).
+    test and worker is done: a ``shmstm.*`` segment that appeared during the session
+    and is still there fails the run if this run named it (``t-<run>-...``) or if no
+    live process maps it (an orphan: whatever made it, e.g. a tool a test ran, is
+    gone without unlinking it).  Segments other live processes still map belong to
+    someone else's run on this machine: noted, never touched.  This run's leaks are
+    removed after being reported, so the next run starts clean.
     """
     config = session.config
     if _is_xdist_worker(config):
@@ -71,8 +101,8 @@ def pytest_sessionfinish(session, exitstatus):
     new = _segments() - before
     ours = {p for p in new
             if os.path.basename(p).startswith(SEG_PREFIX + "t-%s-" % _run_token())}
-    others = new - ours
-    strict = os.environ.get("SHMSTM_LEAK_SCOPE", "all") != "run"
+    orphans = _orphans(new - ours)
+    others = (new - ours - orphans) & _segments()
     tr = config.pluginmanager.get_plugin("terminalreporter")
 
     def say(msg):
@@ -81,17 +111,17 @@ def pytest_sessionfinish(session, exitstatus):
         else:
             print(msg, file=sys.stderr)
 
-    leaked = sorted(ours | (others if strict else set()))
+    leaked = sorted(ours | orphans)
     if leaked:
         say("shmstm: segments left behind by this test session: %s" % ", ".join(leaked))
-        for path in sorted(ours):  # report, then clean up so the next run starts clean
+        for path in sorted(ours):
             try:
                 os.unlink(path)
             except OSError:
                 pass
         session.exitstatus = 1
-    elif others:
-        say("shmstm: note: new segments not named by this run (another user?): %s"
+    if others:
+        say("shmstm: note: new segments in use by other processes (another run?): %s"
             % ", ".join(sorted(others)))
 
 

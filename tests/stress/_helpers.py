@@ -163,17 +163,21 @@ class Group:
             self._check_dead(range(len(self.procs)))
         self.go.set()
 
-    def wait(self, idxs=None):
-        """Results of children ``idxs`` (all by default), in that order."""
+    def wait(self, idxs=None, timeout=None):
+        """Results of children ``idxs`` (all by default), in that order; at most
+        ``timeout`` s from now (and never past the group's deadline)."""
         if idxs is None:
             idxs = range(len(self.procs))
         idxs = list(idxs)
+        limit, end = self.timeout, self.deadline
+        if timeout is not None and time.monotonic() + timeout < end:
+            limit, end = timeout, time.monotonic() + timeout
         while any(i not in self.results for i in idxs):
-            left = self._left()
+            left = end - time.monotonic()
             if left <= 0:
                 missing = [i for i in idxs if i not in self.results]
-                raise ChildFailed("children %s did not finish within %.0f s "
-                                  "(hang / lost wake-up?)" % (missing, self.timeout))
+                raise ChildFailed("children %s did not finish within %.1f s "
+                                  "(hang / lost wake-up?)" % (missing, limit))
             self._pump(min(0.2, left))
             self._check_dead(idxs)
         return [self.results[i] for i in idxs]

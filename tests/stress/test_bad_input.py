@@ -194,6 +194,14 @@ def test_heap_full_then_recovers(extra_segments):
     with pytest.raises(shmstm.HeapFullError):
         keep.value = b"K" * chunk
     assert keep.value == b"k" * 100
+
+    def two_writes():
+        scratch.value = 99  # inline: staged fine, but the transaction must not commit
+        keep.value = b"K" * chunk
+
+    with pytest.raises(shmstm.HeapFullError):
+        shmstm.atomically(two_writes)
+    assert (scratch.value, keep.value) == (0, b"k" * 100)
     for i, tv in enumerate(big):
         assert tv.value == bytes([i % 251]) * chunk
     scratch.value = 1  # inline values need no heap
@@ -225,6 +233,29 @@ def test_tvar_table_full_then_recovers(extra_segments):
     assert made[0].value == "still writable"
     for _ in range(3):
         made.pop().free()
+    # Wait until the three freed slots can be handed out again (all three in one
+    # transaction, so a failed try leaves none of them allocated).
+    trio = _reclaim(made[1], lambda: shmstm.atomically(
+        lambda: [rt.new_tvar(k) for k in range(3)]))
+    for t in trio:
+        t.free()
+    # A transaction that creates more TVars than fit fails as a whole: the ones it
+    # did create are rolled back with it (GHC #18453), so all three slots stay free.
+    before = made[1].value
+    created = []
+
+    def greedy():
+        made[1].value = "greedy was here"
+        for k in range(10):
+            created.append(rt.new_tvar(k))
+
+    with pytest.raises(shmstm.TVarTableFullError):
+        shmstm.atomically(greedy)
+    assert made[1].value == before
+    assert created, "no TVar was created before the table filled"
+    for t in created:
+        with pytest.raises(shmstm.StaleTVarError):
+            t.value
     extra = _reclaim(made[1], lambda: rt.new_tvar("room again"))
     assert extra.value == "room again"
     tv = _reclaim(made[1], lambda: rt.tvar("health", 0))
@@ -298,7 +329,11 @@ def _forgeries(tv, max_tvars):
         cases.append(("index %d -> %d" % (idx, i), ipos, i))
     cases.append(("index -> str", ipos, "7"))
     cases.append(("generation -> float", gpos, 1.5))
+    seen = set()
     for desc, pos, new in cases:
+        if (pos, new) in seen:
+            continue
+        seen.add((pos, new))
         forged = list(args)
         forged[pos] = new
         try:

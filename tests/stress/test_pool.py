@@ -9,7 +9,7 @@ import multiprocessing
 import pytest
 
 import shmstm
-from _helpers import deadline_for, scaled
+from _helpers import Group, deadline_for, open_rt, scaled
 
 pytestmark = pytest.mark.stress
 
@@ -17,16 +17,18 @@ CONTEXTS = ["spawn", "fork", "forkserver"]
 
 
 def _incr_task(arg):
+    """n atomic increments of each counter (TVar handles unpickled in the worker)."""
     counter, named, n = arg
+
+    def bump(tv):
+        tv.value = tv.value + 1
+
     for i in range(n):
         if i % 2:
             counter.modify(lambda v: v + 1)
         else:
-            shmstm.atomically(lambda: setattr(counter, "value", counter.value + 1))
-        # A two-TVar transaction keeps the named counter in step with our share.
-        def both():
-            named.value = named.value + 1
-        shmstm.atomically(both)
+            shmstm.atomically(bump, counter)
+        shmstm.atomically(bump, named)
     return n
 
 
@@ -85,3 +87,41 @@ def test_pool_runtime_pickles(runtime, ctx):
         with pytest.raises(shmstm.StaleTVarError):
             anon.value
     assert runtime.tvar("made-by-pool:shared", missing).value == tasks
+
+
+def _handle_ints(tv):
+    """The integers identifying a TVar in its pickled form (index, generation)."""
+    return tuple(a for a in tv.__reduce__()[1] if type(a) is int)
+
+
+def _racer(start, name, me, n_names):
+    rt = open_rt(name)
+    try:
+        start()
+        handles = {}
+        for k in range(n_names):
+            tv = rt.tvar("race:%d" % k, 0)  # every racer asks for the same names at once
+            handles[k] = _handle_ints(tv)
+            tv.modify(lambda v: v + 1)
+        return handles
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+def test_named_get_or_create_race(runtime, segname, ctx):
+    """Named get-or-create is atomic across processes: 3 processes racing for the
+    same 200 names all get the same TVar for each name (one creator wins) and every
+    one of their increments lands in it."""
+    n_names, procs = 200, 3
+    with Group(ctx, timeout=deadline_for(60)) as g:
+        for me in range(procs):
+            g.add(_racer, segname, me, n_names)
+        g.start()
+        res = g.wait()
+    for k in range(n_names):
+        ids = {r[k] for r in res}
+        assert len(ids) == 1, "name race:%d resolved to different TVars: %r" % (k, ids)
+        tv = runtime.tvar("race:%d" % k, "missing")
+        assert _handle_ints(tv) in ids
+        assert tv.value == procs, (k, tv.value)
