@@ -89,6 +89,8 @@ static inline int tag_is_heap(uint32_t tag) { return tag >= TAG_HEAP_MIN && tag 
 /* txn.c */
 struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r);
 void ctx_reset(shmstm_ctx *c);
+void free_staged(shmstm_ctx *c);
+void release_token(shmstm_ctx *c);
 
 /* wait.c */
 int  futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns);

@@ -96,7 +96,7 @@ int slot_owner_dead(struct shmstm_seg *s, uint32_t slot)
     if (st == PS_FREE)
         return 0;
     if (st == PS_RECOVERING)
-        return !proc_alive(ps_pid(o), 0) ;
+        return !proc_alive(ps_pid(o), 0);
     return !proc_alive(ps_pid(o), load_relaxed(&p->start_time));
 }
 

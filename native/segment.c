@@ -77,13 +77,14 @@ static void compute_geometry(uint32_t max_tvars, uint32_t max_procs, uint64_t he
     g->seg_size = round_up(off, 4096);
 }
 
-static void fill_seg(struct shmstm_seg *s, unsigned char *base, size_t size, int ro)
+/* Geometry comes from `h`, a validated header (for attach, a private copy:
+ * never a re-read of the shared header). */
+static void fill_seg(struct shmstm_seg *s, unsigned char *base, const struct shm_header *h, int ro)
 {
-    struct shm_header *h = (struct shm_header *)base;
     s->base = base;
-    s->size = size;
+    s->size = h->seg_size;
     s->read_only = ro;
-    s->h = h;
+    s->h = (struct shm_header *)base;
     s->procs = (struct shm_proc *)(base + h->off_procs);
     s->tvars = (struct shm_tvar *)(base + h->off_tvars);
     s->dir = (struct shm_dirent *)(base + h->off_dir);
@@ -161,7 +162,7 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
     h->off_heap = g.off_heap;
     /* Heap offset 0 is reserved so that 0 can mean "no block" in links. */
     store_relaxed(&h->heap_bump, 64);
-    fill_seg(s, base, g.seg_size, 0);
+    fill_seg(s, base, h, 0);
     params_out(h, p);
     FAULT_POINT("create.before_ready");
     /* Pairs with the load_acquire of init_state in attach. */
@@ -248,25 +249,12 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
         free(s);
         return SHMSTM_ESYS;
     }
-    /* Use the validated copy for the geometry, never a re-read of the header. */
     if (memcmp(base, &copy, offsetof(struct shm_header, init_state)) != 0) {
         munmap(base, copy.seg_size);
         free(s);
         return SHMSTM_ECORRUPT;
     }
-    s->base = base;
-    s->size = copy.seg_size;
-    s->read_only = read_only;
-    s->h = (struct shm_header *)base;
-    s->procs = (struct shm_proc *)(base + copy.off_procs);
-    s->tvars = (struct shm_tvar *)(base + copy.off_tvars);
-    s->dir = (struct shm_dirent *)(base + copy.off_dir);
-    s->heap = base + copy.off_heap;
-    s->heap_size = copy.heap_size;
-    s->max_tvars = copy.max_tvars;
-    s->max_procs = copy.max_procs;
-    s->max_value_size = copy.max_value_size;
-    s->dir_slots = copy.dir_slots;
+    fill_seg(s, base, &copy, read_only);
     params_out(&copy, p);
     *out = s;
     return 0;

@@ -52,7 +52,7 @@ void ctx_reset(shmstm_ctx *c)
     c->rs_n = 0;
 }
 
-static void release_token(shmstm_ctx *c)
+void release_token(shmstm_ctx *c)
 {
     if (!c->has_token)
         return;
@@ -333,8 +333,8 @@ int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen)
     return stage(c, idx, gen, TAG_EMPTY, 0, WE_FREE);
 }
 
-/* Drop the staged entries (freeing their new blocks) and end the attempt. */
-static void drop_staged(shmstm_ctx *c)
+/* Forget the staged entries, freeing their new blocks.  Keeps the read set. */
+void free_staged(shmstm_ctx *c)
 {
     struct shm_commit_rec *r = &c->proc->rec;
     struct shm_wentry *e = rec_entries(c->seg, r);
@@ -343,7 +343,14 @@ static void drop_staged(shmstm_ctx *c)
             heap_free(c->seg, c->proc, e[i].new_val);
     c->n_staged = 0;
     c->bytes_staged = 0;
-    store_relaxed(&r->n, 0);
+    store_relaxed(&r->n, 0);     /* owner-only; the state stays CR_IDLE */
+}
+
+/* Drop the staged entries and end the attempt. */
+static void drop_staged(shmstm_ctx *c)
+{
+    struct shm_commit_rec *r = &c->proc->rec;
+    free_staged(c);
     /* Pairs with a recoverer's load_acquire of state. */
     store_release(&r->state, CR_IDLE);
     ctx_reset(c);

@@ -90,30 +90,8 @@ int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns)
         return SHMSTM_EFORKED;
     struct shmstm_seg *s = c->seg;
     struct shm_proc *p = c->proc;
-    if (c->n_staged) {
-        /* first call of this wait: drop the attempt's writes, keep its reads */
-        uint32_t rs_n = c->rs_n, active = (uint32_t)c->active, doomed = (uint32_t)c->doomed;
-        uint64_t rv = c->rv;
-        struct shm_commit_rec *r = &p->rec;
-        struct shm_wentry *e = rec_entries(s, r);
-        for (uint32_t i = 0; e && i < c->n_staged; i++)
-            if (tag_is_heap(e[i].new_tag))
-                heap_free(s, p, e[i].new_val);
-        c->n_staged = 0;
-        c->bytes_staged = 0;
-        store_relaxed(&r->n, 0);
-        c->rs_n = rs_n;
-        c->active = (int)active;
-        c->doomed = (int)doomed;
-        c->rv = rv;
-    }
-    if (c->has_token) {
-        /* a blocked transaction must not hold up every writer */
-        c->has_token = 0;
-        store_release(&s->h->token, 0);
-        faa_seq_cst(&s->h->token_futex, 1);
-        futex_wake(&s->h->token_futex);
-    }
+    free_staged(c);            /* drop the attempt's writes, keep its reads */
+    release_token(c);          /* a blocked transaction must not hold up every writer */
     if (c->doomed) {           /* inconsistent view: re-run at once */
         ctx_reset(c);
         return 0;

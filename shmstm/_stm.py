@@ -657,12 +657,17 @@ class _Tx:
     __slots__ = ("rt", "ctx", "writes", "undo", "depth", "created", "doomed")
 
     def __init__(self):
-        self.rt = None
-        self.ctx = None
         self.writes = {}
         self.undo = []
-        self.depth = 0
         self.created = []
+        self.reset()
+
+    def reset(self):
+        """Back to a fresh state (writes and created must already be empty)."""
+        del self.undo[:]
+        self.rt = None
+        self.ctx = None
+        self.depth = 0
         self.doomed = False
 
     def _bind(self, rt):
@@ -806,10 +811,7 @@ def _run(fn, args, kwargs, timeout):
     finally:
         tls.tx = None
         if not tx.writes and not tx.created:
-            tx.rt = tx.ctx = None
-            tx.depth = 0
-            tx.doomed = False
-            del tx.undo[:]
+            tx.reset()
             tls.spare = tx
 
 

@@ -1,6 +1,4 @@
 """Clear exceptions for bad input, and the segment stays usable after each."""
-import pickle
-
 import posix_ipc
 import pytest
 
@@ -83,19 +81,16 @@ def test_tvar_table_full(segname):
 
 def test_forged_and_stale_handles(runtime):
     tv = runtime.new_tvar(1)
-    name, idx, gen = runtime.name, tv._idx, tv._gen
+    idx, gen = tv._idx, tv._gen
     for forged_idx, forged_gen in [(idx, gen + 2), (10**6, 1), (2**32 - 1, 1), (idx, 0)]:
-        data = pickle.dumps(tv).replace(
-            pickle.dumps((idx, gen))[2:-1], pickle.dumps((forged_idx, forged_gen))[2:-1])
         f = shmstm.TVar(runtime, forged_idx, forged_gen, None)
         with pytest.raises(shmstm.StaleTVarError):
             f.value
         with pytest.raises(shmstm.StaleTVarError):
             f.value = 5
-        assert data
     with pytest.raises(shmstm.StaleTVarError):
         shmstm._stm._tvar_from_pickle(runtime, -1, 1, None)
-    assert tv.value == 1 and name == runtime.name
+    assert tv.value == 1
     _still_works(runtime)
 
 
