@@ -231,12 +231,17 @@ class Runtime:
 
     # -- attach / detach
 
-    def _attach(self, limits, create_limits=None, wait_ns=_WAIT_FOR_INIT_NS):
+    def _attach(self, limits, create_limits=None, wait_ns=_WAIT_FOR_INIT_NS, create=True):
+        """Attach to the segment, creating it first when ``create`` (open());
+        a lazy attach (an unpickled runtime) passes create=False, so it can
+        never re-create a segment that was unlinked."""
         params = ffi.new("shmstm_params *")
         segp = ffi.new("shmstm_seg **")
         shm_name = _shm_name(self.name)
         for _ in range(3):
             try:
+                if not create:
+                    raise posix_ipc.ExistentialError
                 shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o600, size=0)
             except posix_ipc.ExistentialError:
                 pass
@@ -262,6 +267,10 @@ class Runtime:
             try:
                 shm = posix_ipc.SharedMemory(shm_name, 0)
             except posix_ipc.ExistentialError:
+                if not create:
+                    raise errors.SegmentNotFoundError(
+                        "runtime %r does not exist (unlinked, or never created); open it "
+                        "with shmstm.open()" % self.name) from None
                 continue            # unlinked between our two opens: create again
             except posix_ipc.PermissionsError as e:
                 raise errors.PermissionDeniedError(
@@ -294,7 +303,7 @@ class Runtime:
                 if self._closed:
                     raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
                 if self._seg is None:
-                    self._attach({})
+                    self._attach({}, create=False)
 
     def _new_ctx(self):
         """The calling thread's context, creating it (and claiming a slot)."""

@@ -287,3 +287,17 @@ def test_fork_child_gets_own_slot_and_no_transaction(runtime):
     assert os.read(r, 1) == b"1"
     # The parent's blind write of 1 and the child's +10 serialise either way.
     assert tv.value in (1, 11)
+
+
+def test_lazy_attach_never_recreates_an_unlinked_segment(segname):
+    """An unpickled runtime attaches lazily; if the segment was unlinked
+    meanwhile it raises SegmentNotFoundError instead of creating a new one."""
+    rt = shmstm.open(segname, max_tvars=64, heap_size=1 << 16)
+    data = pickle.dumps(rt.new_tvar(1))
+    rt.close()
+    shmstm.unlink(segname)
+    tv = pickle.loads(data)          # lazy: nothing attached yet
+    with pytest.raises(shmstm.SegmentNotFoundError):
+        tv.value
+    assert not os.path.exists("/dev/shm/shmstm." + segname)
+    tv.runtime.close()
