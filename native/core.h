@@ -37,9 +37,12 @@ struct shmstm_seg {
 struct rentry { uint32_t idx; uint32_t gen; uint64_t ver; };
 
 struct shmstm_ctx {
+    /* The fields up to `last` are visible to Python (shmstm.h cdef). */
     char *buf;               /* copy-out buffer (Python reads it) */
     uint32_t slot;
     uint32_t rs_n;           /* read-set length */
+    int64_t out[2];          /* tx_readv's payload on a miss: inline word, heap length */
+    int32_t last;            /* tx_readv's tag (>= 0) or error code on a miss */
     size_t buf_cap;
     struct shmstm_seg *seg;
     struct shm_proc *proc;   /* == &seg->procs[slot] */

@@ -15,6 +15,10 @@
 
 typedef struct shmstm_ctx shmstm_ctx;
 
+/* The int64 that shmstm_peek / shmstm_tx_readv return for "not answered
+ * here" (a TVar holding exactly this int takes the general path too). */
+#define SHMSTM_READ_MISS INT64_MIN
+
 /* CDEF BEGIN */
 #define SHMSTM_OK            0
 #define SHMSTM_ECONFLICT    -1   /* transaction must re-run */
@@ -84,8 +88,11 @@ typedef struct {
     char *buf;
     uint32_t slot;
     uint32_t rs_n;
+    int64_t out[2];
+    int32_t last;
     ...;
 } shmstm_ctx;
+#define SHMSTM_READ_MISS ...
 CDEF-ONLY */
 
 typedef struct {
@@ -179,6 +186,20 @@ int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason);
 int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns);
 int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns);
 uint32_t shmstm_tx_failed_idx(shmstm_ctx *c);
+
+/* The hot path (see txn.c, "fast paths"): reads name a TVar by its shmstm_ref,
+ * writes by its handle (int64_t)(gen << 32 | idx); an int value comes back as
+ * the return value.
+ * SHMSTM_READ_MISS means "not answered here": Python takes the general path
+ * (for tx_readv, the result is left in c->last / c->out / c->buf). */
+typedef struct {
+    shmstm_seg **segp;        /* the runtime's segment box: *segp is NULL while detached */
+    uint32_t idx;
+    uint32_t gen;
+} shmstm_ref;                 /* process-local; one per Python TVar object */
+int64_t shmstm_peek(const shmstm_ref *r);
+int64_t shmstm_tx_readv(shmstm_ctx *c, const shmstm_ref *r);
+int shmstm_tx_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n);
 /* CDEF END */
 
 #endif

@@ -237,6 +237,57 @@ int shmstm_read1(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out)
     return read_tvar(c, idx, gen, out, 0);
 }
 
+/* ---- fast paths (the Python hot path) ----
+ *
+ * A cffi call costs about 70 ns with one argument and about 130 ns with two
+ * (the second argument switches cffi to tuple unpacking), plus the reading
+ * back of every out-parameter in Python: most of a read's cost.  So the fast
+ * reads take the TVar as one pointer to a process-local shmstm_ref and return
+ * an int value directly.  Anything else returns SHMSTM_READ_MISS and Python
+ * falls back to the general functions above; a miss is never an answer, so
+ * the fast paths add no behaviour of their own. */
+
+static inline uint32_t h_idx(int64_t h) { return (uint32_t)((uint64_t)h & 0xffffffffu); }
+static inline uint32_t h_gen(int64_t h) { return (uint32_t)((uint64_t)h >> 32); }
+
+/* An atomic snapshot read of one TVar outside a transaction, without a
+ * context: no process slot is needed.  Only an unlocked, live, int-valued
+ * TVar of the ref's generation is answered; a locked TVar (whose owner may be
+ * dead and need recovery) or any error goes to shmstm_read1. */
+int64_t shmstm_peek(const shmstm_ref *r)
+{
+    struct shmstm_seg *s = *r->segp;
+    if (!s)
+        return SHMSTM_READ_MISS;            /* runtime closed or not attached */
+    uint32_t idx = r->idx;
+    if (idx >= s->max_tvars)
+        return SHMSTM_READ_MISS;
+    struct shm_tvar *t = &s->tvars[idx];
+    /* Seqlock read, as in read_tvar().  Pairs with the store_release that
+     * unlocked the TVar (commit step 8). */
+    uint64_t v1 = load_acquire(&t->lock);
+    if (lk_locked(v1))
+        return SHMSTM_READ_MISS;
+    uint32_t g = load_relaxed(&t->gen);
+    uint32_t tag = load_relaxed(&t->tag);
+    int64_t w = (int64_t)load_relaxed(&t->value);
+    fence_acquire();    /* the loads above happen before the re-check */
+    if (load_relaxed(&t->lock) != v1 || g != r->gen || tag != TAG_INT)
+        return SHMSTM_READ_MISS;
+    return w;           /* == SHMSTM_READ_MISS for that one int: general path */
+}
+
+/* A transactional read (as shmstm_tx_read).  On a miss the tag or error code
+ * is in c->last and the payload in c->out (and c->buf for heap values). */
+int64_t shmstm_tx_readv(shmstm_ctx *c, const shmstm_ref *r)
+{
+    int rc = *r->segp == c->seg ? read_tvar(c, r->idx, r->gen, c->out, 1) : SHMSTM_EINVAL;
+    if (rc == TAG_INT && c->out[0] != SHMSTM_READ_MISS)
+        return c->out[0];
+    c->last = rc;
+    return SHMSTM_READ_MISS;
+}
+
 /* ---- staging the write set into the commit record ---- */
 
 static int stage(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag, uint64_t word,
@@ -323,6 +374,25 @@ int shmstm_tx_stage_b(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag,
     }
     c->bytes_staged += len;
     return 0;
+}
+
+/* Stage n int writes given as (handle, value) pairs, then commit: the common
+ * write set in one call.  Other values are staged before, one call each. */
+int shmstm_tx_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t idx = h_idx(pairs[2 * i]);
+        int rc = stage_check(c, idx);
+        if (rc == 0)
+            rc = stage(c, idx, h_gen(pairs[2 * i]), TAG_INT, (uint64_t)pairs[2 * i + 1], 0);
+        if (rc) {
+            c->failed_idx = idx;
+            note_abort(c, AB_RESOURCE, idx);   /* Python ends the attempt silently */
+            return rc;
+        }
+        c->bytes_staged += 8;
+    }
+    return shmstm_tx_commit(c);
 }
 
 int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen)

@@ -10,6 +10,7 @@ process slot in the segment).  A transaction binds to one runtime at its first
 TVar access.
 """
 import atexit
+import itertools
 import os
 import pickle
 import random
@@ -59,7 +60,12 @@ _stage_i = lib.shmstm_tx_stage_i
 _stage_f = lib.shmstm_tx_stage_f
 _stage_b = lib.shmstm_tx_stage_b
 _commit = lib.shmstm_tx_commit
+_peek = lib.shmstm_peek
+_readv = lib.shmstm_tx_readv
+_commit_ints = lib.shmstm_tx_commit_ints
+MISS = lib.SHMSTM_READ_MISS       # "not answered by the fast path"
 _unpack = ffi.unpack
+_chain = itertools.chain.from_iterable
 _loads = pickle.loads
 _dumps = pickle.dumps
 
@@ -84,10 +90,17 @@ class _RetrySignal(BaseException):
 
 class _TLS(threading.local):
     tx = None          # the running transaction
-    spare = None       # a finished _Tx kept for reuse (saves allocations per call)
+    own = None         # this thread's _Tx, reused by each transaction it runs
 
 
 _tls = _TLS()
+
+# Every transaction in flight in this process, in any thread.  While it is
+# empty (the common case for a read outside a transaction) TVar.get() knows
+# without a threading.local lookup that no transaction is running in this
+# thread.  set.add/discard are atomic.
+_active = set()
+
 
 
 # ---------------------------------------------------------------- codec
@@ -151,14 +164,50 @@ def _decode(tag, ctx):
     raise error_for(tag)
 
 
-def _buffered(entry):
-    """The value of a write-buffer entry, copied out like a read would be."""
-    tag = entry[1]
-    if tag == T_PICKLE:
-        return _loads(entry[2])
-    if tag == T_FREE:
-        raise errors.StaleTVarError("the TVar was freed by this transaction")
-    return entry[3]
+def _handle(idx, gen):
+    """The TVar handle the fast paths take: (int64_t)(gen << 32 | idx)."""
+    h = gen << 32 | idx
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def _hstr(h):
+    return "#%d.%d" % (h & 0xFFFFFFFF, (h >> 32) & 0xFFFFFFFF)
+
+
+class _Enc:
+    """A buffered write of anything but an int64: encoded when it is written
+    (so bad values raise at the assignment), staged at commit.  An int is
+    buffered as itself."""
+    __slots__ = ("tag", "payload", "value")
+
+    def __init__(self, tag, payload, value):
+        self.tag = tag
+        self.payload = payload
+        self.value = value
+
+    def read(self):
+        """The value, copied out like a read from the segment would be."""
+        tag = self.tag
+        if tag == T_PICKLE:
+            return _loads(self.payload)
+        if tag == T_FREE:
+            raise errors.StaleTVarError("the TVar was freed by this transaction")
+        return self.value
+
+    def stage(self, ptr, h):
+        idx = h & 0xFFFFFFFF
+        gen = (h >> 32) & 0xFFFFFFFF
+        tag = self.tag
+        if tag >= T_BYTES:
+            return _stage_b(ptr, idx, gen, tag, self.payload, len(self.payload))
+        if tag == T_FLOAT:
+            return _stage_f(ptr, idx, gen, self.payload)
+        if tag == T_FREE:
+            return lib.shmstm_tx_stage_free(ptr, idx, gen)
+        return _stage_i(ptr, idx, gen, tag, self.payload)
+
+
+_FREED = _Enc(T_FREE, None, None)
 
 
 # ---------------------------------------------------------------- contexts
@@ -171,8 +220,8 @@ class _Ctx:
     def __init__(self, rt, ptr):
         self.rt = rt
         self.ptr = ptr
-        self.out = ffi.new("int64_t[2]")
-        self.outf = ffi.cast("double *", self.out)
+        self.out = ptr.out          # views of the context's own out-words
+        self.outf = ffi.cast("double *", ptr.out)
 
 
 class _CtxHolder:
@@ -220,6 +269,9 @@ class Runtime:
     def __init__(self, name):
         self.name = name
         self._seg = None
+        # _seg again, for the C fast paths (every TVar's shmstm_ref points
+        # here): NULL while not attached, so a read after close() misses.
+        self._segbox = ffi.new("shmstm_seg *[1]")
         self._params = None
         self._local = _Local()
         self._ctxs = []            # every live _Ctx of this process
@@ -292,7 +344,7 @@ class Runtime:
             break
         else:
             raise errors.Error("runtime %r: segment kept vanishing while opening" % self.name)
-        self._seg = segp[0]
+        self._seg = self._segbox[0] = segp[0]
         self._params = params
         self._max_value_size = params.max_value_size
         self._pid = os.getpid()
@@ -350,6 +402,7 @@ class Runtime:
                 for ctx in list(self._ctxs):
                     self._release_ctx(ctx)
                 if self._seg is not None:
+                    self._segbox[0] = ffi.NULL
                     lib.shmstm_seg_detach(self._seg)
                     self._seg = None
                 self._local = _Local()
@@ -533,6 +586,7 @@ def _after_fork_child():
     them without releasing the slots; the child claims its own lazily."""
     global _tls, _registry_lock
     _tls = _TLS()
+    _active.clear()
     _registry_lock = threading.RLock()
     for rt in list(_registry.values()):
         rt._lock = threading.RLock()
@@ -554,38 +608,49 @@ os.register_at_fork(after_in_child=_after_fork_child)
 class TVar:
     """A transactional variable in a runtime's shared segment.  Holds an
     immutable snapshot of a Python value: read it and write it back."""
-    __slots__ = ("_rt", "_idx", "_gen", "_name", "__weakref__")
+    __slots__ = ("_rt", "_idx", "_gen", "_h", "_ref", "_name", "__weakref__")
 
     def __init__(self, rt, idx, gen, name):
         self._rt = rt
         self._idx = idx
         self._gen = gen
+        self._h = _handle(idx, gen)
+        self._ref = ffi.new("shmstm_ref *", (rt._segbox, idx, gen))
         self._name = name
+
+    # get() and set() are the measured hot path (tools/bench): each line
+    # counts.  The general cases live in the helpers they fall back to.
 
     def get(self):
         """The value: a transactional read inside a transaction, an atomic
         snapshot read outside."""
+        if not _active:                 # no transaction in this process
+            v = _peek(self._ref)
+            if v != MISS:
+                return v
+            return self._get_outside()
         tx = _tls.tx
         if tx is None:
-            ctx = self._rt._local.ctx
-            if ctx is None or ctx.ptr is None:
-                ctx = self._rt._ctx()
-            tag = _read1(ctx.ptr, self._idx, self._gen, ctx.out)
-            if tag == T_INT:
-                return ctx.out[0]
-            return _decode(tag, ctx)
+            return self._get_outside()
         if self._rt is not tx.rt:
             tx._bind(self._rt)
-        w = tx.writes.get(self._idx)
-        if w is not None:
-            return _buffered(w)
-        ctx = tx.ctx
-        tag = _read(ctx.ptr, self._idx, self._gen, ctx.out)
+        writes = tx.writes
+        if writes:
+            w = writes.get(self._h)
+            if w is not None:
+                return w if type(w) is int else w.read()
+        v = _readv(tx.ptr, self._ref)
+        if v != MISS:
+            return v
+        return tx._read_miss()
+
+    def _get_outside(self):
+        ctx = self._rt._local.ctx
+        if ctx is None or ctx.ptr is None:
+            ctx = self._rt._ctx()
+        tag = _read1(ctx.ptr, self._idx, self._gen, ctx.out)
         if tag == T_INT:
             return ctx.out[0]
-        if tag == E_CONFLICT:
-            tx.doomed = True
-            raise _Conflict()
         return _decode(tag, ctx)
 
     def set(self, value):
@@ -596,12 +661,12 @@ class TVar:
             return
         if self._rt is not tx.rt:
             tx._bind(self._rt)
-        tag, payload = _encode(value, self._rt._max_value_size)
-        idx = self._idx
-        writes = tx.writes
+        if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
+            value = _Enc(*_encode(value, self._rt._max_value_size), value)
+            tx.nonint += 1
         if tx.depth:
-            tx.undo.append((idx, writes.get(idx)))
-        writes[idx] = (self, tag, payload, value)
+            tx.undo.append((self._h, tx.writes.get(self._h)))
+        tx.writes[self._h] = value
 
     value = property(get, set, doc="The TVar's value (see get() and set()).")
 
@@ -624,10 +689,11 @@ class TVar:
             return
         if self._rt is not tx.rt:
             tx._bind(self._rt)
-        idx = self._idx
+        h = self._h
         if tx.depth:
-            tx.undo.append((idx, tx.writes.get(idx)))
-        tx.writes[idx] = (self, T_FREE, None, None)
+            tx.undo.append((h, tx.writes.get(h)))
+        tx.writes[h] = _FREED
+        tx.nonint += 1
 
     @property
     def name(self):
@@ -663,93 +729,131 @@ def _tvar_from_pickle(rt, idx, gen, name):
 # ---------------------------------------------------------------- transactions
 
 class _Tx:
-    __slots__ = ("rt", "ctx", "writes", "undo", "depth", "created", "doomed")
+    """A thread's transaction object, reused by every transaction the thread
+    runs (see _run).
+
+    rt is the runtime the current attempt touched (None: nothing touched
+    yet); brt/ctx/ptr cache the binding to the last runtime used, so an
+    attempt binds with two compares.  writes maps a TVar handle to its
+    buffered value: an int64 as itself, anything else as an _Enc (counted in
+    nonint, an upper bound, so that an all-int write set is staged in one
+    call)."""
+    __slots__ = ("rt", "brt", "ctx", "ptr", "writes", "undo", "depth", "created",
+                 "doomed", "nonint")
 
     def __init__(self):
+        self.rt = self.brt = self.ctx = self.ptr = None
         self.writes = {}
         self.undo = []
         self.created = []
-        self.reset()
-
-    def reset(self):
-        """Back to a fresh state (writes and created must already be empty)."""
-        del self.undo[:]
-        self.rt = None
-        self.ctx = None
         self.depth = 0
         self.doomed = False
+        self.nonint = 0
+
+    def clean(self):
+        return not (self.writes or self.undo or self.created or self.depth or self.doomed)
 
     def _bind(self, rt):
-        if self.rt is None:
-            self.rt = rt
-            self.ctx = rt._ctx()
-        elif rt is not self.rt:
+        if self.rt is not None:
+            if rt is self.rt:
+                return
             raise errors.CrossRuntimeError(
                 "a transaction cannot use TVars of two runtimes (%r and %r)" % (self.rt.name, rt.name))
+        ctx = self.ctx
+        if rt is not self.brt or ctx is None or ctx.ptr is None:
+            ctx = rt._ctx()             # raises if the runtime is closed
+            self.brt = rt
+            self.ctx = ctx
+            self.ptr = ctx.ptr
+        self.rt = rt
 
     def _discard_created(self, since=0):
         created = self.created
         if len(created) > since:
-            ptr = self.ctx.ptr
+            ptr = self.ptr
             for tv in created[since:]:
                 lib.shmstm_tvar_discard(ptr, tv._idx, tv._gen)
             del created[since:]
 
     def _end(self, reason):
         """End the attempt without committing (idempotent)."""
-        if self.ctx is not None and self.ctx.ptr is not None:
-            self._discard_created()
-            lib.shmstm_tx_abort(self.ctx.ptr, reason)
+        if self.rt is not None:
+            if self.ctx.ptr is not None:
+                self._discard_created()
+                lib.shmstm_tx_abort(self.ptr, reason)
+            self.rt = None
         self.writes.clear()
         del self.undo[:]
         self.doomed = False
+        self.nonint = 0
+
+    def _read_miss(self):
+        """A read the fast path did not answer: the tag or error is in the
+        context (shmstm_tx_readv)."""
+        ctx = self.ctx
+        tag = self.ptr.last
+        if tag == T_INT:
+            return ctx.out[0]           # the one int the fast path cannot return
+        if tag == E_CONFLICT:
+            self.doomed = True
+            raise _Conflict()
+        return _decode(tag, ctx)
 
     def _commit(self):
-        """Stage the write buffer and commit.  True on success, False on a
-        conflict (the attempt was reset); raises on errors (after cleanup)."""
-        ctx = self.ctx
-        if ctx is None:
+        """Stage the write buffer and commit.  True on success (the attempt
+        is over), False on a conflict (the attempt was ended); raises on
+        errors (after ending the attempt)."""
+        if self.rt is None:
             return True                     # touched no TVar
-        ptr = ctx.ptr
         if self.doomed:
             self._end(AB_SILENT)
             return False
-        for idx, (tv, tag, payload, _) in self.writes.items():
-            gen = tv._gen
-            if tag == T_INT or tag <= T_TRUE and tag > 0:
-                rc = _stage_i(ptr, idx, gen, tag, payload)
-            elif tag >= T_BYTES:
-                rc = _stage_b(ptr, idx, gen, tag, payload, len(payload))
-            elif tag == T_FLOAT:
-                rc = _stage_f(ptr, idx, gen, payload)
-            else:
-                rc = lib.shmstm_tx_stage_free(ptr, idx, gen)
-            if rc < 0:
-                self._end(AB_RESOURCE)
-                raise error_for(rc, "committing %r" % (tv,))
-        rc = _commit(ptr)
+        ptr = self.ptr
+        writes = self.writes
+        if not writes:
+            rc = _commit(ptr)
+        elif not self.nonint:
+            rc = _commit_ints(ptr, list(_chain(writes.items())), len(writes))
+        else:
+            pairs = []                      # the int writes, staged with the commit
+            for h, w in writes.items():
+                if type(w) is int:
+                    pairs.append(h)
+                    pairs.append(w)
+                else:
+                    rc = w.stage(ptr, h)
+                    if rc < 0:
+                        self._end(AB_RESOURCE)
+                        raise error_for(rc, "committing TVar %s" % _hstr(h))
+            rc = _commit_ints(ptr, pairs, len(pairs) >> 1)
         if rc == 0:
-            self.writes.clear()
-            del self.created[:]
+            writes.clear()
+            if self.created:
+                del self.created[:]
+            if self.undo:
+                del self.undo[:]
+            self.nonint = 0
+            self.rt = None
             return True
+        self._end(AB_SILENT)               # the core counted the abort
         if rc == E_CONFLICT:
-            self._end(AB_SILENT)
             return False
-        self._end(AB_SILENT)
-        raise error_for(rc, "commit")
+        raise error_for(rc, "commit (TVar #%d)" % lib.shmstm_tx_failed_idx(ptr))
 
     def _block(self, deadline):
         """retry(): wait until something this attempt read changes."""
-        ctx = self.ctx
-        if ctx is None:
+        if self.rt is None:
             raise errors.BlockedForeverError(
                 "retry() in a transaction that read no TVar would wait forever")
         self._discard_created()
         self.writes.clear()
         del self.undo[:]
+        self.nonint = 0
         if self.doomed:
             self._end(AB_SILENT)
             return
+        ptr = self.ptr
+        self.rt = None                      # the next attempt binds again
         while True:
             if deadline is None:
                 ns = -1
@@ -757,12 +861,12 @@ class _Tx:
                 ns = int((deadline - time.monotonic()) * 1e9)
                 if ns < 0:
                     ns = 0
-            rc = lib.shmstm_tx_wait(ctx.ptr, ns)
+            rc = lib.shmstm_tx_wait(ptr, ns)
             if rc == 0:
                 return
             if rc == E_INTR:
                 continue        # signal handlers ran at this bytecode; wait on
-            self._end(AB_SILENT)
+            lib.shmstm_tx_abort(ptr, AB_SILENT)
             if rc == E_TIMEOUT:
                 raise errors.RetryTimeout("transaction blocked in retry() for longer than its timeout")
             if rc == E_INVAL:
@@ -784,12 +888,11 @@ def _run(fn, args, kwargs, timeout):
     if not callable(fn):
         raise TypeError("atomically() needs a callable, not %s" % type(fn).__name__)
     tls = _tls
-    tx = tls.spare
+    tx = tls.own
     if tx is None:
-        tx = _Tx()
-    else:
-        tls.spare = None
+        tx = tls.own = _Tx()
     tls.tx = tx
+    _active.add(tx)
     deadline = None if timeout is None else time.monotonic() + timeout
     conflicts = 0
     try:
@@ -812,16 +915,16 @@ def _run(fn, args, kwargs, timeout):
                     return result
             conflicts += 1
             _backoff(conflicts)
-            if conflicts == IRREVOCABLE_AFTER and tx.ctx is not None:
-                lib.shmstm_tx_irrevocable(tx.ctx.ptr, -1)
+            if conflicts == IRREVOCABLE_AFTER and tx.ctx is not None and tx.ctx.ptr is not None:
+                lib.shmstm_tx_irrevocable(tx.ptr, -1)
     except BaseException:
         tx._end(AB_SILENT)
+        if not tx.clean():
+            tls.own = None              # left in an odd state: never reuse it
         raise
     finally:
         tls.tx = None
-        if not tx.writes and not tx.created:
-            tx.reset()
-            tls.spare = tx
+        _active.discard(tx)
 
 
 def atomically(fn, *args, **kwargs):
@@ -830,7 +933,7 @@ def atomically(fn, *args, **kwargs):
     The function is re-run if it conflicts with another commit, so it must
     not have side effects outside TVars.  Inside a transaction, a nested
     ``atomically`` joins the outer transaction."""
-    if _tls.tx is not None:
+    if _active and _tls.tx is not None:
         return fn(*args, **kwargs)
     return _run(fn, args, kwargs, None)
 
@@ -851,7 +954,7 @@ def atomic(fn=None, *, timeout=None):
             raise TypeError("atomic() decorates a callable, not %s" % type(f).__name__)
 
         def call(*args, **kwargs):
-            if _tls.tx is not None:
+            if _active and _tls.tx is not None:
                 return f(*args, **kwargs)
             return _run(f, args, kwargs, timeout)
         call.__name__ = getattr(f, "__name__", "atomic")
@@ -907,7 +1010,7 @@ def or_else(*branches):
                     writes.pop(idx, None)
                 else:
                     writes[idx] = prev
-            if tx.ctx is not None:
+            if tx.rt is not None:
                 tx._discard_created(created)
         finally:
             tx.depth -= 1
