@@ -376,23 +376,47 @@ int shmstm_tx_stage_b(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag,
     return 0;
 }
 
+static int stage_int(shmstm_ctx *c, int64_t h, int64_t v)
+{
+    uint32_t idx = h_idx(h);
+    int rc = stage_check(c, idx);
+    if (rc == 0)
+        rc = stage(c, idx, h_gen(h), TAG_INT, (uint64_t)v, 0);
+    if (rc) {
+        c->failed_idx = idx;
+        note_abort(c, AB_RESOURCE, idx);   /* Python ends the attempt silently */
+        return rc;
+    }
+    c->bytes_staged += 8;
+    return 0;
+}
+
 /* Stage n int writes given as (handle, value) pairs, then commit: the common
- * write set in one call.  Other values are staged before, one call each. */
+ * write set in one call.  Other values are staged before, one call each.
+ * commit_1 and commit_2 take one and two pairs as arguments, which saves
+ * Python building and cffi converting a list for the most common sizes. */
 int shmstm_tx_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
-        uint32_t idx = h_idx(pairs[2 * i]);
-        int rc = stage_check(c, idx);
-        if (rc == 0)
-            rc = stage(c, idx, h_gen(pairs[2 * i]), TAG_INT, (uint64_t)pairs[2 * i + 1], 0);
-        if (rc) {
-            c->failed_idx = idx;
-            note_abort(c, AB_RESOURCE, idx);   /* Python ends the attempt silently */
+        int rc = stage_int(c, pairs[2 * i], pairs[2 * i + 1]);
+        if (rc)
             return rc;
-        }
-        c->bytes_staged += 8;
     }
     return shmstm_tx_commit(c);
+}
+
+int shmstm_tx_commit_1(shmstm_ctx *c, int64_t h, int64_t v)
+{
+    int rc = stage_int(c, h, v);
+    return rc ? rc : shmstm_tx_commit(c);
+}
+
+int shmstm_tx_commit_2(shmstm_ctx *c, int64_t h1, int64_t v1, int64_t h2, int64_t v2)
+{
+    int rc = stage_int(c, h1, v1);
+    if (rc == 0)
+        rc = stage_int(c, h2, v2);
+    return rc ? rc : shmstm_tx_commit(c);
 }
 
 int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen)

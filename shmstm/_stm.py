@@ -63,6 +63,8 @@ _commit = lib.shmstm_tx_commit
 _peek = lib.shmstm_peek
 _readv = lib.shmstm_tx_readv
 _commit_ints = lib.shmstm_tx_commit_ints
+_commit_1 = lib.shmstm_tx_commit_1
+_commit_2 = lib.shmstm_tx_commit_2
 MISS = lib.SHMSTM_READ_MISS       # "not answered by the fast path"
 _unpack = ffi.unpack
 _chain = itertools.chain.from_iterable
@@ -813,7 +815,15 @@ class _Tx:
         if not writes:
             rc = _commit(ptr)
         elif not self.nonint:
-            rc = _commit_ints(ptr, list(_chain(writes.items())), len(writes))
+            n = len(writes)
+            if n == 1:
+                (h, v), = writes.items()
+                rc = _commit_1(ptr, h, v)
+            elif n == 2:
+                (h, v), (h2, v2) = writes.items()
+                rc = _commit_2(ptr, h, v, h2, v2)
+            else:
+                rc = _commit_ints(ptr, list(_chain(writes.items())), n)
         else:
             pairs = []                      # the int writes, staged with the commit
             for h, w in writes.items():
