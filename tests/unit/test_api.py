@@ -301,3 +301,18 @@ def test_lazy_attach_never_recreates_an_unlinked_segment(segname):
         tv.value
     assert not os.path.exists("/dev/shm/shmstm." + segname)
     tv.runtime.close()
+
+
+def test_named_tvar_declared_in_aborted_transaction_keeps_its_default(runtime):
+    """Documented semantics (docs/api.md): rt.tvar() is a declaration that takes
+    effect at once; the aborted transaction's writes to the TVar are discarded,
+    so it holds the default, as if it had been declared outside."""
+    def body():
+        tv = runtime.tvar("declared-in-abort", 5)
+        tv.value = 99
+        raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError):
+        atomically(body)
+    again = runtime.tvar("declared-in-abort", 1234)
+    assert again.value == 5
