@@ -12,7 +12,8 @@ BATCH = 16          # ops between two looks at the clock
 def worker(name, ctl):
     """Attach, then for each ``(start, end)`` window (time.monotonic(), which is
     system-wide on Linux) received on ``ctl``: wait for start, count ops until
-    end, send the count.  ``None`` ends the worker."""
+    end, send (count, CPU seconds this process used meanwhile).  ``None`` ends
+    the worker."""
     import shmstm
 
     with shmstm.open(name) as rt:
@@ -33,8 +34,9 @@ def worker(name, ctl):
             while time.monotonic() < start:
                 time.sleep(min(0.01, max(0.0, start - time.monotonic())))
             n = 0
+            cpu0 = time.process_time()
             while time.monotonic() < end:
                 for _ in range(BATCH):
                     atomically(inc)
                 n += BATCH
-            ctl.send(n)
+            ctl.send((n, time.process_time() - cpu0))
