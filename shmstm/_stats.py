@@ -45,28 +45,33 @@ class _Cache:
 def _os_view(pid, cache):
     """(alive, status, cpu_seconds, rss_bytes, started) for ``pid`` from psutil,
     or None when psutil cannot tell (another user's process)."""
-    p = cache.procs.get(pid) if cache is not None else None
-    try:
-        if p is None:
-            p = psutil.Process(pid)
-            if cache is not None:
-                cache.procs[pid] = p
-        with p.oneshot():
-            # is_running() compares the creation time, so a reused pid is not
-            # mistaken for the original; it is True for a zombie, hence status.
-            if not p.is_running():
-                raise psutil.NoSuchProcess(pid)
-            status = p.status()
-            if status == psutil.STATUS_ZOMBIE:
-                return False, "zombie", None, None, None
-            t = p.cpu_times()
-            return True, status, t.user + t.system, p.memory_info().rss, p.create_time()
-    except psutil.NoSuchProcess:
+    p = cache.procs.pop(pid, None) if cache is not None else None
+    for fresh in (p is None, True):
+        try:
+            if fresh:
+                p = psutil.Process(pid)
+            with p.oneshot():
+                # is_running() compares the creation time, so a cached handle
+                # never answers for a later process that reused the pid (then
+                # ask again with a fresh handle).  It is True for a zombie,
+                # hence the status check.
+                if not p.is_running():
+                    if fresh:
+                        return False, "gone", None, None, None
+                    continue
+                status = p.status()
+                if status == psutil.STATUS_ZOMBIE:
+                    return False, "zombie", None, None, None
+                t = p.cpu_times()
+                out = True, status, t.user + t.system, p.memory_info().rss, p.create_time()
+        except psutil.NoSuchProcess:
+            return False, "gone", None, None, None
+        except psutil.AccessDenied:
+            return None
         if cache is not None:
-            cache.procs.pop(pid, None)
-        return False, "gone", None, None, None
-    except psutil.AccessDenied:
-        return None
+            cache.procs[pid] = p
+        return out
+    return None  # pragma: no cover - the second pass always returns
 
 
 def _hot_tvars(seg, hot, cache):
@@ -151,6 +156,10 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
             "commit_latency_log2_ns": [pi.lat_hist[i] for i in range(lib.SHMSTM_LAT_BUCKETS)],
             "attach_ns": pi.attach_ns,
         })
+    if cache is not None:      # forget processes that left (a long --serve)
+        live = {p["pid"] for p in procs if p["alive"]}
+        for pid in [pid for pid in cache.procs if pid not in live]:
+            del cache.procs[pid]
     classes = [
         {"block_size": info.class_size[c], "blocks": info.class_blocks[c],
          "bytes": info.class_size[c] * info.class_blocks[c]}

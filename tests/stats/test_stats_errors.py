@@ -137,3 +137,42 @@ def test_list_is_not_wired_yet():
     if hasattr(shmstm, "list_segments"):
         pytest.skip("list_segments() exists: --list must be wired (see LIST HOOK)")
     _fails(run_tool("--list"), 1, "--list is not available yet")
+
+
+def test_reader_bad_arguments(runtime):
+    import shmstm
+    from shmstm._stats import StatsReader
+
+    for wait in (-1, "1", None, float("nan")):
+        with pytest.raises((ValueError, TypeError)):
+            StatsReader(runtime.name, wait=wait)
+    r = StatsReader(runtime.name)
+    for hot in (-1, 1.5, True):
+        with pytest.raises(ValueError):
+            r.read(hot=hot)
+    assert r.read(hot=0)["hottest_tvars"] == []
+    r.close()
+    r.close()                                   # idempotent
+    with pytest.raises(shmstm.RuntimeClosedError):
+        r.read()
+
+
+def test_rates_of_a_slot_claimed_in_the_interval():
+    """A slot that appears between two reads is rated from its claim, not over
+    the whole interval; one that was there is rated over the interval."""
+    from shmstm._stats import ABORT_REASONS, rates
+
+    def proc(slot, attach_ns, commits, cpu):
+        return {"slot": slot, "pid": 100 + slot, "attach_ns": attach_ns, "alive": True,
+                "status": "running", "commits": commits, "ro_commits": 0, "retries": 0,
+                "wakeups": 0, "aborts": dict.fromkeys(ABORT_REASONS, 0), "cpu_seconds": cpu}
+
+    s = 10 ** 9
+    prev = {"time_ns": 10 * s, "clock": 5, "hottest_tvars": [], "processes": [proc(0, s, 100, 1.0)]}
+    cur = {"time_ns": 12 * s, "clock": 405, "hottest_tvars": [],
+           "processes": [proc(0, s, 300, 1.5), proc(1, 11 * s, 50, 0.2)]}
+    r = rates(prev, cur)
+    assert r["interval_s"] == 2 and r["clock_per_s"] == 200
+    old, new = r["processes"]
+    assert (old["commits_per_s"], old["cpu_percent"]) == (100, 25)
+    assert new["commits_per_s"] == 50 and new["cpu_percent"] is None
