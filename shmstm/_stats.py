@@ -270,10 +270,9 @@ def rates(prev, cur):
                  "aborts": dict.fromkeys(ABORT_REASONS, 0), "cpu_seconds": None}
         else:
             dt = dt_all
-        dt = dt if dt > 0 else float("nan")
 
-        def per_s(a, b):
-            return max(a - b, 0) / dt if dt == dt else 0.0
+        def per_s(a, b, dt=dt):
+            return max(a - b, 0) / dt if dt > 0 else 0.0
         cpu = None
         if p["cpu_seconds"] is not None and q.get("cpu_seconds") is not None:
             cpu = 100.0 * per_s(p["cpu_seconds"], q["cpu_seconds"])
