@@ -25,8 +25,11 @@ setup(
     cffi_modules=["native/build_shmstm.py:ffibuilder"],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "prometheus_client>=0.16"],
     },
-    entry_points={"console_scripts": ["shmstm-demo=shmstm.demo:main"]},
+    entry_points={"console_scripts": [
+        "shmstm-demo=shmstm.demo:main",
+        "shmstm-stats=shmstm.stats_cli:main",
+    ]},
     zip_safe=False,
 )

@@ -223,13 +223,29 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
             if (hmap == MAP_FAILED)
                 return SHMSTM_ESYS;
             /* Pairs with the store_release in create. */
-            if (load_acquire(&((struct shm_header *)hmap)->init_state) == INIT_READY)
+            uint32_t is = load_acquire(&((struct shm_header *)hmap)->init_state);
+            if (is == INIT_READY)
                 break;
+            /* Neither state of a segment being created: another layout or not
+             * shmstm at all.  Say so at once instead of waiting to time out. */
+            if (is != INIT_CREATING) {
+                munmap(hmap, hsz);
+                return SHMSTM_ELAYOUT;
+            }
         }
         if (now_ns() >= deadline) {
-            if (hmap != MAP_FAILED)
+            int rc = SHMSTM_EINIT;
+            if (hmap != MAP_FAILED) {
+                /* Creators write SHMSTM_MAGIC (or nothing yet) before READY; any
+                 * other magic is a foreign segment, not a creator that died.
+                 * Read after the deadline, when no live creator is expected. */
+                uint64_t magic;
+                memcpy(&magic, hmap, sizeof magic);
+                if (magic != 0 && magic != SHMSTM_MAGIC)
+                    rc = SHMSTM_ELAYOUT;
                 munmap(hmap, hsz);
-            return SHMSTM_EINIT;
+            }
+            return rc;
         }
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);

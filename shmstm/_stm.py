@@ -478,10 +478,11 @@ class Runtime:
         tv.free()
 
     def stats(self):
-        """Counters and facts read from the segment (no lock taken)."""
+        """Counters and facts read from the segment (no lock taken): the same
+        document as ``shmstm-stats --json`` (schema in docs/stats.md)."""
         from ._stats import runtime_stats
         self._ensure()
-        return runtime_stats(self._seg, self.name)
+        return runtime_stats(self._seg, self.name, self._params.ring_slots)
 
 
 def _new_call(fn, cptr, name_args, tag, payload, oi):

@@ -1,0 +1,476 @@
+"""``shmstm-stats``: one screen on a running shmstm runtime, like ``mdb_stat``.
+
+    shmstm-stats NAME                    runtime facts, processes, hot TVars
+    shmstm-stats NAME --watch [SECONDS]  refresh every SECONDS (1) with rates, until Ctrl-C
+    shmstm-stats NAME --json             the same as one JSON document
+    shmstm-stats NAME --prometheus       Prometheus text exposition, once
+    shmstm-stats NAME --serve PORT       serve /metrics on 127.0.0.1:PORT
+
+It attaches read-only (``StatsReader``): no process slot, no lock, no write,
+so it never disturbs the workload.  Documentation: docs/stats.md.
+
+Exit status: 0 ok (also on Ctrl-C), 1 the runtime cannot be read (missing,
+permission, other layout version, corrupt), 2 bad usage.
+"""
+import argparse
+import datetime
+import http.server
+import json
+import math
+import os
+import sys
+import time
+
+from . import errors
+from ._stats import ABORT_REASONS, DEFAULT_HOT, StatsReader, rates
+
+PROG = "shmstm-stats"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# ---------------------------------------------------------------- formatting
+
+def _bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d%s" % (n, unit)) if unit == "B" else ("%.1f%s" % (n, unit))
+        n /= 1024.0
+    return str(n)  # pragma: no cover
+
+
+def _block(size):
+    for unit, k in (("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << k and size % (1 << k) == 0:
+            return "%d%s" % (size >> k, unit)
+    return "%dB" % size
+
+
+def _rate(x):
+    if x is None or x != x:
+        return "-"
+    return "%.1f" % x if x < 100 else "%.0f" % x
+
+
+def _pct(x):
+    return "-" if x is None else "%.1f" % x
+
+
+def _printable(s, width=48):
+    """A TVar name made safe for a terminal (control characters and lone
+    surrogates escaped) and cut to ``width``."""
+    if s is None:
+        return "(anonymous)"
+    out = "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF
+                  else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for c in s)
+    return out if len(out) <= width else out[:width - 1] + "~"
+
+
+_STATUS = {"running": "run", "sleeping": "sleep", "disk-sleep": "disk", "stopped": "stop",
+           "tracing-stop": "trace", "idle": "idle", "dead": "dead", "unknown": "?"}
+
+
+def _state(p):
+    if p["state"] == "recovering":
+        return "recov"
+    if not p["alive"]:
+        return "dead"
+    if p["waiting"]:
+        return "retry"
+    return _STATUS.get(p["status"], p["status"][:5])
+
+
+def _table(header, rows, left=()):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = []
+    for r in [header] + rows:
+        cells = [str(c).ljust(w) if i in left else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render_text(doc, rate=None):
+    """The one-screen view of a statistics document; with ``rate`` (from
+    ``rates()``) the counters are per second over rate["interval_s"]."""
+    created = datetime.datetime.fromtimestamp(doc["created_ns"] / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+    lim, tv, heap = doc["limits"], doc["tvars"], doc["heap"]
+    procs = doc["processes"]
+    lines = [
+        "shmstm runtime %r  layout %d  id %s  created %s by pid %d" % (
+            doc["name"], doc["layout_version"], doc["runtime_id"][:16], created, doc["creator_pid"]),
+    ]
+    clock = "clock %d" % doc["clock"]
+    if rate is not None:
+        clock += " (+%s/s)" % _rate(rate["clock_per_s"])
+    holder = doc["irrevocable_holder_slot"]
+    lines.append("segment %s  %s  TVars %d live of %d (%d named)  slots %d of %d  irrevocable: %s" % (
+        _bytes(doc["segment_size"]), clock, tv["live"], lim["max_tvars"], tv["named"],
+        len(procs), lim["max_procs"], "slot %d" % holder if holder is not None else "free"))
+    classes = " ".join("%s x%d" % (_block(c["block_size"]), c["blocks"]) for c in heap["classes"])
+    lines.append("heap %s used in %d blocks, %s of %s carved (%.1f%%)%s" % (
+        _bytes(heap["used_bytes"]), sum(c["blocks"] for c in heap["classes"]),
+        _bytes(heap["bump"]), _bytes(heap["size"]), 100.0 * heap["bump"] / heap["size"],
+        (": " + classes) if classes else ""))
+    dur = doc["durability"]
+    lines.append("durability: none" if dur is None else "durability: " + json.dumps(dur))
+    lines.append("")
+
+    if not procs:
+        lines.append("no process attached")
+    elif rate is None:
+        header = ["SLOT", "PID", "STATE", "CPU%", "RSS", "COMMITS", "RO", "ABORTS", "LOCKED",
+                  "VALID", "USER", "STALE", "RES", "RETRIES", "WAKEUPS", "COMMIT/s"]
+        rows = []
+        for p in procs:
+            a = p["aborts"]
+            rows.append([p["slot"], p["pid"], _state(p), _pct(p["cpu_percent"]),
+                         _bytes(p["rss_bytes"]), p["commits"], p["ro_commits"], p["aborts_total"],
+                         a["locked"], a["validate"], a["user"], a["stale"], a["resource"],
+                         p["retries"], p["wakeups"], _rate(p["commit_rate"])])
+        tot = [sum(r[i] for r in rows) for i in range(5, 15)]
+        rows.append(["all", "", "", "", ""] + tot + [_rate(sum(p["commit_rate"] for p in procs))])
+        lines += _table(header, rows, left={2})
+    else:
+        header = ["SLOT", "PID", "STATE", "CPU%", "RSS", "COMMIT/s", "RO/s", "ABORT/s", "LOCKED",
+                  "VALID", "USER", "STALE", "RES", "RETRY/s", "WAKE/s"]
+        by_slot = {r["slot"]: r for r in rate["processes"]}
+        rows, sums = [], [0.0] * 10
+        for p in procs:
+            r = by_slot[p["slot"]]
+            a = r["aborts_per_s"]
+            vals = [r["commits_per_s"], r["ro_commits_per_s"], sum(a.values())] + \
+                [a[k] for k in ABORT_REASONS] + [r["retries_per_s"], r["wakeups_per_s"]]
+            sums = [s + v for s, v in zip(sums, vals)]
+            rows.append([p["slot"], p["pid"], _state(p), _pct(r["cpu_percent"]),
+                         _bytes(p["rss_bytes"])] + [_rate(v) for v in vals])
+        rows.append(["all", "", "", "", ""] + [_rate(v) for v in sums])
+        lines += _table(header, rows, left={2})
+
+    lines.append("")
+    hot = doc["hottest_tvars"] if rate is None else rate["hottest_tvars"]
+    if not hot:
+        lines.append("hottest TVars: no conflicts")
+    else:
+        lines.append("hottest TVars by conflicts:")
+        if rate is None:
+            rows = [[t["conflicts"], t["index"], _printable(t["name"])] for t in hot]
+            lines += ["  " + s for s in _table(["CONFLICTS", "INDEX", "NAME"], rows, left={2})]
+        else:
+            rows = [[t["conflicts"], _rate(t["conflicts_per_s"]), t["index"], _printable(t["name"])]
+                    for t in hot]
+            lines += ["  " + s for s in _table(["CONFLICTS", "/s", "INDEX", "NAME"], rows, left={3})]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- Prometheus
+
+def _esc(v):
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v):
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "+Inf" if v > 0 else "-Inf"
+        return repr(v)
+    return str(v)
+
+
+class _Families:
+    def __init__(self):
+        self.fams = []
+
+    def add(self, name, typ, help_, samples):
+        self.fams.append((name, typ, help_, samples))
+
+    def text(self):
+        out = []
+        for name, typ, help_, samples in self.fams:
+            out.append("# HELP %s %s" % (name, help_))
+            out.append("# TYPE %s %s" % (name, typ))
+            for sname, labels, value in samples:
+                lab = ",".join('%s="%s"' % (k, _esc(v)) for k, v in labels)
+                out.append("%s{%s} %s" % (sname, lab, _num(value)))
+        return "\n".join(out) + "\n"
+
+
+def prometheus_text(doc):
+    """The statistics document in the Prometheus text exposition format 0.0.4
+    (metric list: docs/stats.md)."""
+    f = _Families()
+    rt = [("runtime", doc["name"])]
+
+    def one(name, typ, help_, value, extra=()):
+        f.add(name, typ, help_, [(name, rt + list(extra), value)])
+
+    one("shmstm_info", "gauge", "Runtime identity (always 1).", 1,
+        [("layout_version", doc["layout_version"]), ("runtime_id", doc["runtime_id"])])
+    one("shmstm_segment_size_bytes", "gauge", "Size of the shared-memory segment.",
+        doc["segment_size"])
+    one("shmstm_clock_total", "counter",
+        "Global version clock: advances once per writer commit (and per commit "
+        "that failed validation after taking a write version).", doc["clock"])
+    one("shmstm_tvars", "gauge", "Live TVars.", doc["tvars"]["live"])
+    one("shmstm_tvars_named", "gauge", "Named TVars.", doc["tvars"]["named"])
+    one("shmstm_tvars_max", "gauge", "TVar table size (max_tvars).", doc["limits"]["max_tvars"])
+    one("shmstm_heap_size_bytes", "gauge", "Size of the value heap.", doc["heap"]["size"])
+    one("shmstm_heap_used_bytes", "gauge", "Bytes in live heap blocks.", doc["heap"]["used_bytes"])
+    one("shmstm_heap_carved_bytes", "gauge",
+        "Heap bytes ever carved into blocks (the bump pointer).", doc["heap"]["bump"])
+    f.add("shmstm_heap_blocks", "gauge", "Live heap blocks by block size.",
+          [("shmstm_heap_blocks", rt + [("block_bytes", c["block_size"])], c["blocks"])
+           for c in doc["heap"]["classes"]])
+    one("shmstm_process_slots", "gauge", "Process slots in use.", len(doc["processes"]))
+    one("shmstm_process_slots_max", "gauge", "Process slots (max_procs).",
+        doc["limits"]["max_procs"])
+    one("shmstm_irrevocable_held", "gauge",
+        "1 while a transaction holds the irrevocable token.",
+        int(doc["irrevocable_holder_slot"] is not None))
+    one("shmstm_durable", "gauge", "1 for a durable runtime.", int(doc["durability"] is not None))
+
+    procs = doc["processes"]
+
+    def per(p):
+        return rt + [("slot", p["slot"]), ("pid", p["pid"])]
+
+    def fam(name, typ, help_, key):
+        f.add(name, typ, help_, [(name, per(p), key(p)) for p in procs if key(p) is not None])
+
+    fam("shmstm_process_alive", "gauge",
+        "1 if the slot's process is alive (same pid and start time, not a zombie).",
+        lambda p: int(p["alive"]))
+    fam("shmstm_process_waiting", "gauge", "1 while the slot sleeps in retry().",
+        lambda p: int(p["waiting"]))
+    fam("shmstm_commits_total", "counter", "Writer transactions committed.",
+        lambda p: p["commits"])
+    fam("shmstm_readonly_commits_total", "counter", "Read-only transactions committed.",
+        lambda p: p["ro_commits"])
+    f.add("shmstm_aborts_total", "counter", "Aborted transaction attempts by reason.",
+          [("shmstm_aborts_total", per(p) + [("reason", r)], p["aborts"][r])
+           for p in procs for r in ABORT_REASONS])
+    fam("shmstm_retries_total", "counter", "Blocking waits entered by retry().",
+        lambda p: p["retries"])
+    fam("shmstm_wakeups_total", "counter", "Blocking waits ended by a change.",
+        lambda p: p["wakeups"])
+    fam("shmstm_committed_bytes_total", "counter", "Bytes of heap values committed.",
+        lambda p: p["bytes_committed"])
+    fam("shmstm_irrevocable_total", "counter",
+        "Transactions run holding the irrevocable token.", lambda p: p["irrevocable"])
+    fam("shmstm_process_cpu_seconds_total", "counter",
+        "User and system CPU time of the slot's process (shared by its slots).",
+        lambda p: p["cpu_seconds"])
+    fam("shmstm_process_resident_memory_bytes", "gauge",
+        "Resident memory of the slot's process.", lambda p: p["rss_bytes"])
+    lat = []
+    for p in procs:
+        acc = 0
+        for i, n in enumerate(p["commit_latency_log2_ns"]):
+            acc += n
+            # bucket i counts calls of floor(log2(ns)) == i: below 2**(i+1) ns
+            lat.append(("shmstm_commit_latency_seconds_bucket",
+                        per(p) + [("le", repr((1 << (i + 1)) / 1e9))], acc))
+        lat.append(("shmstm_commit_latency_seconds_bucket", per(p) + [("le", "+Inf")], acc))
+        lat.append(("shmstm_commit_latency_seconds_count", per(p), acc))
+    f.add("shmstm_commit_latency_seconds", "histogram",
+          "Duration of writer commit calls (log2 buckets; no _sum: the core keeps none).", lat)
+    f.add("shmstm_tvar_conflicts_total", "counter",
+          "Aborts caused by a TVar, for the most conflicted TVars.",
+          [("shmstm_tvar_conflicts_total",
+            rt + [("index", t["index"]), ("name", t["name"] or "")], t["conflicts"])
+           for t in doc["hottest_tvars"]])
+    return f.text()
+
+
+# ---------------------------------------------------------------- modes
+
+def _show_frame(text, tty):
+    if tty:
+        sys.stdout.write("\x1b[H\x1b[2J" + text)
+    else:
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _watch(reader, args):
+    tty = sys.stdout.isatty() and not args.json
+    prev = reader.read(args.hot)
+    n = 0
+    while args.count is None or n < args.count:
+        time.sleep(args.watch)          # the refresh period
+        cur = reader.read(args.hot)
+        r = rates(prev, cur)
+        if args.json:
+            cur_out = dict(cur, rates=r)
+            sys.stdout.write(json.dumps(cur_out, sort_keys=True) + "\n")
+            sys.stdout.flush()
+        else:
+            head = "%s %s: every %gs, %s (Ctrl-C quits)\n" % (
+                PROG, reader.name, args.watch, time.strftime("%H:%M:%S"))
+            _show_frame(head + render_text(cur, r), tty)
+        prev = cur
+        n += 1
+    return 0
+
+
+def _serve(reader, args):
+    hot = args.hot
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                self.send_error(404, "only /metrics is served")
+                return
+            if self.path.startswith("/metrics"):
+                body = prometheus_text(reader.read(hot)).encode("utf-8")
+                ctype = CONTENT_TYPE
+            else:
+                body = b"shmstm-stats: metrics at /metrics\n"
+                ctype = "text/plain; charset=utf-8"
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *a):   # no per-request noise on stderr
+            pass
+
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", args.serve), Handler)
+    except OSError as e:
+        raise _UsageError("cannot listen on 127.0.0.1:%d: %s" % (args.serve, e.strerror or e))
+    with server:
+        print("%s: serving runtime %r at http://127.0.0.1:%d/metrics" % (
+            PROG, reader.name, server.server_address[1]), flush=True)
+        server.serve_forever()
+    return 0
+
+
+def _list(args):
+    # ---- LIST HOOK (issue 5, `--list`) --------------------------------------
+    # Every shmstm segment on the machine with its attached processes, dead
+    # processes and stale segments flagged.  Wired to shmstm.list_segments()
+    # (shmstm/_segments.py, from the crash-safety work) once that is merged:
+    # call it, then render one line per segment and one per process (text) or
+    # the list as is (--json).  Until then this build says so and fails.
+    import shmstm
+    if not hasattr(shmstm, "list_segments"):
+        raise _UsageError("--list is not available yet in this build (it needs "
+                          "shmstm.list_segments())")
+    raise _UsageError("--list: rendering of shmstm.list_segments() is not wired yet")
+    # ---- end of LIST HOOK ----------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _seconds(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % s) from None
+    if not (0.01 <= v <= 86400):
+        raise argparse.ArgumentTypeError("SECONDS must be between 0.01 and 86400, not %r" % s)
+    return v
+
+
+def _nonneg(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer: %r" % s) from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0, not %d" % v)
+    return v
+
+
+def _port(s):
+    v = _nonneg(s)
+    if v > 65535:
+        raise argparse.ArgumentTypeError("not a TCP port: %d" % v)
+    return v
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Statistics of a running shmstm runtime, read without taking a "
+                    "process slot or a lock (docs/stats.md).",
+        epilog="Exit status: 0 ok (also on Ctrl-C), 1 the runtime cannot be read, 2 bad usage.")
+    ap.add_argument("name", metavar="NAME", nargs="?",
+                    help="runtime name (the segment /dev/shm/shmstm.NAME)")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="one JSON document (with --watch: one per line, with rates)")
+    out.add_argument("--prometheus", action="store_true",
+                     help="print the Prometheus text exposition once")
+    out.add_argument("--serve", metavar="PORT", type=_port,
+                     help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics "
+                          "(0: any free port, printed)")
+    ap.add_argument("--watch", metavar="SECONDS", nargs="?", type=_seconds, const=1.0,
+                    help="refresh every SECONDS (default 1) showing per-second rates, "
+                         "until Ctrl-C")
+    ap.add_argument("--count", metavar="N", type=_nonneg,
+                    help="with --watch: stop after N refreshes")
+    ap.add_argument("--hot", metavar="N", type=_nonneg, default=DEFAULT_HOT,
+                    help="how many of the most conflicted TVars to show (default %d)"
+                         % DEFAULT_HOT)
+    ap.add_argument("--list", action="store_true",
+                    help="every shmstm segment on the machine (not available yet)")
+    args = ap.parse_args(argv)
+    if args.list:
+        if args.name or args.json or args.prometheus or args.serve is not None or args.watch:
+            ap.error("--list takes no NAME and no other mode")
+    elif not args.name:
+        ap.error("the runtime NAME is required")
+    if args.watch is not None and (args.prometheus or args.serve is not None):
+        ap.error("--watch goes with the text or --json view, not with Prometheus output")
+    if args.count is not None and args.watch is None:
+        ap.error("--count goes with --watch")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    reader = None
+    try:
+        if args.list:
+            return _list(args)
+        reader = StatsReader(args.name)
+        if args.watch is not None:
+            return _watch(reader, args)
+        if args.serve is not None:
+            return _serve(reader, args)
+        doc = reader.read(args.hot)
+        if args.json:
+            sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        elif args.prometheus:
+            sys.stdout.write(prometheus_text(doc))
+        else:
+            sys.stdout.write(render_text(doc))
+        sys.stdout.flush()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader of our output went away (| head): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (errors.Error, ValueError, OSError, _UsageError) as e:
+        msg = str(e).replace("\n", " ")
+        sys.stderr.write("%s: error: %s\n" % (PROG, msg))
+        return 1
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Running ``shmstm-stats`` the way a user does: as a separate process.
+
+The installed console script is used when it sits next to this interpreter
+(``pip install '.[test]'``, as CI does); otherwise ``python -m
+shmstm.stats_cli`` (a source checkout on PYTHONPATH).  Either way the tool
+runs from a scratch directory, never from the repository root, where the
+source tree (without the compiled core) would shadow the installed package.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "shmstm-stats")
+
+
+def tool_cmd():
+    if os.path.exists(SCRIPT):
+        return [SCRIPT]
+    return [sys.executable, "-m", "shmstm.stats_cli"]
+
+
+def run_tool(*args, timeout=60):
+    """CompletedProcess of ``shmstm-stats *args`` (text mode)."""
+    return subprocess.run(tool_cmd() + [str(a) for a in args], cwd=tempfile.gettempdir(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout)
+
+
+def start_tool(*args):
+    """A running ``shmstm-stats *args`` (Popen, text pipes)."""
+    return subprocess.Popen(tool_cmd() + [str(a) for a in args], cwd=tempfile.gettempdir(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def text_rows(out):
+    """The process table of the text view: {pid: {column: cell}} (the "all"
+    row under the key "all")."""
+    lines = out.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.split()[:3] == ["SLOT", "PID", "STATE"])
+    header = lines[i].split()
+    rows = {}
+    for ln in lines[i + 1:]:
+        if not ln.strip():
+            break
+        cells = ln.split()
+        if cells[0] == "all":
+            rows["all"] = dict(zip(header[5:], cells[1:]))
+        else:
+            assert len(cells) == len(header), ln
+            rows[int(cells[1])] = dict(zip(header, cells))
+    return rows
