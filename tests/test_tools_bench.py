@@ -65,3 +65,23 @@ def test_bench_quick_json(tmp_path):
     assert "OLD-SECTION-SENTINEL" not in text
     assert text.count("<!-- bench:core:start -->") == 1
     assert "| bank | shmstm |" in text
+
+
+def test_bench_c_builds_warning_free_and_runs(tmp_path):
+    """tools/bench_c.c (the C core's own cost) builds with -Wall -Wextra -Werror
+    with the command its header gives, runs, reports four positive figures and
+    removes its segment."""
+    exe = str(tmp_path / "bench_c")
+    native = os.path.join(REPO, "native")
+    sources = [os.path.join(native, f) for f in (
+        "segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c")]
+    subprocess.run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I" + native,
+                    '-DSHMSTM_PKG_VERSION="bench"', os.path.join(REPO, "tools", "bench_c.c")]
+                   + sources + ["-o", exe], check=True, timeout=120)
+    proc = subprocess.Popen([exe], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    lines = [ln for ln in stdout.splitlines() if ln.endswith(" ns")]
+    assert len(lines) == 4, stdout
+    assert all(float(ln.split()[-2]) > 0 for ln in lines)
+    assert not os.path.exists("/dev/shm/shmstm-bench-c-%d" % proc.pid)
