@@ -20,6 +20,7 @@ import weakref
 import posix_ipc
 
 from . import errors
+from . import _segments
 from ._binding import check as _check_rc, error_for, ffi, lib
 
 __all__ = [
@@ -239,30 +240,11 @@ class Runtime:
         segp = ffi.new("shmstm_seg **")
         shm_name = _shm_name(self.name)
         for _ in range(3):
-            try:
-                if not create:
-                    raise posix_ipc.ExistentialError
-                shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o600, size=0)
-            except posix_ipc.ExistentialError:
-                pass
-            except posix_ipc.PermissionsError as e:
-                raise errors.PermissionDeniedError("cannot create %s: %s" % (shm_name, e)) from None
-            else:
-                lim = create_limits or _creation_limits(limits)
-                params.max_tvars = lim["max_tvars"]
-                params.max_procs = lim["max_procs"]
-                params.max_value_size = lim["max_value_size"]
-                params.heap_size = lim["heap_size"]
-                try:
-                    rc = lib.shmstm_seg_create(shm.fd, params, segp)
-                finally:
-                    shm.close_fd()
-                if rc < 0:
-                    try:
-                        shm.unlink()
-                    except posix_ipc.ExistentialError:
-                        pass
-                    raise error_for(rc, "creating runtime %r" % self.name)
+            # Created under a temporary name and linked into place once complete
+            # (_segments.create_segment): the name never shows a half-made segment.
+            if create and not os.path.exists(_segments.SHM_DIR + shm_name) and \
+                    _segments.create_segment(self.name, create_limits or _creation_limits(limits),
+                                             params, segp):
                 break
             try:
                 shm = posix_ipc.SharedMemory(shm_name, 0)
