@@ -645,13 +645,16 @@ def _tvar_from_pickle(rt, idx, gen, name):
 # ---------------------------------------------------------------- transactions
 
 class _Tx:
-    __slots__ = ("rt", "ctx", "writes", "undo", "depth", "created", "doomed")
+    __slots__ = ("rt", "ctx", "writes", "undo", "depth", "created", "doomed", "fresh")
 
     def __init__(self):
         self.writes = {}
         self.undo = []
         self.created = []
         self.reset()
+        # A new _Tx (not a reused spare) means the thread's previous transaction,
+        # if any, ended abnormally: see _bind.
+        self.fresh = True
 
     def reset(self):
         """Back to a fresh state (writes and created must already be empty)."""
@@ -665,6 +668,16 @@ class _Tx:
         if self.rt is None:
             self.rt = rt
             self.ctx = rt._ctx()
+            if self.fresh:
+                # An asynchronous exception (KeyboardInterrupt from a signal
+                # handler) can cut a transaction's cleanup short before its C
+                # abort: staged writes would then stay in the thread's C context
+                # and be committed by its next transaction (a half-applied write).
+                # Such a transaction's _Tx is never reused (_run keeps only clean
+                # ones), so a fresh _Tx clears the context first: one C call, off
+                # the reuse path.
+                self.fresh = False
+                lib.shmstm_tx_abort(self.ctx.ptr, AB_SILENT)
         elif rt is not self.rt:
             raise errors.CrossRuntimeError(
                 "a transaction cannot use TVars of two runtimes (%r and %r)" % (self.rt.name, rt.name))
