@@ -28,6 +28,9 @@ DRIVER = os.path.join(_HERE, "_driver.py")
 
 
 def pytest_configure(config):
+    if not any(m.split(":")[0].strip() == "crash" for m in config.getini("markers")):
+        config.addinivalue_line(
+            "markers", "crash: kill/stop/interrupt tests with real processes (run by default)")
     pm = config.pluginmanager
     for plugin in pm.get_plugins():
         if os.path.normpath(getattr(plugin, "__file__", None) or "") == _PARENT:
