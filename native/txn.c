@@ -399,6 +399,12 @@ static int wait_token(shmstm_ctx *c, int64_t timeout_ns)
         uint64_t tok = load_acquire(&h->token);   /* pairs with release_token() */
         if (tok == 0 || tok == c->slot + 1ull)
             return 0;
+        if (tok > c->seg->max_procs) {
+            /* Names no slot: a corrupted word (no holder could ever release it).
+             * Clear it rather than wait forever; the CAS keeps a real token. */
+            cas_acq_rel(&h->token, &tok, 0);
+            continue;
+        }
         if (rounds % 8 == 7 && slot_owner_dead(c->seg, (uint32_t)(tok - 1)))
             slot_recover(c->seg, (uint32_t)(tok - 1));
         uint64_t now = now_ns();

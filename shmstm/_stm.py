@@ -232,10 +232,12 @@ class Runtime:
 
     # -- attach / detach
 
-    def _attach(self, limits, create_limits=None, wait_ns=_WAIT_FOR_INIT_NS, create=True):
+    def _attach(self, limits, create_limits=None, wait_ns=None, create=True):
         """Attach to the segment, creating it first when ``create`` (open());
         a lazy attach (an unpickled runtime) passes create=False, so it can
         never re-create a segment that was unlinked."""
+        if wait_ns is None:
+            wait_ns = _WAIT_FOR_INIT_NS      # read at call time (tests lower it)
         params = ffi.new("shmstm_params *")
         segp = ffi.new("shmstm_seg **")
         shm_name = _shm_name(self.name)
