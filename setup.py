@@ -27,6 +27,9 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3"],
     },
-    entry_points={"console_scripts": ["shmstm-demo=shmstm.demo:main"]},
+    entry_points={"console_scripts": [
+        "shmstm-demo=shmstm.demo:main",
+        "shmstm-cleanup=shmstm._cleanup_cli:main",
+    ]},
     zip_safe=False,
 )

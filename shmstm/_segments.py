@@ -93,9 +93,10 @@ def _pid_alive(pid):
 
 
 def _mapping_pids():
-    """{path: set of pids} for every /dev/shm/shmstm.* file some live process maps
-    (/proc/<pid>/maps; processes we may not read are skipped)."""
-    needle = os.path.join(SHM_DIR, PREFIX)
+    """{inode: set of live pids} for every file in /dev/shm some process maps
+    (/proc/<pid>/maps; processes we may not read are skipped).  By inode, not by
+    path: a creator maps its segment under the temporary name, which the maps file
+    keeps showing (as deleted) after the segment was linked to its real name."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -103,16 +104,15 @@ def _mapping_pids():
         try:
             with open("/proc/%s/maps" % entry) as f:
                 for line in f:
-                    i = line.find(needle)
-                    if i >= 0:
-                        path = line[i:].rstrip("\n")
-                        if path.endswith(" (deleted)"):
-                            continue
-                        found.setdefault(path, set()).add(int(entry))
+                    if SHM_DIR + "/" not in line:
+                        continue
+                    fields = line.split(None, 5)
+                    if len(fields) == 6 and fields[4].isdigit():
+                        found.setdefault(int(fields[4]), set()).add(int(entry))
         except OSError:
             pass
     me = os.getpid()
-    return {p: {q for q in pids if q == me or _pid_alive(q)} for p, pids in found.items()}
+    return {ino: {q for q in pids if q == me or _pid_alive(q)} for ino, pids in found.items()}
 
 
 # ---------------------------------------------------------------- reading a segment
@@ -165,7 +165,7 @@ def _describe(fn, maps):
     d = {
         "name": fn[len(PREFIX):], "shm_path": path, "size": None, "uid": None, "mode": None,
         "layout_ok": False, "error": None, "processes": [], "live_processes": 0,
-        "stale": False, "mapped_by": sorted(maps.get(path, ())), "locked_tvars": 0,
+        "stale": False, "mapped_by": [], "locked_tvars": 0,
         "dead_locks": 0, "creating": None,
     }
     try:
@@ -174,6 +174,7 @@ def _describe(fn, maps):
         d["error"] = "FileNotFoundError: removed while listing"
         return d
     d["size"], d["uid"], d["mode"] = st.st_size, st.st_uid, stat.S_IMODE(st.st_mode)
+    d["mapped_by"] = sorted(maps.get(st.st_ino, ()))
     m = _TMP_RE.match(d["name"])
     if m:
         # A temporary name: a creator is (or was) initialising runtime <base>.
