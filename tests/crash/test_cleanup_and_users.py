@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -16,6 +17,10 @@ from shmstm import _segments
 from _helpers import LIMITS, unique_name
 
 pytestmark = pytest.mark.crash
+
+# Children run from a neutral directory: from the repository root, ``python -c`` would
+# import the uncompiled source tree instead of the installed package.
+NEUTRAL = tempfile.gettempdir()
 
 KEYS = {"name", "shm_path", "size", "uid", "mode", "layout_ok", "error", "processes",
         "live_processes", "stale"}
@@ -29,7 +34,8 @@ def _attached_child(name, lock_one):
             "rt.tvar('x', 0).modify(lambda v: v + 1)\n"
             "print('ready', flush=True)\n"
             "time.sleep(600)\n" % (name, LIMITS["max_tvars"], LIMITS["heap_size"]))
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         cwd=NEUTRAL)
     assert p.stdout.readline().strip() == "ready"
     return p
 
@@ -79,7 +85,8 @@ def test_mapped_without_slot_is_in_use(segname):
             "rt = shmstm.open(%r)\n"
             "print('ready', flush=True)\n"
             "time.sleep(600)\n" % segname)
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         cwd=NEUTRAL)
     try:
         assert p.stdout.readline().strip() == "ready"
         d = _entry(segname)
@@ -100,13 +107,14 @@ def test_cleanup_command(segname):
         rt.tvar("x", 1)
     cmd = [sys.executable, "-m", "shmstm._cleanup_cli"]
     out = subprocess.run(cmd + ["--dry-run", "--json", segname], capture_output=True,
-                         text=True, timeout=60, check=True)
+                         text=True, timeout=60, check=True, cwd=NEUTRAL)
     doc = json.loads(out.stdout)
     assert doc["dry_run"] and doc["removed"] == [segname]
     (d,) = [d for d in doc["segments"] if d["name"] == segname]
     assert d["stale"] and d["layout_ok"]
     assert os.path.exists("/dev/shm/shmstm." + segname)
-    out = subprocess.run(cmd + [segname], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(cmd + [segname], capture_output=True, text=True, timeout=60,
+                         check=True, cwd=NEUTRAL)
     assert "removed 1 segment(s)" in out.stdout, out.stdout
     assert not os.path.exists("/dev/shm/shmstm." + segname)
 
