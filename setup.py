@@ -30,6 +30,7 @@ setup(
     entry_points={"console_scripts": [
         "shmstm-demo=shmstm.demo:main",
         "shmstm-stats=shmstm.stats_cli:main",
+        "shmstm-cleanup=shmstm._cleanup_cli:main",
     ]},
     zip_safe=False,
 )

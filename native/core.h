@@ -103,9 +103,12 @@ void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t);
 /* fault injection (debug builds only) */
 #ifdef SHMSTM_DEBUG
 void fault_point(const char *name);
+int  fault_shake(void);
 #define FAULT_POINT(n) fault_point(n)
+#define FAULT_SHAKE()  fault_shake()     /* spurious validation failure (GHC's SHAKE) */
 #else
 #define FAULT_POINT(n) ((void)0)
+#define FAULT_SHAKE()  0
 #endif
 
 #endif

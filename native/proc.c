@@ -15,6 +15,26 @@
  *    finishes it and never applies anything twice.
  *  - Order (pitfalls: "recover from truth, then mark free"): repair the TVars
  *    from the commit record first, then release the token, then mark FREE.
+ *
+ * Recovery steps (slot_recover), with the kill point (debug builds) after each:
+ *  R1. claim the slot: CAS ACTIVE|dead pid (or RECOVERING|dead recoverer)
+ *      -> RECOVERING|my pid                               recover.claimed
+ *  R2. for each record entry whose lock word still names the dead slot:
+ *      record COMMITTED (roll forward): store the new tag, value and
+ *        generation                                       recover.published_one
+ *        then release the lock with wv, push a freed TVar slot, wake waiters
+ *      record LOCKING/VALIDATING (roll back): restore old_lock
+ *                                                         recover.entry (both)
+ *  R3. release the irrevocable token if the dead slot held it
+ *                                                         recover.token
+ *  R4. clear the record (n, spill, state IDLE), start_time, sleeping
+ *                                                         recover.before_free
+ *  R5. owner := FREE (store_release)
+ * A recoverer killed anywhere in R1-R5 leaves the slot RECOVERING with its own
+ * (dead) pid; the next process that meets one of the slot's locks claims it
+ * again and re-runs R2-R5, which skip whatever is already done: R2 tests each
+ * lock word, and every store it makes writes the same value again (the
+ * generation is set to e.gen + 1 from the record, never incremented).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -126,13 +146,14 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
             if (ps_pid(o) == me || proc_alive(ps_pid(o), 0))
                 return 0;       /* a live recoverer is on it (or we are, re-entrantly) */
         }
-        /* Claim: pairs with nothing to publish yet; acq_rel so the dead
+        /* R1. Claim: pairs with nothing to publish yet; acq_rel so the dead
          * owner's record (visible since it exited) is read after the claim. */
         if (cas_acq_rel(&p->owner, &o, ps_make(me, PS_RECOVERING)))
             break;
     }
     FAULT_POINT("recover.claimed");
 
+    /* R2 */
     struct shm_commit_rec *r = &p->rec;
     uint32_t rst = load_acquire(&r->state);
     uint32_t n = load_relaxed(&r->n);
@@ -147,11 +168,13 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
             if (load_acquire(&t->lock) != mine)
                 continue;                       /* not (or no longer) held by the dead slot */
             if (rst == CR_COMMITTED) {
-                /* roll forward: the commit point was reached */
+                /* roll forward: the commit point was reached.  Every store is
+                 * idempotent: a recoverer killed after it re-runs it. */
                 store_relaxed(&t->tag, (uint32_t)e[i].new_tag);
                 store_relaxed(&t->value, e[i].new_val);
                 if (e[i].flags & WE_FREE)
-                    store_relaxed(&t->gen, load_relaxed(&t->gen) + 1);
+                    store_relaxed(&t->gen, e[i].gen + 1);   /* never gen + 1: see R2 */
+                FAULT_POINT("recover.published_one");
                 /* Pairs with readers' load_acquire of the lock word. */
                 store_release(&t->lock, lk_make_unlocked(wv));
                 if (e[i].flags & WE_FREE)
@@ -165,19 +188,21 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
             FAULT_POINT("recover.entry");
         }
     }
-    /* release the irrevocable token if the dead slot held it */
+    /* R3. release the irrevocable token if the dead slot held it */
     uint64_t tok = slot + 1ull;
     if (cas_acq_rel(&s->h->token, &tok, 0)) {
         faa_seq_cst(&s->h->token_futex, 1);
         futex_wake(&s->h->token_futex);
     }
+    FAULT_POINT("recover.token");
+    /* R4 */
     store_relaxed(&r->n, 0);
     store_relaxed(&r->spill_off, 0);     /* the spill block leaks: acceptable */
     store_release(&r->state, CR_IDLE);
     store_relaxed(&p->start_time, 0);
     store_relaxed(&p->sleeping, 0);
     FAULT_POINT("recover.before_free");
-    /* Pairs with the load_acquire in claimers: all repairs above happen-before
+    /* R5. Pairs with the load_acquire in claimers: all repairs above happen-before
      * anyone reuses the slot. */
     store_release(&p->owner, ps_make(0, PS_FREE));
     return 1;
@@ -189,5 +214,26 @@ int shmstm_seg_reclaim_dead(shmstm_seg *s)
     for (uint32_t i = 0; i < s->max_procs; i++)
         if (slot_owner_dead(s, i) && slot_recover(s, i))
             n++;
+    return n;
+}
+
+int shmstm_seg_locked(shmstm_seg *s, uint32_t *idx, uint32_t *owner, uint32_t cap)
+{
+    uint32_t bump = load_relaxed(&s->h->tvar_bump);   /* advisory bound */
+    if (bump > s->max_tvars)
+        bump = s->max_tvars;
+    int n = 0;
+    for (uint32_t i = 0; i < bump; i++) {
+        /* acquire: pairs with the release that unlocked (or locked) it; the
+         * answer is a snapshot per word, exact only at quiescence. */
+        uint64_t w = load_acquire(&s->tvars[i].lock);
+        if (!lk_locked(w))
+            continue;
+        if ((uint32_t)n < cap) {
+            idx[n] = i;
+            owner[n] = lk_owner(w);
+        }
+        n++;
+    }
     return n;
 }

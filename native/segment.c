@@ -7,8 +7,19 @@
  *    later.  Everything except init_state is written before init_state becomes
  *    INIT_READY (store_release); attachers read the header only after seeing
  *    INIT_READY (load_acquire): the pair orders the whole initialisation.
- *  - An attacher waits a bounded time for INIT_READY; a creator killed
- *    half-way never hangs it (SHMSTM_EINIT).
+ *  - The creator initialises the object under a private temporary name
+ *    ("/shmstm.<name>.init-<pid>-<random>", shmstm/_segments.py) and only then
+ *    links it to "/shmstm.<name>", so the runtime's name never refers to a
+ *    half-initialised segment made by this version: a creator killed half-way
+ *    leaves only its temporary name (removed by shmstm-cleanup), and the next
+ *    opener simply creates the runtime.
+ *  - For an object initialised in place by anyone else (or an older build), an
+ *    attacher waits a bounded time for INIT_READY, and fails at once when the
+ *    kernel says the creator (creator_pid + creator_start) is gone: a creator
+ *    killed half-way never hangs it (SHMSTM_EINIT).  creator_pid/start are
+ *    plain fields written once before INIT_READY; the waiting attacher reads
+ *    them with relaxed atomic loads (a word-sized, aligned read: at worst it
+ *    sees 0 and keeps waiting).
  *  - The geometry (limits, offsets, size) is recomputed from the limits in the
  *    header and must match the stored offsets exactly; the segment struct then
  *    keeps private copies, used for every bounds check.
@@ -199,8 +210,13 @@ int shmstm_header_check(const unsigned char *hdr, uint64_t len, uint64_t file_si
     if (len < sizeof h)
         return SHMSTM_ECORRUPT;
     memcpy(&h, hdr, sizeof h);
-    if (load_relaxed(&h.init_state) != INIT_READY)
+    /* As shmstm_seg_attach: a segment being created is not initialised yet;
+     * any other state than the two is another layout (or not shmstm). */
+    uint32_t is = load_relaxed(&h.init_state);
+    if (is == INIT_CREATING)
         return SHMSTM_EINIT;
+    if (is != INIT_READY)
+        return SHMSTM_ELAYOUT;
     return validate_header(&h, file_size);
 }
 
@@ -222,8 +238,9 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
                 hmap = mmap(NULL, hsz, PROT_READ, MAP_SHARED, fd, 0);
             if (hmap == MAP_FAILED)
                 return SHMSTM_ESYS;
+            struct shm_header *hh = (struct shm_header *)hmap;
             /* Pairs with the store_release in create. */
-            uint32_t is = load_acquire(&((struct shm_header *)hmap)->init_state);
+            uint32_t is = load_acquire(&hh->init_state);
             if (is == INIT_READY)
                 break;
             /* Neither state of a segment being created: another layout or not
@@ -231,6 +248,14 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
             if (is != INIT_CREATING) {
                 munmap(hmap, hsz);
                 return SHMSTM_ELAYOUT;
+            }
+            /* Not ready: if the kernel says the creator is gone, it never will
+             * be (a creator killed half-way); fail now rather than at the
+             * deadline.  creator_pid is 0 until the creator wrote it. */
+            uint32_t cpid = load_relaxed((a32 *)&hh->creator_pid);
+            if (cpid && !proc_alive(cpid, load_relaxed((a64 *)&hh->creator_start))) {
+                munmap(hmap, hsz);
+                return SHMSTM_EINIT;
             }
         }
         if (now_ns() >= deadline) {

@@ -153,6 +153,16 @@ int shmstm_seg_hot_tvars(shmstm_seg *seg, uint32_t *idx, uint32_t *conflicts, ui
 int shmstm_seg_name_of(shmstm_seg *seg, uint32_t idx, char *buf, uint32_t cap);
 int shmstm_seg_reclaim_dead(shmstm_seg *seg);
 int shmstm_header_check(const unsigned char *hdr, uint64_t len, uint64_t file_size);
+/* Every TVar whose lock word is locked now: its index and owner slot (the
+ * first `cap` of them); returns how many are locked.  Reads only: usable on a
+ * read-only mapping, takes no slot and no lock (crash tests, cleanup). */
+int shmstm_seg_locked(shmstm_seg *seg, uint32_t *idx, uint32_t *owner, uint32_t cap);
+
+/* Fault injection (native/fault.c).  Debug builds: arm the kill point `point`
+ * (NULL or "" disarms) to fire at its `countdown`-th hit, and set the delay
+ * and shake chances; returns 0.  Release builds: SHMSTM_EINVAL, nothing set. */
+int shmstm_fault_set(const char *point, int64_t countdown, int32_t delay_permille,
+                     int32_t delay_max_us, int32_t shake_permille);
 
 /* contexts */
 int shmstm_ctx_new(shmstm_seg *seg, shmstm_ctx **out);

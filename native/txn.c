@@ -124,7 +124,7 @@ static int validate_reads(shmstm_ctx *c, struct shm_wentry *e, uint32_t n)
             struct shm_wentry *we = find_entry(e, n, r->idx);
             w = we ? we->old_lock : w;
         }
-        if (lk_locked(w) || lk_version(w) != r->ver) {
+        if (lk_locked(w) || lk_version(w) != r->ver || FAULT_SHAKE()) {
             c->failed_idx = r->idx;
             return 0;
         }
@@ -493,6 +493,12 @@ static int wait_token(shmstm_ctx *c, int64_t timeout_ns)
         uint64_t tok = load_acquire(&h->token);   /* pairs with release_token() */
         if (tok == 0 || tok == c->slot + 1ull)
             return 0;
+        if (tok > c->seg->max_procs) {
+            /* Names no slot: a corrupted word (no holder could ever release it).
+             * Clear it rather than wait forever; the CAS keeps a real token. */
+            cas_acq_rel(&h->token, &tok, 0);
+            continue;
+        }
         if (rounds % 8 == 7 && slot_owner_dead(c->seg, (uint32_t)(tok - 1)))
             slot_recover(c->seg, (uint32_t)(tok - 1));
         uint64_t now = now_ns();
@@ -565,18 +571,31 @@ static void note_latency(struct shm_proc *p, uint64_t t0)
 /* Commit the attempt.  Returns 0, SHMSTM_ECONFLICT (re-run), SHMSTM_ESTALE
  * (a written TVar was freed), or another code (nothing was changed).
  *
- * Steps (numbers are the kill points of the crash tests):
+ * Steps, with the kill point (FAULT_POINT, debug builds) that ends each:
  *  1. sort the staged entries by index; no lock held, state CR_IDLE
+ *                                                      commit.sorted
  *  2. wait while another slot holds the irrevocable token (no lock held)
+ *                                                      commit.token
  *  3. state := CR_LOCKING; lock each entry in index order, storing old_lock
  *     before its CAS; check the generation under the lock
+ *                                                      commit.locking (none yet),
+ *                                                      commit.locked_one (each)
  *  4. state := CR_VALIDATING; wv := clock + 1 (fetch_add)
+ *                                                      commit.validating
  *  5. validate the read set unless rv + 1 == wv (nobody committed between)
+ *                                                      commit.validated
  *  6. state := CR_COMMITTED            <-- commit point, point of no return
- *  7. publish each new value
+ *                                                      commit.committed
+ *  7. publish each new value                           commit.published_one
  *  8. release each lock with version wv (store_release)
- *  9. wake the waiters of every written TVar
+ *                                                      commit.released_one
+ *  9. wake the waiters of every written TVar           commit.woken
  * 10. free old values and freed TVar slots; state := CR_IDLE
+ *                                                      commit.freed (before IDLE)
+ * Abort after locking (steps 3-5): restore each old lock word
+ *                                                      commit.rollback_one (each)
+ * A kill before step 6 is rolled back by recovery, a kill after it rolled
+ * forward (proc.c); FAULT_SHAKE() makes step 5 fail spuriously.
  */
 int shmstm_tx_commit(shmstm_ctx *c)
 {
@@ -603,6 +622,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
             drop_staged(c);
             return SHMSTM_EDUP;
         }
+    FAULT_POINT("commit.sorted");
     /* 2 */
     if (load_acquire(&s->h->token) && !c->has_token) {
         int rc = wait_token(c, -1);
@@ -611,6 +631,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
             return rc;
         }
     }
+    FAULT_POINT("commit.token");
     /* 3 */
     store_release(&r->state, CR_LOCKING);
     FAULT_POINT("commit.locking");
@@ -653,11 +674,13 @@ int shmstm_tx_commit(shmstm_ctx *c)
     store_relaxed(&r->wv, wv);
     FAULT_POINT("commit.validating");
     /* 5 */
-    if (c->rs_n && !(c->active && c->rv + 1 == wv) && !validate_reads(c, e, n)) {
+    if (c->rs_n && (FAULT_SHAKE() ||
+                    (!(c->active && c->rv + 1 == wv) && !validate_reads(c, e, n)))) {
         reason = AB_VALIDATE;
         bad = c->failed_idx;
         goto fail;
     }
+    FAULT_POINT("commit.validated");
     /* 6: the commit point.  Recovery rolls forward from here on. */
     store_release(&r->state, CR_COMMITTED);
     FAULT_POINT("commit.committed");
@@ -668,15 +691,17 @@ int shmstm_tx_commit(shmstm_ctx *c)
         store_relaxed(&t->value, e[i].new_val);
         if (e[i].flags & WE_FREE)
             store_relaxed(&t->gen, e[i].gen + 1);
+        FAULT_POINT("commit.published_one");
         /* Pairs with readers' load_acquire of the lock word. */
         store_release(&t->lock, lk_make_unlocked(wv));
-        FAULT_POINT("commit.published_one");
+        FAULT_POINT("commit.released_one");
     }
     /* 9: Dekker with retry(): waiters set their bit, fence, then read lock
      * words; we wrote lock words, fence, then read their bits (wait.c). */
     fence_seq_cst();
     for (uint32_t i = 0; i < n; i++)
         wake_waiters(s, &s->tvars[e[i].idx]);
+    FAULT_POINT("commit.woken");
     /* 10 */
     for (uint32_t i = 0; i < n; i++) {
         if (tag_is_heap(e[i].old_tag))
@@ -684,6 +709,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
         if (e[i].flags & WE_FREE)
             tvar_push_free(s, e[i].idx);
     }
+    FAULT_POINT("commit.freed");
     store_relaxed(&r->n, 0);
     store_release(&r->state, CR_IDLE);
     c->n_staged = 0;
@@ -696,8 +722,10 @@ int shmstm_tx_commit(shmstm_ctx *c)
     return 0;
 
 fail:
-    for (uint32_t i = 0; i < locked; i++)
+    for (uint32_t i = 0; i < locked; i++) {
         store_release(&s->tvars[e[i].idx].lock, e[i].old_lock);
+        FAULT_POINT("commit.rollback_one");
+    }
     c->failed_idx = bad;
     note_abort(c, reason, bad);
     drop_staged(c);
@@ -724,6 +752,11 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
         return SHMSTM_ENOMEM;
     }
     uint32_t pid = (uint32_t)getpid();
+    /* Eager reclamation (proc.c): recover every slot whose owner the kernel says
+     * is dead before claiming one.  Recovery is otherwise lazy (on meeting a dead
+     * owner's lock), so a lock on a TVar no live process touches would outlive
+     * its owner; this bounds that to "until the next context is created". */
+    shmstm_seg_reclaim_dead(s);
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < s->max_procs; i++) {
             struct shm_proc *p = &s->procs[i];

@@ -20,6 +20,7 @@ from .__about__ import __version__
 from ._stm import (
     Runtime, TVar, atomic, atomically, check, in_transaction, open, or_else, retry, unlink,
 )
+from ._segments import cleanup_segments, list_segments
 from .errors import (
     BlockedForeverError, CorruptSegmentError, CrossRuntimeError, EncodeError, Error,
     ForkedContextError, HeapFullError, LayoutMismatchError, LimitMismatchError,
@@ -30,7 +31,7 @@ from .errors import (
 
 __all__ = [
     "__version__", "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
-    "check", "or_else", "in_transaction",
+    "check", "or_else", "in_transaction", "list_segments", "cleanup_segments",
     "Error", "StaleTVarError", "EncodeError", "ValueTooLargeError", "HeapFullError",
     "TVarTableFullError", "TooManyProcessesError", "LayoutMismatchError",
     "CorruptSegmentError", "SegmentInitError", "LimitMismatchError", "RuntimeClosedError",

@@ -21,6 +21,7 @@ import weakref
 import posix_ipc
 
 from . import errors
+from . import _segments
 from ._binding import check as _check_rc, error_for, ffi, lib
 
 __all__ = [
@@ -285,38 +286,21 @@ class Runtime:
 
     # -- attach / detach
 
-    def _attach(self, limits, create_limits=None, wait_ns=_WAIT_FOR_INIT_NS, create=True):
+    def _attach(self, limits, create_limits=None, wait_ns=None, create=True):
         """Attach to the segment, creating it first when ``create`` (open());
         a lazy attach (an unpickled runtime) passes create=False, so it can
         never re-create a segment that was unlinked."""
+        if wait_ns is None:
+            wait_ns = _WAIT_FOR_INIT_NS      # read at call time (tests lower it)
         params = ffi.new("shmstm_params *")
         segp = ffi.new("shmstm_seg **")
         shm_name = _shm_name(self.name)
         for _ in range(3):
-            try:
-                if not create:
-                    raise posix_ipc.ExistentialError
-                shm = posix_ipc.SharedMemory(shm_name, posix_ipc.O_CREX, mode=0o600, size=0)
-            except posix_ipc.ExistentialError:
-                pass
-            except posix_ipc.PermissionsError as e:
-                raise errors.PermissionDeniedError("cannot create %s: %s" % (shm_name, e)) from None
-            else:
-                lim = create_limits or _creation_limits(limits)
-                params.max_tvars = lim["max_tvars"]
-                params.max_procs = lim["max_procs"]
-                params.max_value_size = lim["max_value_size"]
-                params.heap_size = lim["heap_size"]
-                try:
-                    rc = lib.shmstm_seg_create(shm.fd, params, segp)
-                finally:
-                    shm.close_fd()
-                if rc < 0:
-                    try:
-                        shm.unlink()
-                    except posix_ipc.ExistentialError:
-                        pass
-                    raise error_for(rc, "creating runtime %r" % self.name)
+            # Created under a temporary name and linked into place once complete
+            # (_segments.create_segment): the name never shows a half-made segment.
+            if create and not os.path.exists(_segments.SHM_DIR + shm_name) and \
+                    _segments.create_segment(self.name, create_limits or _creation_limits(limits),
+                                             params, segp):
                 break
             try:
                 shm = posix_ipc.SharedMemory(shm_name, 0)
@@ -753,9 +737,6 @@ class _Tx:
         self.doomed = False
         self.nonint = 0
 
-    def clean(self):
-        return not (self.writes or self.undo or self.created or self.depth or self.doomed)
-
     def _bind(self, rt):
         if self.rt is not None:
             if rt is self.rt:
@@ -768,6 +749,15 @@ class _Tx:
             self.brt = rt
             self.ctx = ctx
             self.ptr = ctx.ptr
+            # An asynchronous exception (KeyboardInterrupt from a signal
+            # handler) can cut a transaction's cleanup short before its C
+            # abort: staged writes would then stay in the thread's C context
+            # and be committed by its next transaction (a half-applied write).
+            # _run never reuses the _Tx of a transaction that ended by an
+            # exception, and every (re)binding clears the context first: one C
+            # call, off the reuse path (a thread that keeps to one runtime
+            # binds once).
+            lib.shmstm_tx_abort(self.ptr, AB_SILENT)
         self.rt = rt
 
     def _discard_created(self, since=0):
@@ -902,11 +892,11 @@ def _run(fn, args, kwargs, timeout):
     tx = tls.own
     if tx is None:
         tx = tls.own = _Tx()
-    tls.tx = tx
-    _active.add(tx)
     deadline = None if timeout is None else time.monotonic() + timeout
     conflicts = 0
     try:
+        tls.tx = tx
+        _active.add(tx)
         while True:
             try:
                 result = fn(*args, **kwargs)
@@ -929,9 +919,11 @@ def _run(fn, args, kwargs, timeout):
             if conflicts == IRREVOCABLE_AFTER and tx.ctx is not None and tx.ctx.ptr is not None:
                 lib.shmstm_tx_irrevocable(tx.ptr, -1)
     except BaseException:
+        # Never reuse a _Tx whose transaction ended by an exception: an
+        # asynchronous one may cut the cleanup below short.  Dropped first, so
+        # the next transaction's new _Tx clears the C context (_bind).
+        tls.own = None
         tx._end(AB_SILENT)
-        if not tx.clean():
-            tls.own = None              # left in an odd state: never reuse it
         raise
     finally:
         tls.tx = None

@@ -58,18 +58,28 @@ def pytest_configure(config):
 
 def _mapped_segments():
     """Paths of /dev/shm/shmstm.* files that some live process has mapped (the
-    kernel's answer to "is anyone still using it"; /proc/<pid>/maps)."""
-    mapped = set()
+    kernel's answer to "is anyone still using it"; /proc/<pid>/maps).  Matched by
+    inode: a creator maps its segment under a temporary name that the maps file
+    keeps showing (deleted) after the segment was linked to its real name."""
+    inodes = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open("/proc/%s/maps" % pid) as f:
                 for line in f:
-                    i = line.find(os.path.join(SHM_DIR, SEG_PREFIX))
-                    if i >= 0:
-                        mapped.add(line[i:].rstrip("\n").replace(" (deleted)", ""))
+                    if os.path.join(SHM_DIR, SEG_PREFIX) in line:
+                        fields = line.split(None, 5)
+                        if len(fields) == 6 and fields[4].isdigit():
+                            inodes.add(int(fields[4]))
         except OSError:  # gone, or not ours to read
+            pass
+    mapped = set()
+    for path in _segments():
+        try:
+            if os.stat(path).st_ino in inodes:
+                mapped.add(path)
+        except OSError:
             pass
     return mapped
 
