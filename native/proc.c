@@ -135,6 +135,8 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
 
     struct shm_commit_rec *r = &p->rec;
     uint32_t rst = load_acquire(&r->state);
+    if (s->ring_slots)
+        rst = ring_recover_decide(s, r, rst);   /* durable: slot wv decides (ring.c) */
     uint32_t n = load_relaxed(&r->n);
     struct shm_wentry *e = rec_entries(s, r);
     uint64_t mine = lk_make_locked(slot);
@@ -171,6 +173,8 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
         faa_seq_cst(&s->h->token_futex, 1);
         futex_wake(&s->h->token_futex);
     }
+    if (s->ring_slots)
+        ring_recover_cleanup(s, r, rst);       /* free an unpublished ring record */
     store_relaxed(&r->n, 0);
     store_relaxed(&r->spill_off, 0);     /* the spill block leaks: acceptable */
     store_release(&r->state, CR_IDLE);
