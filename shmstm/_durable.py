@@ -290,10 +290,17 @@ class Durable:
         for p in list(_children):
             if p.poll() is not None:
                 _children.remove(p)
+        # One start in flight per process: a flusher takes a moment to claim
+        # the lease, and every failed commit would otherwise start another.
+        if any(p.args[-1] == self.rt.name and time.monotonic() - p._shmstm_t < 5.0
+               for p in _children):
+            return False
         cmd = [sys.executable, "-m", "shmstm._flusher", self.rt.name]
-        _children.append(subprocess.Popen(
+        p = subprocess.Popen(
             cmd, env=_flusher_env(), start_new_session=True, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, close_fds=True))
+            stdout=subprocess.DEVNULL, close_fds=True)
+        p._shmstm_t = time.monotonic()
+        _children.append(p)
         return True
 
     # -- modes
