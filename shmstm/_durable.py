@@ -292,7 +292,8 @@ class Durable:
                 _children.remove(p)
         # One start in flight per process: a flusher takes a moment to claim
         # the lease, and every failed commit would otherwise start another.
-        if any(p.args[-1] == self.rt.name and time.monotonic() - p._shmstm_t < 5.0
+        key = (self.rt.name, self.rt._params.created_ns)     # this segment, not a predecessor
+        if any(p._shmstm_key == key and time.monotonic() - p._shmstm_t < 5.0
                for p in _children):
             return False
         cmd = [sys.executable, "-m", "shmstm._flusher", self.rt.name]
@@ -300,6 +301,7 @@ class Durable:
             cmd, env=_flusher_env(), start_new_session=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, close_fds=True)
         p._shmstm_t = time.monotonic()
+        p._shmstm_key = key
         _children.append(p)
         return True
 
