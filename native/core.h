@@ -30,6 +30,8 @@ struct shmstm_seg {
     struct shm_tvar *tvars;
     struct shm_dirent *dir;
     unsigned char *heap;
+    struct shm_ring_slot *ring;  /* NULL unless durable */
+    uint32_t ring_slots;         /* 0: not durable (the one branch on the hot path) */
     uint64_t heap_size;
     uint32_t max_tvars, max_procs, max_value_size, dir_slots;
 };
@@ -57,6 +59,8 @@ struct shmstm_ctx {
     uint32_t rs_cap;
     uint32_t n_staged;
     uint64_t bytes_staged;
+    int dsync;               /* durable runtimes: commit waits for flushed_wv >= wv */
+    uint64_t last_wv;        /* durable runtimes: wv of the last writer commit */
 };
 
 /* proc.c */
@@ -94,6 +98,15 @@ struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r);
 void ctx_reset(shmstm_ctx *c);
 void free_staged(shmstm_ctx *c);
 void release_token(shmstm_ctx *c);
+
+/* ring.c (durable runtimes only; every call is behind `if (s->ring_slots)`) */
+void     ring_init(struct shmstm_seg *s, const shmstm_params *p);
+int      ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *rec);
+int      ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec);
+void     ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec);
+int      ring_after_commit(shmstm_ctx *c, uint64_t wv);
+uint32_t ring_recover_decide(struct shmstm_seg *s, struct shm_commit_rec *r, uint32_t rst);
+void     ring_recover_cleanup(struct shmstm_seg *s, struct shm_commit_rec *r, uint32_t rst);
 
 /* wait.c */
 int  futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns);

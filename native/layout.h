@@ -129,7 +129,9 @@ struct shm_commit_rec {
     a64 wv;              /* write version, valid from CR_VALIDATING on */
     a64 spill_off;       /* heap offset of an entry array when n > REC_INLINE, else 0 */
     a64 spill_cap;       /* entries that the spill block holds */
-    a64 ring_rec;        /* durable runtimes: heap offset of this commit's ring record (reserved) */
+    a64 ring_rec;        /* durable runtimes: heap offset of this commit's ring record
+                            while the committer owns it (0 once the fill CAS hands it
+                            to the flusher); a recoverer frees it on rollback */
     uint8_t pad_[24];
     struct shm_wentry e[REC_INLINE];
 };
@@ -160,6 +162,7 @@ struct shm_proc {
     a64 wakeups;                   /* waits ended by a change */
     a64 bytes_committed;
     a64 irrevocable;               /* transactions run with the token */
+    a64 ring_waits;                /* durable commits that waited for ring room */
     a64 heap_allocs[HEAP_CLASSES]; /* blocks allocated / freed by this slot */
     a64 heap_frees[HEAP_CLASSES];
     a64 lat_hist[LAT_BUCKETS];     /* commit-call latency, bucket = floor(log2(ns)) */
@@ -258,12 +261,82 @@ struct shm_header {
      * to reads, and a per-class line would cost 1.7 KiB per segment. */
     _Alignas(64) a64 heap_free[HEAP_CLASSES];
 
-    /* durability (issue 4): W: the flusher.  R: committers, stats. */
-    _Alignas(64) a64 flushed_wv;
-    a64 flusher_owner;       /* ps_make(pid, state) of the flusher lease */
-    a64 flusher_start;
-    a64 ring_reserved_[5];
+    /* durability (issue 4, native/ring.c).  Meaningful only when
+     * ring_slots != 0.  All on one line: the flusher writes most of it, and
+     * committers touch it once per commit (room check) at most. */
+    _Alignas(64) a64 flushed_wv; /* every wv <= flushed_wv is in LMDB (or was void).
+                                    W: flusher, store_release after recycling the
+                                    slots (ring_release).  R: committers' room check
+                                    and sync wait, load_acquire (pairs with it).
+                                    authoritative */
+    a64 flusher_owner;       /* lease: ps_make(pid, PS_ACTIVE) or 0.  W: a flusher
+                                by CAS (acq_rel) from 0 or a dead holder; the holder
+                                stores 0 (release) on exit.  R: anyone, liveness
+                                by pid + flusher_start from /proc (never a timeout) */
+    a64 flusher_start;       /* /proc starttime of the lease holder; 0 until written
+                                right after the claim CAS (relaxed) */
+    a64 path_off;            /* heap offset of the LMDB path (NUL-terminated).
+                                W: creator, before durable_state := DS_READY */
+    a32 flush_futex;         /* W: flusher faa_seq_cst after advancing flushed_wv,
+                                then futex_wake.  R: sync and ring-full waiters */
+    a32 ring_futex;          /* W: committers faa_seq_cst after filling a slot when
+                                flusher_sleeping.  R: the flusher's futex_wait */
+    a32 flusher_sleeping;    /* W: flusher store_seq_cst around its sleep.  R:
+                                committers load_seq_cst after the fill (Dekker) */
+    a32 durable_state;       /* DS_LOADING until the creator loaded LMDB, then
+                                DS_READY.  W: creator store_release.  R: attachers
+                                load_acquire (pairs with it) */
+    a32 durable_error;       /* 0, or an SHMSTM_E* code the flusher met writing
+                                LMDB (map full, I/O).  W: flusher (relaxed).
+                                R: committers before their commit point: refuse */
+    a32 durable_pad_;
+    a64 durable_reserved_;
 };
+
+/* ---- commit ring (durable runtimes; native/ring.c) ----
+ * Slot wv % ring_slots serves write version wv in its round.
+ *   seq: the wv the slot serves now (Vyukov's sequence stamp).  W: ring_init
+ *        at creation; the flusher store_release(seq + ring_slots) when it
+ *        recycles the slot.  R: committers load_acquire (pairs with it).
+ *   rec: RING_EMPTY, then exactly one CAS (acq_rel) to a record offset or a
+ *        marker by the owner of wv (the commit point), or to RING_VOID by the
+ *        flusher (grace passed), a recoverer, or the owner after a failed
+ *        validation.  The flusher stores RING_EMPTY (relaxed) when recycling,
+ *        before the seq release.
+ *   rec encoding: 0 empty; low 4 bits 1: void; low 4 bits 2: a commit with no
+ *   durable write, owner slot + 1 in bits 16..; otherwise (low 4 bits 0) the
+ *   heap offset of a record (struct ring_rec). */
+#define RING_EMPTY 0ull
+#define RING_VOID  1ull
+#define RING_NOOP  2ull
+static inline uint64_t ring_noop(uint32_t owner) { return ((uint64_t)(owner + 1) << 16) | RING_NOOP; }
+static inline uint32_t ring_kind(uint64_t rec)   { return (uint32_t)(rec & 15u); }
+struct shm_ring_slot {
+    a64 seq;
+    a64 rec;
+    uint8_t pad_[48];
+};
+
+/* A ring record, in a heap block (payload).  Written by its committer only
+ * before the CAS that publishes it; read-only afterwards; freed by the
+ * flusher after the LMDB commit.  Entries follow: struct ring_ent then len
+ * payload bytes padded to 8. */
+struct ring_rec {
+    uint64_t wv;        /* written after wv is taken, before the publishing CAS */
+    uint32_t n;         /* entries */
+    uint32_t owner;     /* committer's process slot */
+    uint64_t bytes;     /* entry bytes after this header */
+    uint64_t sum;       /* FNV-1a over the entry bytes */
+};
+struct ring_ent {
+    uint32_t idx;
+    uint32_t tag;
+    uint32_t len;       /* payload bytes (8 for inline tags) */
+    uint32_t pad_;
+};
+
+#define DS_LOADING 0u
+#define DS_READY   1u
 
 /* Compile-time checks: the layout is the contract between processes. */
 _Static_assert(sizeof(struct shm_tvar) == 64, "TVar slot is one cache line");
@@ -275,6 +348,8 @@ _Static_assert(offsetof(struct shm_proc, futex) % 64 == 0, "futex on its own lin
 _Static_assert(offsetof(struct shm_proc, rec) % 64 == 0, "record on its own line");
 _Static_assert(sizeof(struct shm_proc) % 64 == 0, "proc slot is whole lines");
 _Static_assert(sizeof(struct shm_header) % 64 == 0, "header is whole lines");
+_Static_assert(sizeof(struct shm_ring_slot) == 64, "ring slot is one cache line");
+_Static_assert(sizeof(struct ring_rec) == 32 && sizeof(struct ring_ent) == 16, "ring record");
 _Static_assert(sizeof(a64) == 8 && sizeof(a32) == 4, "lock-free atomics");
 
 /* The layout signature folds the layout version and every struct size and the
@@ -289,6 +364,7 @@ static inline uint64_t layout_signature(void)
         sizeof(struct shm_tvar), sizeof(struct shm_dirent),
         sizeof(struct shm_wentry), sizeof(struct shm_commit_rec),
         REC_INLINE, HEAP_CLASSES, AB_NREASONS, LAT_BUCKETS, TAG_MAX,
+        sizeof(struct shm_ring_slot), sizeof(struct ring_rec),
     };
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
         s ^= parts[i];

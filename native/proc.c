@@ -156,6 +156,8 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     /* R2 */
     struct shm_commit_rec *r = &p->rec;
     uint32_t rst = load_acquire(&r->state);
+    if (s->ring_slots)
+        rst = ring_recover_decide(s, r, rst);   /* durable: slot wv decides (ring.c) */
     uint32_t n = load_relaxed(&r->n);
     struct shm_wentry *e = rec_entries(s, r);
     uint64_t mine = lk_make_locked(slot);
@@ -196,6 +198,8 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     }
     FAULT_POINT("recover.token");
     /* R4 */
+    if (s->ring_slots)
+        ring_recover_cleanup(s, r, rst);       /* free an unpublished ring record */
     store_relaxed(&r->n, 0);
     store_relaxed(&r->spill_off, 0);     /* the spill block leaks: acceptable */
     store_release(&r->state, CR_IDLE);

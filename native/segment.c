@@ -82,7 +82,7 @@ static void compute_geometry(uint32_t max_tvars, uint32_t max_procs, uint64_t he
     g->off_dir = off = round_up(off, SHMSTM_CACHELINE);
     off += (uint64_t)g->dir_slots * sizeof(struct shm_dirent);
     g->off_ring = off = round_up(off, SHMSTM_CACHELINE);
-    off += (uint64_t)ring_slots * 64u;
+    off += (uint64_t)ring_slots * sizeof(struct shm_ring_slot);
     g->off_heap = off = round_up(off, 4096);
     off += heap_size;
     g->seg_size = round_up(off, 4096);
@@ -101,6 +101,8 @@ static void fill_seg(struct shmstm_seg *s, unsigned char *base, const struct shm
     s->dir = (struct shm_dirent *)(base + h->off_dir);
     s->heap = base + h->off_heap;
     s->heap_size = h->heap_size;
+    s->ring_slots = h->ring_slots;
+    s->ring = h->ring_slots ? (struct shm_ring_slot *)(base + h->off_ring) : NULL;
     s->max_tvars = h->max_tvars;
     s->max_procs = h->max_procs;
     s->max_value_size = h->max_value_size;
@@ -127,8 +129,9 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
     int rc = check_limits(p->max_tvars, p->max_procs, p->max_value_size, p->heap_size);
     if (rc)
         return rc;
-    if (p->ring_slots)
-        return SHMSTM_EINVAL;            /* the commit ring lands with durability */
+    if (p->ring_slots && (p->ring_slots > (1u << 24) ||
+                          p->ring_slots < 2u * (p->max_procs + 1u)))
+        return SHMSTM_EINVAL;            /* room margin: see ring.c */
     struct geometry g;
     compute_geometry(p->max_tvars, p->max_procs, p->heap_size, p->ring_slots, &g);
     struct shmstm_seg *s = calloc(1, sizeof *s);
@@ -174,6 +177,8 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
     /* Heap offset 0 is reserved so that 0 can mean "no block" in links. */
     store_relaxed(&h->heap_bump, 64);
     fill_seg(s, base, h, 0);
+    if (s->ring_slots)
+        ring_init(s, p);                 /* durable: clock, stamps, runtime id */
     params_out(h, p);
     FAULT_POINT("create.before_ready");
     /* Pairs with the load_acquire of init_state in attach. */

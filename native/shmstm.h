@@ -42,6 +42,9 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_EDIRFULL     -19  /* name directory full */
 #define SHMSTM_ENOTFOUND    -20  /* lookup found nothing */
 #define SHMSTM_EDUP         -21  /* a TVar staged twice in one commit */
+#define SHMSTM_ENOFLUSHER   -22  /* durable: ring full and the flusher is dead (restart it) */
+#define SHMSTM_EDURABLE     -23  /* durable: the flusher cannot write LMDB; commit refused */
+#define SHMSTM_PENDING       1   /* durable sync commit: committed, durability wait unfinished */
 
 #define SHMSTM_TAG_EMPTY   0
 #define SHMSTM_TAG_NONE    1
@@ -75,7 +78,9 @@ typedef struct {
     uint64_t created_ns;      /* out */
     uint32_t creator_pid;     /* out */
     uint32_t layout_version;  /* out */
-    unsigned char runtime_id[16];
+    unsigned char runtime_id[16];  /* out; in too when use_runtime_id (durable create) */
+    uint32_t use_runtime_id;  /* durable create: keep the runtime id of the LMDB data */
+    uint64_t clock_start;     /* durable create: the clock (and flushed_wv) to start at */
 } shmstm_params;
 
 /* process-local handle on a mapped segment (opaque to Python) */
@@ -212,6 +217,35 @@ int64_t shmstm_tx_readv(shmstm_ctx *c, const shmstm_ref *r);
 int shmstm_tx_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n);
 int shmstm_tx_commit_1(shmstm_ctx *c, int64_t h, int64_t v);
 int shmstm_tx_commit_2(shmstm_ctx *c, int64_t h1, int64_t v1, int64_t h2, int64_t v2);
+
+/* durability (native/ring.c) */
+typedef struct {
+    uint32_t ring_slots;
+    uint32_t ring_fill;       /* clock - flushed_wv: commits not yet in LMDB */
+    uint64_t committed_wv;    /* the clock */
+    uint64_t flushed_wv;
+    uint32_t flusher_pid;
+    uint32_t flusher_alive;
+    uint64_t ring_full_waits; /* sum over attached slots */
+    uint32_t durable_state;
+    int32_t durable_error;
+} shmstm_ring_info;
+int shmstm_ring_info_get(shmstm_seg *seg, shmstm_ring_info *out);
+int shmstm_ring_set_ready(shmstm_seg *seg, const char *path, size_t len);
+int shmstm_ring_path(shmstm_seg *seg, char *buf, uint32_t cap);
+int shmstm_ring_ready(shmstm_seg *seg);
+int shmstm_ring_wait(shmstm_seg *seg, uint64_t wv, int64_t timeout_ns);
+int shmstm_ring_collect(shmstm_seg *seg, uint64_t from_wv, uint32_t max_commits,
+                        char *buf, uint64_t cap, uint64_t *out);
+int shmstm_ring_void(shmstm_seg *seg, uint64_t wv);
+int shmstm_ring_release(shmstm_seg *seg, uint64_t from_wv, uint64_t to_wv);
+int shmstm_ring_set_error(shmstm_seg *seg, int32_t code);
+int shmstm_flusher_claim(shmstm_seg *seg);
+int shmstm_flusher_release(shmstm_seg *seg);
+int shmstm_flusher_alive(shmstm_seg *seg);
+int shmstm_flusher_sleep(shmstm_seg *seg, uint64_t next_wv, int64_t timeout_ns);
+int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);
+uint64_t shmstm_ctx_last_wv(shmstm_ctx *c);
 /* CDEF END */
 
 #endif

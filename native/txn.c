@@ -585,6 +585,8 @@ static void note_latency(struct shm_proc *p, uint64_t t0)
  *  5. validate the read set unless rv + 1 == wv (nobody committed between)
  *                                                      commit.validated
  *  6. state := CR_COMMITTED            <-- commit point, point of no return
+ *     (durable runtimes: the CAS of ring slot wv to the record comes first
+ *     and is the commit point; ring.c)
  *                                                      commit.committed
  *  7. publish each new value                           commit.published_one
  *  8. release each lock with version wv (store_release)
@@ -632,6 +634,15 @@ int shmstm_tx_commit(shmstm_ctx *c)
         }
     }
     FAULT_POINT("commit.token");
+    /* 2b (durable runtimes): record and ring room, before any lock */
+    uint64_t rrec = 0, wv = 0;
+    if (s->ring_slots) {
+        int rc = ring_prepare(c, e, n, &rrec);
+        if (rc) {
+            drop_staged(c);
+            return rc;
+        }
+    }
     /* 3 */
     store_release(&r->state, CR_LOCKING);
     FAULT_POINT("commit.locking");
@@ -670,7 +681,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
     fence_release();
     /* 4 */
     store_release(&r->state, CR_VALIDATING);
-    uint64_t wv = faa_acq_rel(&s->h->clock, 1) + 1;
+    wv = faa_acq_rel(&s->h->clock, 1) + 1;
     store_relaxed(&r->wv, wv);
     FAULT_POINT("commit.validating");
     /* 5 */
@@ -681,7 +692,14 @@ int shmstm_tx_commit(shmstm_ctx *c)
         goto fail;
     }
     FAULT_POINT("commit.validated");
-    /* 6: the commit point.  Recovery rolls forward from here on. */
+    /* 6: the commit point.  Recovery rolls forward from here on.  In a
+     * durable runtime the commit point is the fill of ring slot wv (ring.c);
+     * a slot voided by the flusher means roll back. */
+    if (s->ring_slots && !ring_fill(c, wv, rrec)) {
+        reason = AB_VALIDATE;
+        bad = UINT32_MAX;
+        goto fail;
+    }
     store_release(&r->state, CR_COMMITTED);
     FAULT_POINT("commit.committed");
     /* 7, 8 */
@@ -719,9 +737,13 @@ int shmstm_tx_commit(shmstm_ctx *c)
     note_latency(p, t0);
     release_token(c);
     ctx_reset(c);
+    if (s->ring_slots && c->dsync)
+        return ring_after_commit(c, wv);    /* sync durability: 0 or SHMSTM_PENDING */
     return 0;
 
 fail:
+    if (s->ring_slots)
+        ring_unwind(c, wv, rrec);           /* void slot wv (if taken), free the record */
     for (uint32_t i = 0; i < locked; i++) {
         store_release(&s->tvars[e[i].idx].lock, e[i].old_lock);
         FAULT_POINT("commit.rollback_one");

@@ -17,6 +17,7 @@ that run truly in parallel in several processes (GHC-STM semantics:
 See docs/api.md for the whole API.
 """
 from .__about__ import __version__
+from ._durable import durability, read_durable
 from ._stm import (
     Runtime, TVar, atomic, atomically, check, in_transaction, open, or_else, retry, unlink,
 )
@@ -25,13 +26,14 @@ from .errors import (
     BlockedForeverError, CorruptSegmentError, CrossRuntimeError, EncodeError, Error,
     ForkedContextError, HeapFullError, LayoutMismatchError, LimitMismatchError,
     NoSpaceError, NotInTransactionError, PermissionDeniedError, RetryTimeout,
-    RuntimeClosedError, SegmentInitError, SegmentNotFoundError, StaleTVarError,
+    RuntimeClosedError, SegmentInitError, DurabilityError, DurabilityMismatchError, SegmentNotFoundError, StaleTVarError,
     TooManyProcessesError, TVarTableFullError, ValueTooLargeError,
 )
 
 __all__ = [
     "__version__", "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
     "check", "or_else", "in_transaction", "list_segments", "cleanup_segments",
+    "durability", "read_durable", "DurabilityError", "DurabilityMismatchError",
     "Error", "StaleTVarError", "EncodeError", "ValueTooLargeError", "HeapFullError",
     "TVarTableFullError", "TooManyProcessesError", "LayoutMismatchError",
     "CorruptSegmentError", "SegmentInitError", "LimitMismatchError", "RuntimeClosedError",

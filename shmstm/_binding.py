@@ -39,6 +39,8 @@ _ERRORS = {
     lib.SHMSTM_ENOSPC: (errors.NoSpaceError, "no room in /dev/shm for the segment"),
     lib.SHMSTM_ENOTFOUND: (KeyError, "not found"),
     lib.SHMSTM_EDUP: (errors.Error, "internal error: a TVar staged twice"),
+    lib.SHMSTM_ENOFLUSHER: (errors.DurabilityError, "the commit ring is full and its flusher is not running"),
+    lib.SHMSTM_EDURABLE: (errors.DurabilityError, "the flusher cannot write the durable data (LMDB); commit refused"),
 }
 
 

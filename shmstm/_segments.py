@@ -38,8 +38,9 @@ def _path(shmname):
     return SHM_DIR + shmname
 
 
-def create_segment(name, lim, params, segp):
-    """Create runtime ``name``'s segment with limits ``lim``.
+def create_segment(name, lim, params, segp, fill=None):
+    """Create runtime ``name``'s segment with limits ``lim`` (and ``fill(params)``
+    called to set the other creation parameters, if given).
 
     Returns True if this call created it (``segp[0]`` is the mapped segment, and
     ``params`` its parameters), False if the name already exists (nothing is left
@@ -57,6 +58,8 @@ def create_segment(name, lim, params, segp):
         params.max_procs = lim["max_procs"]
         params.max_value_size = lim["max_value_size"]
         params.heap_size = lim["heap_size"]
+        if fill is not None:
+            fill(params)
         rc = lib.shmstm_seg_create(shm.fd, params, segp)
         if rc < 0:
             raise error_for(rc, "creating runtime %r" % name)

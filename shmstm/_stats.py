@@ -97,6 +97,11 @@ def _hot_tvars(seg, hot, cache):
     return out
 
 
+def _ring_stats(seg):
+    from ._durable import ring_stats        # lmdb is not needed to read the ring
+    return ring_stats(seg)
+
+
 def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
     """The statistics document of a mapped segment (schema: docs/stats.md).
 
@@ -187,7 +192,7 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
         "hottest_tvars": _hot_tvars(seg, hot, cache),
         # Durable runtimes (issue 4) will fill this object (keys reserved in
         # docs/stats.md); a runtime without durability has none.
-        "durability": None if not ring_slots else {"ring_slots": ring_slots},
+        "durability": None if not ring_slots else _ring_stats(seg),
     }
 
 

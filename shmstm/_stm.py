@@ -283,10 +283,12 @@ class Runtime:
         self._closed = False
         self._max_value_size = 0
         self._pid = os.getpid()
+        self._durable = None       # a _durable.Durable when opened with a path
+        self._created = False
 
     # -- attach / detach
 
-    def _attach(self, limits, create_limits=None, wait_ns=None, create=True):
+    def _attach(self, limits, create_limits=None, wait_ns=None, create=True, durable=None):
         """Attach to the segment, creating it first when ``create`` (open());
         a lazy attach (an unpickled runtime) passes create=False, so it can
         never re-create a segment that was unlinked."""
@@ -298,9 +300,13 @@ class Runtime:
         for _ in range(3):
             # Created under a temporary name and linked into place once complete
             # (_segments.create_segment): the name never shows a half-made segment.
+            # A durable create also fills the ring size, LMDB's runtime id and clock.
+            fill = None if durable is None else \
+                (lambda prm: _durable_mod().Durable.fill_params(prm, durable))
             if create and not os.path.exists(_segments.SHM_DIR + shm_name) and \
                     _segments.create_segment(self.name, create_limits or _creation_limits(limits),
-                                             params, segp):
+                                             params, segp, fill):
+                self._created = True
                 break
             try:
                 shm = posix_ipc.SharedMemory(shm_name, 0)
@@ -342,6 +348,7 @@ class Runtime:
                     raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
                 if self._seg is None:
                     self._attach({}, create=False)
+                    _adopt_durable(self)
 
     def _new_ctx(self):
         """The calling thread's context, creating it (and claiming a slot)."""
@@ -355,6 +362,8 @@ class Runtime:
             self._ctxs.append(ctx)
         self._local.holder = _CtxHolder(ctx)
         self._local.ctx = ctx
+        if self._durable is not None:
+            self._durable.on_new_ctx(ctx)
         return ctx
 
     def _release_ctx(self, ctx):
@@ -385,6 +394,8 @@ class Runtime:
                 if self._refs > 0:
                     return
                 self._closed = True
+                if self._durable is not None:
+                    self._durable.close()
                 for ctx in list(self._ctxs):
                     self._release_ctx(ctx)
                 if self._seg is not None:
@@ -466,7 +477,10 @@ class Runtime:
         document as ``shmstm-stats --json`` (schema in docs/stats.md)."""
         from ._stats import runtime_stats
         self._ensure()
-        return runtime_stats(self._seg, self.name, self._params.ring_slots)
+        st = runtime_stats(self._seg, self.name, self._params.ring_slots)
+        if self._durable is not None:       # this process knows the mode and path
+            st["durability"] = self._durable.stats()
+        return st
 
 
 def _new_call(fn, cptr, name_args, tag, payload, oi):
@@ -497,19 +511,49 @@ def _runtime_from_pickle(name):
         return rt
 
 
-def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the API's name
+def _durable_mod():
+    from . import _durable
+    return _durable
+
+
+def _adopt_durable(rt):
+    """A segment with a commit ring attached without a path (unpickled, or
+    open() without one): async mode, the path stored in the segment."""
+    if rt._params.ring_slots and rt._durable is None:
+        d = _durable_mod().Durable(rt, None, "async")
+        rt._durable = d
+        d.after_attach(False)
+
+
+def open(name, path=None, *, durability=None, ring_slots=None, **limits):   # noqa: A001
     """Create the runtime ``name`` or attach to it if it exists.
 
     Limits (keyword arguments): ``max_tvars`` (65536), ``heap_size`` (64 MiB),
     ``max_procs`` (64 process/thread slots), ``max_value_size`` (1 MiB, at
     most a quarter of the heap by default).
     Given limits must match an existing segment's (``LimitMismatchError``).
+
+    ``path``: a directory for the durable copy (LMDB) of the named TVars; a
+    flusher process keeps it up to date (docs/durability.md).  ``durability``:
+    "async" (the default with a path) or "sync" (a commit returns once it is
+    in LMDB); "none" without a path.  ``ring_slots``: commit ring size of a
+    new durable segment (default max(1024, 4 * (max_procs + 1))).
     """
     _check_name(name)
-    if path is not None or durability not in (None, "none"):
-        raise errors.Error(
-            "durability (path=..., durability=...) is not available in this version of "
-            "shmstm; open the runtime without a path")
+    if durability is None:
+        durability = "async" if path is not None else "none"
+    if durability not in ("none", "async", "sync"):
+        raise ValueError("durability must be 'none', 'async' or 'sync', not %r" % (durability,))
+    if durability == "none" and path is not None:
+        raise ValueError("durability='none' with a path: use 'async' or 'sync'")
+    if path is not None or durability != "none":
+        return _open_durable(name, path, durability, ring_slots, limits)
+    if ring_slots is not None:
+        raise ValueError("ring_slots needs a path (a durable runtime)")
+    return _open_plain(name, limits)
+
+
+def _check_limits(limits):
     for k, v in limits.items():
         if k not in DEFAULT_LIMITS:
             raise TypeError("open() got an unknown limit %r (known: %s)" % (k, ", ".join(DEFAULT_LIMITS)))
@@ -526,6 +570,42 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
         raise ValueError("max_procs must be at most 4096")
     if lim["max_tvars"] > 1 << 24:
         raise ValueError("max_tvars must be at most 16777216")
+    return lim
+
+
+def _open_durable(name, path, mode, ring_slots, limits):
+    """open() with a path or a durability mode: a runtime of its own (not
+    shared with plain open() calls in this process)."""
+    lim = _check_limits(limits)
+    if path is None:
+        prep = None         # attach only: the segment knows its path
+    else:
+        lim2 = dict(lim, ring_slots=ring_slots)
+        prep = _durable_mod().Durable.prepare(path, lim2)
+    with _registry_lock:
+        old = _registry.get(name)
+        if old is not None and not old._closed and old._pid == os.getpid():
+            raise errors.Error("runtime %r is already open in this process; close it "
+                               "before opening it with durability" % name)
+        rt = Runtime(name)
+        rt._attach(limits, lim, create=prep is not None, durable=prep)
+        rt._durable = _durable_mod().Durable(rt, path, mode)
+        try:
+            rt._durable.after_attach(rt._created)
+        except BaseException:
+            created = rt._created
+            rt._refs = 1
+            rt.close()
+            if created:
+                unlink(name)            # a half-loaded segment must not stay
+            raise
+        rt._refs = 1
+        _registry[name] = rt
+        return rt
+
+
+def _open_plain(name, limits):
+    lim = _check_limits(limits)
     with _registry_lock:
         rt = _registry.get(name)
         if rt is not None and not rt._closed and rt._pid == os.getpid():
@@ -543,6 +623,7 @@ def open(name, path=None, *, durability=None, **limits):   # noqa: A001 - the AP
         rt._attach(limits, lim)
         rt._refs = 1
         _registry[name] = rt
+        _adopt_durable(rt)
         return rt
 
 
@@ -836,8 +917,19 @@ class _Tx:
             self.nonint = 0
             self.rt = None
             return True
+        rt = self.rt
+        if rc > 0:                          # durable sync commit: committed, not yet flushed
+            writes.clear()
+            del self.created[:]
+            del self.undo[:]
+            self.nonint = 0
+            self.rt = None
+            rt._durable.finish_wait(ptr)
+            return True
         self._end(AB_SILENT)               # the core counted the abort
         if rc == E_CONFLICT:
+            return False
+        if rt._durable is not None and rt._durable.retryable(rc):
             return False
         raise error_for(rc, "commit (TVar #%d)" % lib.shmstm_tx_failed_idx(ptr))
 
@@ -941,11 +1033,30 @@ def atomically(fn, *args, **kwargs):
     return _run(fn, args, kwargs, None)
 
 
-def atomic(fn=None, *, timeout=None):
+def atomic(fn=None, *, timeout=None, durability=None):
     """Decorator: every call of the function runs atomically.
 
     ``@atomic`` or ``@atomic(timeout=seconds)``: with a timeout, a call that
-    stays blocked in ``retry()`` longer than that raises ``RetryTimeout``."""
+    stays blocked in ``retry()`` longer than that raises ``RetryTimeout``.
+    ``@atomic(durability="sync")`` (or "async"): the commit of each call uses
+    that durability mode on a durable runtime (see ``shmstm.durability``)."""
+    if durability is not None:
+        dm = _durable_mod().durability
+        dm(durability)                  # validates the mode now
+        inner = atomic(timeout=timeout)
+
+        def wrap_d(f):
+            g = inner(f)
+
+            def call_d(*args, **kwargs):
+                with dm(durability):
+                    return g(*args, **kwargs)
+            call_d.__name__ = g.__name__
+            call_d.__qualname__ = g.__qualname__
+            call_d.__doc__ = g.__doc__
+            call_d.__wrapped__ = f
+            return call_d
+        return wrap_d(fn) if fn is not None else wrap_d
     if timeout is not None:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
             raise TypeError("timeout must be a number of seconds, not %s" % type(timeout).__name__)

@@ -85,3 +85,13 @@ class BlockedForeverError(Error):
 
 class ForkedContextError(Error):
     """A transaction context was used in a forked child (internal misuse)."""
+
+
+class DurabilityError(Error):
+    """A durable runtime cannot write its LMDB data (map full, I/O error), or
+    its data and segment do not belong together."""
+
+
+class DurabilityMismatchError(DurabilityError):
+    """The segment and the durable data at the path belong to different
+    runtimes (runtime id or path differ), or the segment is not durable."""

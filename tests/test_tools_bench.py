@@ -74,7 +74,7 @@ def test_bench_c_builds_warning_free_and_runs(tmp_path):
     exe = str(tmp_path / "bench_c")
     native = os.path.join(REPO, "native")
     sources = [os.path.join(native, f) for f in (
-        "segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c")]
+        "segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c", "ring.c")]
     subprocess.run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I" + native,
                     '-DSHMSTM_PKG_VERSION="bench"', os.path.join(REPO, "tools", "bench_c.c")]
                    + sources + ["-o", exe], check=True, timeout=120)

@@ -5,7 +5,7 @@
  *
  *   gcc -std=c11 -O2 -Inative -DSHMSTM_PKG_VERSION='"bench"' tools/bench_c.c \
  *       native/segment.c native/heap.c native/tvar.c native/txn.c native/wait.c \
- *       native/proc.c native/fault.c -o /tmp/bench_c && /tmp/bench_c
+ *       native/proc.c native/fault.c native/ring.c -o /tmp/bench_c && /tmp/bench_c
  *
  * It calls the same entry points the Python hot path calls (shmstm_peek,
  * shmstm_tx_readv, shmstm_tx_commit_1/_2), so the difference between these

@@ -151,6 +151,8 @@ def test_half_initialised_segment_times_out(segname, monkeypatch):
         shm.unlink()
 
 
-def test_durability_not_available_yet(segname):
-    with pytest.raises(shmstm.Error, match="durability"):
-        shmstm.open(segname, path="/tmp/x")
+def test_durability_bad_mode(segname):
+    with pytest.raises(ValueError, match="durability"):
+        shmstm.open(segname, durability="fsync")
+    with pytest.raises(ValueError, match="durability"):
+        shmstm.open(segname, path="/tmp/x", durability="none")

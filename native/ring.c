@@ -1,0 +1,502 @@
+/* ring.c -- the commit ring of a durable runtime (brief section 7).
+ *
+ * Slot wv % N (N = ring_slots) serves write version wv.  Its sequence stamp
+ * `seq` says which wv the slot serves now; `rec` goes EMPTY -> (record |
+ * NOOP marker | VOID) exactly once per round, by CAS.
+ *
+ * Invariants:
+ *  - The commit point of a durable writer is its CAS of slot wv from EMPTY
+ *    to its record (or NOOP marker).  A committer whose CAS fails found the
+ *    slot VOID (the flusher's grace passed, or a recoverer voided it): it
+ *    rolls back.  Recovery decides by the slot (ring_recover_decide).
+ *  - Room: a committer passes the room check (before taking any lock) only if
+ *    clock + M - flushed_wv <= N, with M = max_procs + 1.  At most max_procs
+ *    commits are between their check and their fetch_add of the clock (one
+ *    per process slot), so every wv taken satisfies wv - flushed_wv <= N:
+ *    round wv - N is recycled and seq == wv when the committer reaches its
+ *    fill.  A committer never waits for a slot while holding locks.
+ *  - The flusher processes slots strictly in wv order: it recycles slot wv
+ *    (rec := EMPTY, then seq := wv + N, release) only after slot wv's round
+ *    is in LMDB or void, then advances flushed_wv (release).  It never
+ *    recycles a filled slot while its owner's record still says
+ *    CR_VALIDATING for that wv (it waits, or recovers a dead owner first), so
+ *    a recoverer that finds seq != wv knows the slot was voided, not filled.
+ *  - Records carry their wv, owner and an FNV-1a checksum of the entries; the
+ *    flusher refuses (SHMSTM_ECORRUPT) a record that does not check out.
+ *
+ * Concurrency: committers (any process) fill distinct slots; one flusher
+ * (lease) collects, voids and recycles; recoverers void.  Every contended
+ * transition is a CAS on `rec` from EMPTY, so exactly one of fill/void wins.
+ */
+#define _GNU_SOURCE
+#include <string.h>
+#include <unistd.h>
+#include "core.h"
+
+#define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
+
+static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
+{
+    return &s->ring[wv % s->ring_slots];
+}
+
+static uint64_t fnv1a(const unsigned char *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static int flusher_alive(struct shmstm_seg *s)
+{
+    uint64_t o = load_acquire(&s->h->flusher_owner);   /* pairs with the claim CAS */
+    return o && proc_alive(ps_pid(o), load_relaxed(&s->h->flusher_start));
+}
+
+/* Creation (segment.c, before INIT_READY): clock and flushed_wv start at the
+ * LMDB's flushed_wv so versions stay monotonic across restarts; slot i serves
+ * the first wv > clock_start that is congruent to i. */
+void ring_init(struct shmstm_seg *s, const shmstm_params *p)
+{
+    struct shm_header *h = s->h;
+    uint64_t c0 = p->clock_start, n = s->ring_slots;
+    store_relaxed(&h->clock, c0);
+    store_relaxed(&h->flushed_wv, c0);
+    for (uint64_t w = c0 + 1; w <= c0 + n; w++)
+        store_relaxed(&slot_of(s, w)->seq, w);
+    if (p->use_runtime_id)
+        memcpy(h->runtime_id, p->runtime_id, 16);
+    store_relaxed(&h->durable_state, DS_LOADING);
+}
+
+/* Before locking (commit step 2b): build the record of the durable (named)
+ * TVars written and wait for room.  On error nothing is allocated. */
+int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp)
+{
+    struct shmstm_seg *s = c->seg;
+    struct shm_header *h = s->h;
+    int32_t derr = (int32_t)load_relaxed(&h->durable_error);
+    if (derr)
+        return SHMSTM_EDURABLE;
+    size_t bytes = 0;
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (e[i].flags & WE_FREE || !(load_relaxed(&s->tvars[e[i].idx].flags) & TV_NAMED))
+            continue;
+        uint32_t len = 8;
+        if (tag_is_heap(e[i].new_tag) && !heap_block_ok(s, e[i].new_val, &len))
+            return SHMSTM_ECORRUPT;
+        bytes += sizeof(struct ring_ent) + ((len + 7u) & ~7u);
+        m++;
+    }
+    uint64_t rec = ring_noop(c->slot);
+    if (m) {
+        uint64_t off;
+        int rc = heap_alloc_raw(s, NULL, sizeof(struct ring_rec) + bytes, &off);
+        if (rc)
+            return rc;
+        unsigned char *base = heap_payload(s, off);
+        unsigned char *q = base + sizeof(struct ring_rec);
+        for (uint32_t i = 0; i < n; i++) {
+            if (e[i].flags & WE_FREE || !(load_relaxed(&s->tvars[e[i].idx].flags) & TV_NAMED))
+                continue;
+            struct ring_ent en = {.idx = e[i].idx, .tag = e[i].new_tag, .len = 8};
+            const void *src = &e[i].new_val;
+            if (tag_is_heap(e[i].new_tag)) {
+                heap_block_ok(s, e[i].new_val, &en.len);
+                src = heap_payload(s, e[i].new_val);
+            }
+            memcpy(q, &en, sizeof en);
+            memcpy(q + sizeof en, src, en.len);
+            size_t padded = (en.len + 7u) & ~7u;
+            memset(q + sizeof en + en.len, 0, padded - en.len);
+            q += sizeof en + padded;
+        }
+        struct ring_rec rh = {.wv = 0, .n = m, .owner = c->slot, .bytes = bytes,
+                              .sum = fnv1a(base + sizeof(struct ring_rec), bytes)};
+        memcpy(base, &rh, sizeof rh);
+        rec = off;
+    }
+    /* Room check: see the invariants.  Wait holding no lock. */
+    uint64_t margin = (uint64_t)s->max_procs + 1;
+    int waited = 0;
+    for (uint32_t rounds = 0;; rounds++) {
+        uint32_t f = load_seq_cst(&h->flush_futex);
+        /* Pairs with the flusher's store_release of flushed_wv. */
+        uint64_t fl = load_acquire(&h->flushed_wv);
+        uint64_t now = load_acquire(&h->clock);
+        if (now + margin - fl <= s->ring_slots)
+            break;
+        if (!waited) {
+            waited = 1;
+            counter_add(&c->proc->ring_waits, 1);
+        }
+        int rc = 0;
+        if (rounds % ROOM_CHECK_ROUNDS == ROOM_CHECK_ROUNDS - 1 && !flusher_alive(s))
+            rc = SHMSTM_ENOFLUSHER;
+        else if (load_relaxed(&h->durable_error))
+            rc = SHMSTM_EDURABLE;
+        else
+            rc = futex_wait(&h->flush_futex, f, 10000000) == SHMSTM_EINTR ? SHMSTM_EINTR : 0;
+        if (rc) {
+            if (ring_kind(rec) == 0)
+                heap_free(s, NULL, rec);
+            return rc;
+        }
+    }
+    struct shm_commit_rec *r = &c->proc->rec;
+    store_relaxed(&r->wv, 0);                /* recovery: no wv yet */
+    store_relaxed(&r->ring_rec, ring_kind(rec) == 0 ? rec : 0);
+    *recp = rec;
+    return 0;
+}
+
+/* The commit point (step 6): CAS slot wv EMPTY -> rec.  1: filled (committed),
+ * 0: the slot was voided (roll back). */
+int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
+{
+    struct shmstm_seg *s = c->seg;
+    struct shm_ring_slot *sl = slot_of(s, wv);
+    if (ring_kind(rec) == 0)
+        ((struct ring_rec *)heap_payload(s, rec))->wv = wv;   /* private until the CAS */
+    /* Pairs with the flusher's store_release of seq when it recycled round
+     * wv - N.  By the room invariant this never spins; the loop is a guard. */
+    while (load_acquire(&sl->seq) != wv)
+        cpu_relax();
+    uint64_t exp = RING_EMPTY;
+    FAULT_POINT("ring.before_fill");
+    /* acq_rel: the record bytes and r->wv are visible to whoever reads rec. */
+    if (!cas_acq_rel(&sl->rec, &exp, rec))
+        return 0;
+    store_relaxed(&c->proc->rec.ring_rec, 0);      /* the flusher owns it now */
+    /* Dekker with the flusher's sleep: fill, fence, read flusher_sleeping. */
+    fence_seq_cst();
+    if (load_seq_cst(&s->h->flusher_sleeping)) {
+        faa_seq_cst(&s->h->ring_futex, 1);
+        futex_wake(&s->h->ring_futex);
+    }
+    c->last_wv = wv;
+    return 1;
+}
+
+/* A failed commit: void slot wv if we took one, free the record. */
+void ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec)
+{
+    struct shmstm_seg *s = c->seg;
+    if (wv) {
+        struct shm_ring_slot *sl = slot_of(s, wv);
+        uint64_t exp = RING_EMPTY;
+        if (load_acquire(&sl->seq) == wv)
+            cas_acq_rel(&sl->rec, &exp, RING_VOID);   /* fails if already void */
+    }
+    store_relaxed(&c->proc->rec.ring_rec, 0);
+    if (rec && ring_kind(rec) == 0)
+        heap_free(s, NULL, rec);
+}
+
+/* Wait until flushed_wv >= wv (holding no lock). */
+int shmstm_ring_wait(shmstm_seg *s, uint64_t wv, int64_t timeout_ns)
+{
+    if (!s->ring_slots)
+        return SHMSTM_EINVAL;
+    struct shm_header *h = s->h;
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    for (;;) {
+        uint32_t f = load_seq_cst(&h->flush_futex);
+        if (load_acquire(&h->flushed_wv) >= wv)    /* pairs with ring_release */
+            return 0;
+        uint64_t now = now_ns();
+        if (now >= deadline)
+            return SHMSTM_ETIMEOUT;
+        int64_t left = (int64_t)(deadline - now);
+        if (futex_wait(&h->flush_futex, f, left < 50000000 ? left : 50000000) == SHMSTM_EINTR)
+            return SHMSTM_EINTR;
+    }
+}
+
+/* After step 10 of a sync commit: wait for the flusher.  0: durable;
+ * SHMSTM_PENDING: committed but the wait was cut short (signal, flusher
+ * dead, LMDB error): Python finishes it. */
+int ring_after_commit(shmstm_ctx *c, uint64_t wv)
+{
+    struct shmstm_seg *s = c->seg;
+    for (uint32_t i = 0; i < 40; i++) {          /* 2 s, then Python takes over */
+        int rc = shmstm_ring_wait(s, wv, 50000000);
+        if (rc == 0)
+            return 0;
+        if (rc != SHMSTM_ETIMEOUT || load_relaxed(&s->h->durable_error) || !flusher_alive(s))
+            return SHMSTM_PENDING;
+    }
+    return SHMSTM_PENDING;
+}
+
+/* Recovery of a dead owner in CR_VALIDATING: did it pass its commit point?
+ * Returns CR_COMMITTED (slot wv holds its fill: roll forward) or
+ * CR_VALIDATING (roll back; the slot is void or voided here). */
+uint32_t ring_recover_decide(struct shmstm_seg *s, struct shm_commit_rec *r, uint32_t rst)
+{
+    if (rst != CR_VALIDATING)
+        return rst;
+    uint64_t wv = load_relaxed(&r->wv);
+    if (!wv)
+        return rst;          /* died before storing wv: never filled; the flusher voids it */
+    struct shm_ring_slot *sl = slot_of(s, wv);
+    if (load_acquire(&sl->seq) != wv)
+        return rst;          /* recycled: it was voided (see invariants) */
+    uint64_t v = load_acquire(&sl->rec);
+    for (;;) {
+        if (v == RING_EMPTY) {
+            if (cas_acq_rel(&sl->rec, &v, RING_VOID))
+                return rst;
+            continue;
+        }
+        return ring_kind(v) == 1 ? rst : CR_COMMITTED;
+    }
+}
+
+void ring_recover_cleanup(struct shmstm_seg *s, struct shm_commit_rec *r, uint32_t rst)
+{
+    uint64_t off = load_relaxed(&r->ring_rec);
+    store_relaxed(&r->ring_rec, 0);
+    if (off && rst != CR_COMMITTED)
+        heap_free(s, NULL, off);
+}
+
+/* ---- for Python: the opener, the flusher and stats ---- */
+
+int shmstm_ctx_set_sync(shmstm_ctx *c, int sync)
+{
+    c->dsync = sync ? 1 : 0;
+    return 0;
+}
+
+uint64_t shmstm_ctx_last_wv(shmstm_ctx *c) { return c->last_wv; }
+
+int shmstm_ring_info_get(shmstm_seg *s, shmstm_ring_info *o)
+{
+    struct shm_header *h = s->h;
+    memset(o, 0, sizeof *o);
+    o->ring_slots = s->ring_slots;
+    o->committed_wv = load_relaxed(&h->clock);
+    o->flushed_wv = load_relaxed(&h->flushed_wv);
+    o->ring_fill = o->committed_wv > o->flushed_wv ? (uint32_t)(o->committed_wv - o->flushed_wv) : 0;
+    o->flusher_pid = ps_pid(load_relaxed(&h->flusher_owner));
+    o->flusher_alive = (uint32_t)flusher_alive(s);
+    for (uint32_t i = 0; i < s->max_procs; i++)
+        o->ring_full_waits += load_relaxed(&s->procs[i].ring_waits);
+    o->durable_state = load_relaxed(&h->durable_state);
+    o->durable_error = (int32_t)load_relaxed(&h->durable_error);
+    return 0;
+}
+
+int shmstm_ring_set_ready(shmstm_seg *s, const char *path, size_t len)
+{
+    if (!s->ring_slots || s->read_only)
+        return SHMSTM_EINVAL;
+    uint64_t off;
+    int rc = heap_alloc_raw(s, NULL, len + 1, &off);
+    if (rc)
+        return rc;
+    memcpy(heap_payload(s, off), path, len);
+    heap_payload(s, off)[len] = '\0';
+    store_relaxed(&s->h->path_off, off);
+    /* Pairs with the load_acquire in shmstm_ring_ready(). */
+    store_release(&s->h->durable_state, DS_READY);
+    return 0;
+}
+
+int shmstm_ring_ready(shmstm_seg *s)
+{
+    if (!s->ring_slots)
+        return 0;
+    return load_acquire(&s->h->durable_state) == DS_READY;
+}
+
+int shmstm_ring_path(shmstm_seg *s, char *buf, uint32_t cap)
+{
+    if (!shmstm_ring_ready(s))
+        return SHMSTM_ENOTFOUND;
+    uint64_t off = load_relaxed(&s->h->path_off);
+    uint32_t len;
+    if (!heap_block_ok(s, off, &len) || len == 0 || len > cap)
+        return SHMSTM_ECORRUPT;
+    memcpy(buf, heap_payload(s, off), len);
+    buf[len - 1] = '\0';
+    return (int)(len - 1);
+}
+
+int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
+{
+    store_relaxed(&s->h->durable_error, (uint32_t)code);
+    faa_seq_cst(&s->h->flush_futex, 1);
+    futex_wake(&s->h->flush_futex);
+    return 0;
+}
+
+int shmstm_flusher_alive(shmstm_seg *s) { return s->ring_slots ? flusher_alive(s) : 0; }
+
+/* Take the lease: 1 taken, 0 a live flusher holds it. */
+int shmstm_flusher_claim(shmstm_seg *s)
+{
+    if (!s->ring_slots || s->read_only)
+        return SHMSTM_EINVAL;
+    struct shm_header *h = s->h;
+    uint32_t me = (uint32_t)getpid();
+    uint64_t o = load_acquire(&h->flusher_owner);
+    for (;;) {
+        if (o && proc_alive(ps_pid(o), load_relaxed(&h->flusher_start)))
+            return ps_pid(o) == me ? 1 : 0;
+        if (cas_acq_rel(&h->flusher_owner, &o, ps_make(me, PS_ACTIVE)))
+            break;
+    }
+    store_relaxed(&h->flusher_start, proc_start_time((pid_t)me));
+    return 1;
+}
+
+int shmstm_flusher_release(shmstm_seg *s)
+{
+    struct shm_header *h = s->h;
+    uint64_t o = ps_make((uint32_t)getpid(), PS_ACTIVE);
+    if (!cas_acq_rel(&h->flusher_owner, &o, 0))
+        return SHMSTM_EINVAL;
+    return 0;
+}
+
+/* The flusher's idle wait: sleep unless slot next_wv is already filled. */
+int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns)
+{
+    struct shm_header *h = s->h;
+    store_seq_cst(&h->flusher_sleeping, 1);
+    uint32_t f = load_seq_cst(&h->ring_futex);
+    struct shm_ring_slot *sl = slot_of(s, next_wv);
+    int rc = 0;
+    if (!(load_seq_cst(&sl->seq) == next_wv && load_seq_cst(&sl->rec) != RING_EMPTY))
+        rc = futex_wait(&h->ring_futex, f, timeout_ns);
+    store_seq_cst(&h->flusher_sleeping, 0);
+    return rc == SHMSTM_EINTR ? rc : 0;
+}
+
+/* Copy the processed slots from from_wv on into buf:
+ *   per commit: u64 wv, u32 n, u32 pad; then n x (ring_ent + payload padded to 8).
+ * out[0]: next wv not collected; out[1]: bytes used; out[2]: why it stopped
+ * (0 reached the clock, 1 slot from out[0] still EMPTY, 2 its owner is
+ * between fill and COMMITTED, 3 buffer or max_commits reached).
+ * Returns the number of commits (void ones included) or an error. */
+int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
+                        char *buf, uint64_t cap, uint64_t *out)
+{
+    if (!s->ring_slots)
+        return SHMSTM_EINVAL;
+    struct shm_header *h = s->h;
+    uint64_t wv = from_wv, used = 0;
+    uint32_t k = 0, why = 0;
+    uint64_t clock = load_acquire(&h->clock);
+    for (; wv <= clock; wv++) {
+        if (k >= max_commits) {
+            why = 3;
+            break;
+        }
+        struct shm_ring_slot *sl = slot_of(s, wv);
+        if (load_acquire(&sl->seq) != wv) {
+            why = 1;              /* not recycled yet: cannot happen past flushed_wv */
+            break;
+        }
+        uint64_t rec = load_acquire(&sl->rec);   /* pairs with the fill CAS */
+        if (rec == RING_EMPTY) {
+            why = 1;
+            break;
+        }
+        uint32_t owner = UINT32_MAX, n = 0;
+        const struct ring_rec *rh = NULL;
+        if (ring_kind(rec) == 2) {
+            owner = (uint32_t)(rec >> 16) - 1;
+        } else if (ring_kind(rec) == 0) {
+            uint32_t blen;
+            if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec))
+                return SHMSTM_ECORRUPT;
+            rh = (const struct ring_rec *)heap_payload(s, rec);
+            if (rh->wv != wv || rh->bytes > blen - sizeof *rh ||
+                fnv1a((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
+                return SHMSTM_ECORRUPT;
+            owner = rh->owner;
+            n = rh->n;
+        } else if (ring_kind(rec) != 1) {
+            return SHMSTM_ECORRUPT;
+        }
+        if (owner < s->max_procs) {
+            /* Do not let the slot be recycled while its owner still says
+             * VALIDATING for this wv (read wv first, then state). */
+            struct shm_commit_rec *r = &s->procs[owner].rec;
+            if (load_acquire(&r->wv) == wv && load_acquire(&r->state) == CR_VALIDATING) {
+                if (slot_owner_dead(s, owner))
+                    slot_recover(s, owner);       /* rolls forward: the slot is filled */
+                if (load_acquire(&r->wv) == wv && load_acquire(&r->state) == CR_VALIDATING) {
+                    why = 2;
+                    break;
+                }
+            }
+        }
+        uint64_t need = 16 + (rh ? rh->bytes : 0);
+        if (used + need > cap) {
+            why = 3;
+            break;
+        }
+        uint64_t hdr[2] = {wv, n};
+        memcpy(buf + used, hdr, 16);
+        if (rh)
+            memcpy(buf + used + 16, rh + 1, rh->bytes);
+        used += need;
+        k++;
+    }
+    out[0] = wv;
+    out[1] = used;
+    out[2] = why;
+    return (int)k;
+}
+
+/* Void slot wv if still EMPTY (grace passed).  1 voided or already void. */
+int shmstm_ring_void(shmstm_seg *s, uint64_t wv)
+{
+    if (!s->ring_slots || wv > load_acquire(&s->h->clock))
+        return SHMSTM_EINVAL;
+    struct shm_ring_slot *sl = slot_of(s, wv);
+    if (load_acquire(&sl->seq) != wv)
+        return 0;
+    uint64_t exp = RING_EMPTY;
+    if (cas_acq_rel(&sl->rec, &exp, RING_VOID))
+        return 1;
+    return ring_kind(exp) == 1;
+}
+
+/* After the LMDB commit of (from_wv..to_wv): free the records, recycle the
+ * slots, advance flushed_wv, wake waiters.  Idempotent (a restarted flusher
+ * re-runs it for a range that LMDB already holds). */
+int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
+{
+    if (!s->ring_slots)
+        return SHMSTM_EINVAL;
+    struct shm_header *h = s->h;
+    for (uint64_t wv = from_wv; wv <= to_wv; wv++) {
+        struct shm_ring_slot *sl = slot_of(s, wv);
+        if (load_acquire(&sl->seq) != wv)
+            continue;                      /* already recycled by a dead predecessor */
+        /* Only ranges already in LMDB come here, so every slot was processed:
+         * EMPTY means a predecessor died between clearing and recycling it. */
+        uint64_t rec = load_acquire(&sl->rec);
+        store_relaxed(&sl->rec, RING_EMPTY);   /* before the free: never freed twice */
+        if (ring_kind(rec) == 0)
+            heap_free(s, NULL, rec);
+        FAULT_POINT("ring.release_one");
+        /* Pairs with the committer's load_acquire of seq in ring_fill(). */
+        store_release(&sl->seq, wv + s->ring_slots);
+    }
+    uint64_t fl = load_relaxed(&h->flushed_wv);
+    if (to_wv > fl)
+        store_release(&h->flushed_wv, to_wv);    /* pairs with the room check and waits */
+    faa_seq_cst(&h->flush_futex, 1);
+    futex_wake(&h->flush_futex);
+    return 0;
+}

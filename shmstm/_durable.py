@@ -1,0 +1,372 @@
+"""Durable runtimes (issue 4): opening with a path, the flusher's lease, the
+durability modes, and reading LMDB without a segment.
+
+LMDB layout (one environment per path, a directory):
+  db b"vars": TVar name (UTF-8) -> one tag byte + payload (8 bytes little
+              endian for inline tags, the encoded bytes otherwise)
+  db b"meta": b"flushed_wv" -> u64 LE (the last write version applied; stored
+              in the same write transaction as the data), b"runtime_id" -> 16 bytes
+
+Each process opens an environment at most once (py-lmdb: never twice in one
+process, never across fork): a process-wide cache, dropped in a fork child.
+Only the flusher writes "vars"; an opener only reads (and never writes).
+"""
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+from . import errors
+from ._binding import error_for, ffi, lib
+
+MAP_SIZE = 1 << 34            # sparse; set once, identical in every opener (pitfalls: LMDB)
+MAX_DBS = 2
+MODES = ("none", "async", "sync")
+READY_WAIT = 10.0             # seconds an attacher waits for the creator to load LMDB
+
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_F64 = struct.Struct("<d")
+
+T_NONE, T_FALSE, T_TRUE, T_INT, T_FLOAT = (lib.SHMSTM_TAG_NONE, lib.SHMSTM_TAG_FALSE,
+                                          lib.SHMSTM_TAG_TRUE, lib.SHMSTM_TAG_INT,
+                                          lib.SHMSTM_TAG_FLOAT)
+T_BYTES, T_STR, T_PICKLE = lib.SHMSTM_TAG_BYTES, lib.SHMSTM_TAG_STR, lib.SHMSTM_TAG_PICKLE
+
+
+def _lmdb():
+    try:
+        import lmdb
+    except ImportError:  # pragma: no cover - optional dependency
+        raise errors.DurabilityError(
+            "durable runtimes need the 'lmdb' package: pip install 'shmstm[durable]'") from None
+    return lmdb
+
+
+# ---------------------------------------------------------------- LMDB environments
+
+_envs = {}
+_envs_lock = threading.Lock()
+
+
+def open_env(path, create=True):
+    """This process's environment for ``path`` (opened once, reader_check at open)."""
+    lmdb = _lmdb()
+    real = os.path.realpath(path)
+    with _envs_lock:
+        env = _envs.get(real)
+        if env is None:
+            if not create and not os.path.exists(os.path.join(real, "data.mdb")):
+                raise FileNotFoundError("no durable shmstm data at %r" % path)
+            os.makedirs(real, mode=0o700, exist_ok=True)
+            env = lmdb.open(real, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
+            env.reader_check()          # readers left by SIGKILLed processes
+            _envs[real] = env
+        return env
+
+
+def _dbs(env):
+    return env.open_db(b"vars"), env.open_db(b"meta")
+
+
+def _forget_envs():
+    # A fork child must never use its parent's environments (nor close them).
+    _envs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_envs)
+
+
+def read_meta(env):
+    _, meta = _dbs(env)
+    with env.begin(db=meta) as txn:
+        fw = txn.get(b"flushed_wv")
+        rid = txn.get(b"runtime_id")
+    return (_U64.unpack(fw)[0] if fw else 0), (bytes(rid) if rid else None)
+
+
+def encode_value(tag, payload):
+    """LMDB bytes of a (tag, payload) as the ring record carries it."""
+    return bytes((tag,)) + bytes(payload)
+
+
+def decode_raw(val):
+    """(tag, payload) from LMDB bytes: payload is an int, a float or bytes."""
+    tag = val[0]
+    if tag in (T_INT, T_NONE, T_FALSE, T_TRUE):
+        return tag, _I64.unpack_from(val, 1)[0]
+    if tag == T_FLOAT:
+        return tag, _F64.unpack_from(val, 1)[0]
+    return tag, bytes(val[1:])
+
+
+def decode_value(val):
+    import pickle
+    tag, p = decode_raw(val)
+    if tag == T_INT:
+        return p
+    if tag == T_NONE:
+        return None
+    if tag in (T_TRUE, T_FALSE):
+        return tag == T_TRUE
+    if tag == T_FLOAT:
+        return p
+    if tag == T_BYTES:
+        return p
+    if tag == T_STR:
+        return p.decode("utf-8", "surrogatepass")
+    if tag == T_PICKLE:
+        return pickle.loads(p)
+    raise errors.CorruptSegmentError("unknown value tag %d in LMDB" % tag)
+
+
+def read_durable(path):
+    """The durable state at ``path`` without a segment (backup, inspection):
+    ``{"flushed_wv": int, "runtime_id": hex or None, "values": {name: value}}``.
+    A consistent snapshot (one LMDB read transaction)."""
+    env = open_env(path, create=False)
+    vars_db, meta = _dbs(env)
+    with env.begin() as txn:
+        fw = txn.get(b"flushed_wv", db=meta)
+        rid = txn.get(b"runtime_id", db=meta)
+        values = {bytes(k).decode("utf-8", "surrogatepass"): decode_value(bytes(v))
+                  for k, v in txn.cursor(db=vars_db)}
+    return {"flushed_wv": _U64.unpack(fw)[0] if fw else 0,
+            "runtime_id": bytes(rid).hex() if rid else None, "values": values}
+
+
+# ---------------------------------------------------------------- per-thread override
+
+class _Override(threading.local):
+    mode = None
+
+
+_override = _Override()
+_runtimes = set()            # durable runtimes open in this process
+
+
+def _apply_override():
+    for d in list(_runtimes):
+        d.refresh_ctx()
+
+
+class durability:
+    """Context manager: commits made in this thread inside the block use
+    ``mode`` ("async" or "sync") on every durable runtime.  ``@atomic(durability=...)``
+    uses it around each call.  Runtimes without a path ignore it."""
+
+    def __init__(self, mode):
+        if mode not in ("async", "sync"):
+            raise ValueError("durability override must be 'async' or 'sync', not %r" % (mode,))
+        self.mode = mode
+        self._prev = None
+
+    def __enter__(self):
+        self._prev = _override.mode
+        _override.mode = self.mode
+        _apply_override()
+        return self
+
+    def __exit__(self, *exc):
+        _override.mode = self._prev
+        _apply_override()
+
+
+# ---------------------------------------------------------------- the runtime's side
+
+def default_ring_slots(max_procs):
+    return max(1024, 4 * (max_procs + 1))
+
+
+def _flusher_env():
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+_children = []               # Popen objects of flushers we started (reaped by poll)
+
+
+class Durable:
+    """A Runtime's durability state in this process (rt._durable)."""
+
+    def __init__(self, rt, path, mode):
+        self.rt = rt
+        self.path = path
+        self.mode = mode
+        self.lock = threading.Lock()
+
+    # -- open
+
+    @staticmethod
+    def prepare(path, limits):
+        """Before create: the LMDB's runtime id and flushed_wv go into the new
+        segment's parameters."""
+        env = open_env(path)
+        fw, rid = read_meta(env)
+        return {"ring_slots": limits.get("ring_slots") or default_ring_slots(limits["max_procs"]),
+                "clock_start": fw, "runtime_id": rid}
+
+    @staticmethod
+    def fill_params(params, prep):
+        params.ring_slots = prep["ring_slots"]
+        params.clock_start = prep["clock_start"]
+        if prep["runtime_id"]:
+            params.use_runtime_id = 1
+            ffi.memmove(params.runtime_id, prep["runtime_id"], 16)
+
+    def after_attach(self, created):
+        rt = self.rt
+        seg = rt._seg
+        if rt._params.ring_slots == 0:
+            raise errors.DurabilityMismatchError(
+                "runtime %r exists without durability; it cannot be opened with a path "
+                "(close every process and unlink it first)" % rt.name)
+        if created:
+            self._load()
+        else:
+            end = time.monotonic() + READY_WAIT
+            while not lib.shmstm_ring_ready(seg):
+                if time.monotonic() > end:
+                    raise errors.SegmentInitError(
+                        "durable runtime %r: its creator never finished loading LMDB; "
+                        "unlink it with shmstm.unlink()" % rt.name)
+                time.sleep(0.001)
+            stored = self.stored_path()
+            if self.path is None:
+                self.path = stored
+            elif os.path.realpath(self.path) != stored:
+                raise errors.DurabilityMismatchError(
+                    "runtime %r keeps its durable data at %r, not %r" % (rt.name, stored, self.path))
+            env = open_env(self.path)
+            _, rid = read_meta(env)
+            info = ffi.new("shmstm_seg_info *")
+            lib.shmstm_seg_info_get(seg, info)
+            if rid is not None and rid != bytes(ffi.buffer(info.runtime_id, 16)):
+                raise errors.DurabilityMismatchError(
+                    "runtime %r (id %s) does not match the durable data at %r (id %s)" % (
+                        rt.name, bytes(ffi.buffer(info.runtime_id, 16)).hex(), self.path, rid.hex()))
+        _runtimes.add(self)
+        rt._ctx()                      # hold a slot while open: the flusher waits for us
+        self.ensure_flusher()
+
+    def _load(self):
+        """Creator only, before the segment is READY: named TVars from LMDB."""
+        from ._stm import _new_call
+        rt = self.rt
+        env = open_env(self.path)
+        vars_db, _ = _dbs(env)
+        ctx = rt._ctx()
+        oi = ffi.new("uint32_t[2]")
+        with env.begin(db=vars_db) as txn:
+            for k, v in txn.cursor():
+                tag, payload = decode_raw(bytes(v))
+                name = bytes(k)
+                rc = _new_call(lib.shmstm_tvar_named, ctx.ptr, (name, len(name)), tag, payload, oi)
+                if rc < 0:
+                    raise error_for(rc, "loading TVar %r from %r" % (name, self.path))
+        p = os.path.realpath(self.path).encode()
+        rc = lib.shmstm_ring_set_ready(rt._seg, p, len(p))
+        if rc < 0:
+            raise error_for(rc, "durable runtime %r" % rt.name)
+
+    def stored_path(self):
+        buf = ffi.new("char[]", 4096)
+        rc = lib.shmstm_ring_path(self.rt._seg, buf, 4096)
+        if rc < 0:
+            raise error_for(rc, "durable runtime %r: path" % self.rt.name)
+        return ffi.string(buf).decode()
+
+    # -- the flusher
+
+    def ensure_flusher(self):
+        """Start a flusher unless a live one holds the lease (liveness from /proc)."""
+        seg = self.rt._seg
+        if seg is None or lib.shmstm_flusher_alive(seg):
+            return False
+        for p in list(_children):
+            if p.poll() is not None:
+                _children.remove(p)
+        # One start in flight per process: a flusher takes a moment to claim
+        # the lease, and every failed commit would otherwise start another.
+        key = (self.rt.name, self.rt._params.created_ns)     # this segment, not a predecessor
+        if any(p._shmstm_key == key and time.monotonic() - p._shmstm_t < 5.0
+               for p in _children):
+            return False
+        cmd = [sys.executable, "-m", "shmstm._flusher", self.rt.name]
+        p = subprocess.Popen(
+            cmd, env=_flusher_env(), start_new_session=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, close_fds=True)
+        p._shmstm_t = time.monotonic()
+        p._shmstm_key = key
+        _children.append(p)
+        return True
+
+    # -- modes
+
+    def sync_for_thread(self):
+        m = _override.mode or self.mode
+        return 1 if m == "sync" else 0
+
+    def on_new_ctx(self, ctx):
+        lib.shmstm_ctx_set_sync(ctx.ptr, self.sync_for_thread())
+
+    def refresh_ctx(self):
+        ctx = self.rt._local.ctx
+        if ctx is not None and ctx.ptr is not None:
+            self.on_new_ctx(ctx)
+
+    def retryable(self, rc):
+        """After a failed commit (nothing changed): re-run the transaction?"""
+        if rc == lib.SHMSTM_ENOFLUSHER:
+            self.ensure_flusher()
+            return True
+        return rc == lib.SHMSTM_EINTR
+
+    def finish_wait(self, ptr):
+        """A sync commit came back SHMSTM_PENDING: it is committed; wait until
+        it is in LMDB, restarting a dead flusher."""
+        wv = lib.shmstm_ctx_last_wv(ptr)
+        seg = self.rt._seg
+        while True:
+            rc = lib.shmstm_ring_wait(seg, wv, 100_000_000)
+            if rc == 0:
+                return
+            info = ffi.new("shmstm_ring_info *")
+            lib.shmstm_ring_info_get(seg, info)
+            if info.durable_error:
+                raise errors.DurabilityError(
+                    "committed (wv %d) but the flusher cannot write %r (%s); the commit "
+                    "stays in the ring" % (wv, self.path, error_for(info.durable_error)))
+            if rc == lib.SHMSTM_ETIMEOUT:
+                self.ensure_flusher()
+
+    def stats(self):
+        info = ffi.new("shmstm_ring_info *")
+        lib.shmstm_ring_info_get(self.rt._seg, info)
+        return ring_stats_dict(info, self.mode, self.path)
+
+    def close(self):
+        _runtimes.discard(self)
+
+
+def ring_stats_dict(info, mode, path):
+    return {
+        "mode": mode, "path": path, "ring_slots": info.ring_slots, "ring_fill": info.ring_fill,
+        "committed_wv": info.committed_wv, "flushed_wv": info.flushed_wv,
+        "lag": info.committed_wv - info.flushed_wv if info.committed_wv > info.flushed_wv else 0,
+        "flusher_pid": info.flusher_pid or None, "flusher_alive": bool(info.flusher_alive),
+        "ring_full_waits": info.ring_full_waits, "error": info.durable_error or None,
+    }
+
+
+def ring_stats(seg):
+    """The durability dict of any segment (the stats tool: no Runtime needed)."""
+    info = ffi.new("shmstm_ring_info *")
+    lib.shmstm_ring_info_get(seg, info)
+    if not info.ring_slots:
+        return {"mode": "none"}
+    return ring_stats_dict(info, None, None)

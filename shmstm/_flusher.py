@@ -1,0 +1,209 @@
+"""The flusher: one process per durable runtime (``python -m shmstm._flusher NAME``).
+
+Started fresh (never forked from a process that uses LMDB) by the first
+opener, or by any process that finds the lease holder dead.  It:
+  1. attaches the segment (no process slot: it does not count as attached),
+     waits until it is READY, takes the lease (exits if a live flusher has it);
+  2. opens LMDB itself (map size set once, reader_check at open), refuses data
+     of another runtime id (sets durable_error: committers are refused);
+  3. finishes a predecessor's work: slots up to LMDB's flushed_wv are already
+     applied, so they are only recycled (never applied twice);
+  4. loops: collect the processed slots after flushed_wv in wv order, write
+     them (coalesced: last value per TVar) in ONE LMDB write transaction that
+     also stores flushed_wv and the runtime id, then free the records, recycle
+     the slots, advance flushed_wv and wake sync waiters.  A slot left EMPTY
+     for GRACE seconds (its committer died before its commit point, or is
+     stopped there) is voided;
+  5. exits when no process slot is held (dead ones are reclaimed) and the
+     ring is drained.
+
+Kill points for the tests: SHMSTM_FLUSHER_FAULT=<point>:<n> SIGKILLs the
+flusher the n-th time it reaches <point> (before_txn, in_txn, after_commit,
+after_advance).
+"""
+import os
+import signal
+import struct
+import sys
+import time
+
+import posix_ipc
+
+from ._binding import ffi, lib
+from ._durable import MAP_SIZE, MAX_DBS, _lmdb
+
+GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
+MAX_COMMITS = 65536
+BUF = 8 << 20
+_HDR = struct.Struct("<QQ")
+_ENT = struct.Struct("<IIII")
+_fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
+_fault_point, _, _n = _fault.partition(":")
+_fault_left = int(_n or 1) if _fault else 0
+
+
+def fault(name):
+    global _fault_left
+    if _fault_left and name == _fault_point:
+        _fault_left -= 1
+        if _fault_left == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def attach(name):
+    shm = posix_ipc.SharedMemory("/shmstm." + name, 0)
+    params = ffi.new("shmstm_params *")
+    segp = ffi.new("shmstm_seg **")
+    try:
+        rc = lib.shmstm_seg_attach(shm.fd, 0, 5_000_000_000, params, segp)
+    finally:
+        shm.close_fd()
+    if rc < 0:
+        raise SystemExit("flusher: cannot attach %r (%d)" % (name, rc))
+    return segp[0], params
+
+
+def main(argv):
+    name = argv[1]
+    try:
+        seg, params = attach(name)
+    except posix_ipc.ExistentialError:
+        return 0
+    end = time.monotonic() + 30
+    while not lib.shmstm_ring_ready(seg):
+        if time.monotonic() > end:
+            return 1
+        time.sleep(0.005)
+    if lib.shmstm_flusher_claim(seg) != 1:
+        return 0                        # a live flusher holds the lease
+    try:
+        return Flusher(seg, params).run()
+    finally:
+        lib.shmstm_flusher_release(seg)
+
+
+class Flusher:
+    def __init__(self, seg, params):
+        self.seg = seg
+        self.rid = bytes(ffi.buffer(params.runtime_id, 16))
+        buf = ffi.new("char[]", 4096)
+        n = lib.shmstm_ring_path(seg, buf, 4096)
+        if n < 0:
+            raise SystemExit("flusher: no path in the segment")
+        self.path = ffi.string(buf).decode()
+        lmdb = _lmdb()
+        self.lmdb = lmdb
+        self.env = lmdb.open(self.path, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
+        self.env.reader_check()
+        self.vars = self.env.open_db(b"vars")
+        self.meta = self.env.open_db(b"meta")
+        self.buf = ffi.new("char[]", BUF)
+        self.mv = ffi.buffer(self.buf)
+        self.out = ffi.new("uint64_t[4]")
+        self.names = {}
+        self.namebuf = ffi.new("char[]", 512)
+        self.info = ffi.new("shmstm_ring_info *")
+
+    def seg_flushed(self):
+        lib.shmstm_ring_info_get(self.seg, self.info)
+        return self.info.flushed_wv, self.info.committed_wv
+
+    def name_of(self, idx):
+        k = self.names.get(idx)
+        if k is None:
+            n = lib.shmstm_seg_name_of(self.seg, idx, self.namebuf, 512)
+            if n < 0:
+                raise RuntimeError("flusher: TVar #%d has no name" % idx)
+            k = self.names[idx] = ffi.buffer(self.namebuf, n)[:]
+        return k
+
+    def run(self):
+        with self.env.begin(db=self.meta) as txn:
+            fw = txn.get(b"flushed_wv")
+            rid = txn.get(b"runtime_id")
+        fl = struct.unpack("<Q", fw)[0] if fw else 0
+        if rid is not None and bytes(rid) != self.rid:
+            lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
+            return 2
+        fs, _ = self.seg_flushed()
+        if fl > fs:                      # a predecessor died after its LMDB commit
+            lib.shmstm_ring_release(self.seg, fs + 1, fl)
+        if rid is None:
+            with self.env.begin(write=True, db=self.meta) as txn:
+                txn.put(b"runtime_id", self.rid)
+                txn.put(b"flushed_wv", struct.pack("<Q", max(fl, fs)))
+        nxt = max(fl, fs) + 1
+        empty_wv, empty_t = 0, 0.0
+        idle = 0
+        while True:
+            k = lib.shmstm_ring_collect(self.seg, nxt, MAX_COMMITS, self.buf, BUF, self.out)
+            if k < 0:
+                lib.shmstm_ring_set_error(self.seg, k)
+                return 3
+            stop, used, why = self.out[0], self.out[1], self.out[2]
+            if k > 0:
+                if not self.write(nxt, stop - 1, used):
+                    time.sleep(1.0)           # LMDB error: committers are refused meanwhile
+                    continue
+                nxt = stop
+                idle = 0
+                continue
+            if why == 1:                      # slot nxt still EMPTY
+                now = time.monotonic()
+                if empty_wv != nxt:
+                    empty_wv, empty_t = nxt, now
+                elif now - empty_t > GRACE:
+                    lib.shmstm_ring_void(self.seg, nxt)
+                    continue
+                lib.shmstm_flusher_sleep(self.seg, nxt, 2_000_000)
+                continue
+            if why == 2:                      # owner between its fill and COMMITTED
+                os.sched_yield()
+                continue
+            # caught up with the clock
+            idle += 1
+            if idle >= 3 and self.should_exit(nxt):
+                return 0
+            lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000)
+
+    def should_exit(self, nxt):
+        lib.shmstm_seg_reclaim_dead(self.seg)
+        info = ffi.new("shmstm_seg_info *")
+        lib.shmstm_seg_info_get(self.seg, info)
+        return info.procs_active == 0 and info.clock < nxt
+
+    def write(self, first, last, used):
+        """One LMDB write transaction for commits first..last (coalesced)."""
+        mv = self.mv
+        pos = 0
+        latest = {}
+        while pos < used:
+            _wv, n = _HDR.unpack_from(mv, pos)
+            pos += 16
+            for _ in range(n):
+                idx, tag, ln, _p = _ENT.unpack_from(mv, pos)
+                pos += 16
+                latest[idx] = bytes((tag,)) + mv[pos:pos + ln]
+                pos += (ln + 7) & ~7
+        fault("before_txn")
+        try:
+            with self.env.begin(write=True) as txn:
+                items = [(self.name_of(i), v) for i, v in latest.items()]
+                half = len(items) // 2
+                for j, (key, val) in enumerate(items):
+                    if j == half:
+                        fault("in_txn")
+                    txn.put(key, val, db=self.vars)
+                txn.put(b"flushed_wv", struct.pack("<Q", last), db=self.meta)
+                txn.put(b"runtime_id", self.rid, db=self.meta)
+        except self.lmdb.Error:
+            lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
+            return False
+        fault("after_commit")
+        lib.shmstm_ring_release(self.seg, first, last)
+        fault("after_advance")
+        return True
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,68 @@
+"""Worker processes for tests/durability (run as scripts, real processes).
+
+    python _dworker.py bank NAME PATH WORKER NACCTS LOG     sync transfers, ack log
+    python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
+    python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
+"""
+import os
+import random
+import sys
+
+import shmstm
+
+LIMITS = dict(max_tvars=4096, heap_size=4 << 20, max_procs=8)
+
+
+def bank(name, path, worker, naccts, log):
+    rt = shmstm.open(name, path=path, durability="sync", **LIMITS)
+    accts = [rt.tvar("acct:%d" % i) for i in range(naccts)]
+    done = rt.tvar("done:%s" % worker, 0)
+    rnd = random.Random(worker)
+    with open(log, "a", buffering=1) as f:
+        k = 0
+        while True:
+            a, b = rnd.sample(accts, 2)
+            n = rnd.randint(1, 10)
+
+            def tx():
+                a.value -= n
+                b.value += n
+                done.value += 1
+                return done.value
+            k = shmstm.atomically(tx)
+            # Acknowledged: a sync commit returned, so it is in LMDB.
+            f.write("%d\n" % k)
+
+
+def count(name, path, n):
+    rt = shmstm.open(name, path=path, **LIMITS)
+    ctr = rt.tvar("ctr", 0)
+    slots = [rt.tvar("slot:%d" % i, 0) for i in range(8)]
+
+    def tx():
+        c = ctr.value + 1
+        ctr.value = c
+        slots[c % 8].value = c
+    for _ in range(n):
+        shmstm.atomically(tx)
+    rt.close()
+
+
+def victim(name, path):
+    rt = shmstm.open(name, path=path, **LIMITS)
+    v = rt.tvar("victim", 0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    v.value = 999           # SHMSTM_FAULT=commit.validating:1 kills us after taking wv
+    print("survived", flush=True)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "bank":
+        bank(args[0], args[1], args[2], int(args[3]), args[4])
+    elif cmd == "count":
+        count(args[0], args[1], int(args[2]))
+    elif cmd == "victim":
+        victim(args[0], args[1])
+    os._exit(0)

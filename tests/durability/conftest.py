@@ -1,0 +1,94 @@
+"""Fixtures for the durability tests: a temp LMDB directory per test, a
+durable runtime factory that waits for its flusher to exit at teardown (so
+no process outlives the test's temp dir), and a debug build of the package
+(fault points) built once per session into a temp dir."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import shmstm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+WORKER = os.path.join(HERE, "_dworker.py")
+
+
+def pid_alive(pid):
+    """The kernel's answer (a zombie is dead)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def wait_dead(pid, timeout=30.0):
+    end = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def wait_for(cond, timeout, what):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.005)
+
+
+def worker_env(pythonpath=None, **extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pythonpath or os.path.dirname(os.path.dirname(os.path.abspath(shmstm.__file__)))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def spawn(args, pythonpath=None, **kw):
+    env = worker_env(pythonpath, **kw.pop("env", {}))
+    return subprocess.Popen([sys.executable, WORKER] + [str(a) for a in args], env=env, **kw)
+
+
+@pytest.fixture
+def dpath():
+    d = tempfile.mkdtemp(prefix="shmstm-durable-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def flushers():
+    """A list to append flusher pids to; each must have exited at teardown
+    (they exit when no process is attached and the ring is drained)."""
+    pids = []
+    yield pids
+    for pid in pids:
+        if not wait_dead(pid, 30):
+            os.kill(pid, 9)
+            raise AssertionError("flusher %d did not exit after the last close" % pid)
+
+
+@pytest.fixture(scope="session")
+def debug_pkg():
+    """PYTHONPATH of a debug build (SHMSTM_DEBUG=1: FAULT_POINT kill points)."""
+    d = tempfile.mkdtemp(prefix="shmstm-dbgbuild-")
+    for sub in ("native", "shmstm"):
+        shutil.copytree(os.path.join(REPO, sub), os.path.join(d, sub),
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_native.c"))
+    for f in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(REPO, f), d)
+    env = dict(os.environ, SHMSTM_DEBUG="1")
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=d, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    try:
+        assert r.returncode == 0, r.stdout.decode()[-3000:]
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,17 @@
+"""tools/bench_durable runs end to end (--quick) and reports every row."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_durable_quick(tmp_path):
+    out = tmp_path / "b.json"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_durable"), "--quick",
+                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert len(res) == 11 and all(v["ops_per_s"] > 0 for v in res.values())
