@@ -33,6 +33,10 @@
 #include <unistd.h>
 #include "core.h"
 
+/* shmstm_ring_info.durable_state is reported with the boundary's names. */
+_Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
+               "durable_state names differ between shmstm.h and layout.h");
+
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
 
 static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)

@@ -227,9 +227,11 @@ typedef struct {
     uint32_t flusher_pid;
     uint32_t flusher_alive;
     uint64_t ring_full_waits; /* sum over attached slots */
-    uint32_t durable_state;
-    int32_t durable_error;
+    uint32_t durable_state;   /* SHMSTM_DS_LOADING until the creator loaded LMDB */
+    int32_t durable_error;    /* 0, or the code of the flusher's last LMDB failure */
 } shmstm_ring_info;
+#define SHMSTM_DS_LOADING 0
+#define SHMSTM_DS_READY   1
 int shmstm_ring_info_get(shmstm_seg *seg, shmstm_ring_info *out);
 int shmstm_ring_set_ready(shmstm_seg *seg, const char *path, size_t len);
 int shmstm_ring_path(shmstm_seg *seg, char *buf, uint32_t cap);

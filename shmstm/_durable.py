@@ -354,19 +354,37 @@ class Durable:
 
 
 def ring_stats_dict(info, mode, path):
+    """The ``durability`` object of the statistics document (docs/stats.md)."""
+    committed, flushed = info.committed_wv, info.flushed_wv
+    if info.flusher_alive:
+        flusher_state = "running"
+    elif info.flusher_pid:
+        flusher_state = "dead"          # restarted by the next process that needs it
+    else:
+        flusher_state = "not running"   # not started yet, or exited (nothing attached)
+    code = info.durable_error
     return {
-        "mode": mode, "path": path, "ring_slots": info.ring_slots, "ring_fill": info.ring_fill,
-        "committed_wv": info.committed_wv, "flushed_wv": info.flushed_wv,
-        "lag": info.committed_wv - info.flushed_wv if info.committed_wv > info.flushed_wv else 0,
+        "mode": mode, "path": path, "ready": bool(lib.SHMSTM_DS_READY == info.durable_state),
+        "ring_slots": info.ring_slots, "ring_fill": info.ring_fill,
+        "committed_wv": committed, "flushed_wv": flushed,
+        "lag": committed - flushed if committed > flushed else 0,
         "flusher_pid": info.flusher_pid or None, "flusher_alive": bool(info.flusher_alive),
-        "ring_full_waits": info.ring_full_waits, "error": info.durable_error or None,
+        "flusher_state": flusher_state,
+        "ring_full_waits": info.ring_full_waits, "error": code or None,
+        "error_message": str(error_for(code, "the flusher writing LMDB")) if code else None,
     }
 
 
 def ring_stats(seg):
-    """The durability dict of any segment (the stats tool: no Runtime needed)."""
+    """The durability object of any mapped segment (the stats tool: no Runtime
+    needed, read-only mapping), None for a segment without a commit ring.
+    ``mode`` is None: it is a per-process choice, not a property of the
+    segment."""
     info = ffi.new("shmstm_ring_info *")
     lib.shmstm_ring_info_get(seg, info)
     if not info.ring_slots:
-        return {"mode": "none"}
-    return ring_stats_dict(info, None, None)
+        return None
+    buf = ffi.new("char[]", 4096)
+    n = lib.shmstm_ring_path(seg, buf, 4096)
+    path = ffi.string(buf, n).decode("utf-8", "surrogateescape") if n >= 0 else None
+    return ring_stats_dict(info, None, path)

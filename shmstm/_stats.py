@@ -300,4 +300,18 @@ def rates(prev, cur):
         "clock_per_s": (cur["clock"] - prev["clock"]) / dt_all if dt_all > 0 else 0.0,
         "processes": out_procs,
         "hottest_tvars": hot,
+        "durability": _durability_rates(prev.get("durability"), cur.get("durability"), dt_all),
+    }
+
+
+def _durability_rates(prev, cur, dt):
+    """Flush rate and how long the flusher would take to catch up at that rate."""
+    if cur is None or prev is None or dt <= 0:
+        return None
+    flushed = max(cur["flushed_wv"] - prev["flushed_wv"], 0) / dt
+    return {
+        "committed_per_s": max(cur["committed_wv"] - prev["committed_wv"], 0) / dt,
+        "flushed_per_s": flushed,
+        # null: nothing flushed in the interval (idle, or a stuck flusher)
+        "lag_seconds": cur["lag"] / flushed if flushed > 0 else (0.0 if cur["lag"] == 0 else None),
     }

@@ -5,6 +5,7 @@
     shmstm-stats NAME --json             the same as one JSON document
     shmstm-stats NAME --prometheus       Prometheus text exposition, once
     shmstm-stats NAME --serve PORT       serve /metrics on 127.0.0.1:PORT
+    shmstm-stats --list [--json]         every shmstm segment on the machine
 
 It attaches read-only (``StatsReader``): no process slot, no lock, no write,
 so it never disturbs the workload.  Documentation: docs/stats.md.
@@ -22,6 +23,7 @@ import sys
 import time
 
 from . import errors
+from ._segments import list_segments
 from ._stats import ABORT_REASONS, DEFAULT_HOT, StatsReader, rates
 
 PROG = "shmstm-stats"
@@ -114,8 +116,7 @@ def render_text(doc, rate=None):
         _bytes(heap["used_bytes"]), sum(c["blocks"] for c in heap["classes"]),
         _bytes(heap["bump"]), _bytes(heap["size"]), 100.0 * heap["bump"] / heap["size"],
         (": " + classes) if classes else ""))
-    dur = doc["durability"]
-    lines.append("durability: none" if dur is None else "durability: " + json.dumps(dur))
+    lines += _durability_lines(doc["durability"], rate and rate.get("durability"))
     lines.append("")
 
     if not procs:
@@ -199,6 +200,28 @@ class _Families:
         return "\n".join(out) + "\n"
 
 
+def _durability_lines(dur, rate):
+    if dur is None:
+        return ["durability: none"]
+    lines = ["durability: LMDB at %s%s" % (
+        dur["path"] if dur["path"] is not None else "(path not stored yet)",
+        "" if dur["ready"] else "  (creator still loading LMDB)")]
+    fill = "ring %d/%d slots used (%.1f%%)" % (
+        dur["ring_fill"], dur["ring_slots"], 100.0 * dur["ring_fill"] / max(dur["ring_slots"], 1))
+    ver = "committed v%d  flushed v%d  lag %d" % (dur["committed_wv"], dur["flushed_wv"], dur["lag"])
+    if rate is not None:
+        ver += " (%s s)" % ("-" if rate["lag_seconds"] is None else "%.2f" % rate["lag_seconds"])
+        ver += "  flushing %s/s" % _rate(rate["flushed_per_s"])
+    lines.append("  %s  %s  ring-full waits %d" % (fill, ver, dur["ring_full_waits"]))
+    fl = "  flusher: %s" % dur["flusher_state"]
+    if dur["flusher_pid"]:
+        fl += " (pid %d)" % dur["flusher_pid"]
+    if dur["error"]:
+        fl += "  ERROR: %s" % dur["error_message"]
+    lines.append(fl)
+    return lines
+
+
 def prometheus_text(doc):
     """The statistics document in the Prometheus text exposition format 0.0.4
     (metric list: docs/stats.md)."""
@@ -231,7 +254,25 @@ def prometheus_text(doc):
     one("shmstm_irrevocable_held", "gauge",
         "1 while a transaction holds the irrevocable token.",
         int(doc["irrevocable_holder_slot"] is not None))
-    one("shmstm_durable", "gauge", "1 for a durable runtime.", int(doc["durability"] is not None))
+    dur = doc["durability"]
+    one("shmstm_durable", "gauge", "1 for a durable runtime.", int(dur is not None))
+    if dur is not None:
+        one("shmstm_ring_slots", "gauge", "Slots of the commit ring.", dur["ring_slots"])
+        one("shmstm_ring_used_slots", "gauge", "Commits in the ring not yet in LMDB.",
+            dur["ring_fill"])
+        one("shmstm_committed_version", "gauge", "Write version of the last commit (the clock).",
+            dur["committed_wv"])
+        one("shmstm_flushed_version", "gauge",
+            "Write version up to which every commit is in LMDB.", dur["flushed_wv"])
+        one("shmstm_flusher_lag_versions", "gauge", "Committed minus flushed versions.",
+            dur["lag"])
+        one("shmstm_flusher_up", "gauge", "1 while the flusher process is alive.",
+            int(dur["flusher_alive"]))
+        one("shmstm_ring_full_waits_total", "counter",
+            "Commits that waited for room in a full ring (attached slots).",
+            dur["ring_full_waits"])
+        one("shmstm_durable_error", "gauge",
+            "Code of the flusher's last LMDB failure (0: none).", dur["error"] or 0)
 
     procs = doc["processes"]
 
@@ -352,18 +393,49 @@ def _serve(reader, args):
 
 
 def _list(args):
-    # ---- LIST HOOK (issue 5, `--list`) --------------------------------------
-    # Every shmstm segment on the machine with its attached processes, dead
-    # processes and stale segments flagged.  Wired to shmstm.list_segments()
-    # (shmstm/_segments.py, from the crash-safety work) once that is merged:
-    # call it, then render one line per segment and one per process (text) or
-    # the list as is (--json).  Until then this build says so and fails.
-    import shmstm
-    if not hasattr(shmstm, "list_segments"):
-        raise _UsageError("--list is not available yet in this build (it needs "
-                          "shmstm.list_segments())")
-    raise _UsageError("--list: rendering of shmstm.list_segments() is not wired yet")
-    # ---- end of LIST HOOK ----------------------------------------------------
+    """``--list``: every shmstm segment on the machine with its processes."""
+    segs = list_segments()
+    if args.json:
+        sys.stdout.write(json.dumps({"schema": "shmstm-stats-list/1", "segments": segs},
+                                    indent=2, sort_keys=True, default=str) + "\n")
+    else:
+        sys.stdout.write(render_list(segs))
+    sys.stdout.flush()
+    return 0
+
+
+def render_list(segs):
+    """The text view of ``--list``: a row per segment, an indented row per
+    process slot (dead ones flagged), then a count."""
+    if not segs:
+        return "no shmstm segment on this machine\n"
+    rows = []
+    for d in segs:
+        if d["creating"]:
+            c = d["creating"]
+            state = "INITIALISING" if c["alive"] else "STALE (creator died)"
+            note = "creating %r, creator pid %d %s" % (c["runtime"], c["pid"],
+                                                     "alive" if c["alive"] else "dead")
+        else:
+            state = "STALE" if d["stale"] else "in use"
+            note = ""
+        if d["error"]:
+            note = (note + "  " if note else "") + d["error"]
+        if d["dead_locks"]:
+            note = (note + "  " if note else "") + \
+                "%d lock(s) held by dead processes (recovered at next attach)" % d["dead_locks"]
+        rows.append([d["name"], _bytes(d["size"]), "%d/%d" % (d["live_processes"],
+                     len(d["processes"])), str(len(d["mapped_by"])), state, note])
+        for p in d["processes"]:
+            rows.append(["  slot %d" % p["slot"], "", "", "",
+                         "pid %d %s" % (p["pid"], "alive" if p["alive"] else "DEAD"), ""])
+    lines = _table(["NAME", "SIZE", "LIVE/SLOTS", "MAPPED", "STATE", "NOTE"], rows,
+                   left={0, 4, 5})
+    stale = sum(1 for d in segs if d["stale"])
+    lines.append("")
+    lines.append("%d segment(s), %d stale%s" % (
+        len(segs), stale, " (remove with: shmstm-cleanup)" if stale else ""))
+    return "\n".join(lines) + "\n"
 
 
 class _UsageError(Exception):
@@ -422,11 +494,12 @@ def parse_args(argv):
                     help="how many of the most conflicted TVars to show (default %d)"
                          % DEFAULT_HOT)
     ap.add_argument("--list", action="store_true",
-                    help="every shmstm segment on the machine (not available yet)")
+                    help="every shmstm segment on the machine with its processes; "
+                         "dead processes and stale segments flagged (text or --json)")
     args = ap.parse_args(argv)
     if args.list:
-        if args.name or args.json or args.prometheus or args.serve is not None or args.watch:
-            ap.error("--list takes no NAME and no other mode")
+        if args.name or args.prometheus or args.serve is not None or args.watch is not None:
+            ap.error("--list takes no NAME and no other mode than --json")
     elif not args.name:
         ap.error("the runtime NAME is required")
     if args.watch is not None and (args.prometheus or args.serve is not None):

@@ -124,19 +124,11 @@ def test_bad_name():
     (["x", "--serve", "70000"], ["not a TCP port"]),
     (["x", "--hot", "-1"], ["must be >= 0"]),
     (["x", "--list"], ["--list takes no NAME"]),
+    (["--list", "--prometheus"], ["--list takes no NAME and no other mode than --json"]),
+    (["--list", "--watch"], ["--list takes no NAME and no other mode than --json"]),
 ])
 def test_usage_errors(args, words):
     _fails(run_tool(*args), 2, *words)
-
-
-def test_list_is_not_wired_yet():
-    """--list lands with shmstm.list_segments() (crash-safety work); until then
-    it says so instead of printing nothing."""
-    import shmstm
-
-    if hasattr(shmstm, "list_segments"):
-        pytest.skip("list_segments() exists: --list must be wired (see LIST HOOK)")
-    _fails(run_tool("--list"), 1, "--list is not available yet")
 
 
 def test_reader_bad_arguments(runtime):
