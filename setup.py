@@ -25,7 +25,7 @@ setup(
     cffi_modules=["native/build_shmstm.py:ffibuilder"],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "prometheus_client>=0.16", "lmdb>=1.4"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16", "lmdb>=1.4"],
         "durable": ["lmdb>=1.4"],
     },
     entry_points={"console_scripts": [

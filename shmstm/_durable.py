@@ -25,6 +25,7 @@ MAP_SIZE = 1 << 34            # sparse; set once, identical in every opener (pit
 MAX_DBS = 2
 MODES = ("none", "async", "sync")
 READY_WAIT = 10.0             # seconds an attacher waits for the creator to load LMDB
+FLUSHER_START_TRIES = 3       # failed flusher starts in a row before committers get an error
 
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
@@ -198,6 +199,8 @@ class Durable:
         self.path = path
         self.mode = mode
         self.lock = threading.Lock()
+        self.start_failures = 0          # flushers of ours that exited with an error, in a row
+        self.last_status = 0
 
     # -- open
 
@@ -283,24 +286,48 @@ class Durable:
     # -- the flusher
 
     def ensure_flusher(self):
-        """Start a flusher unless a live one holds the lease (liveness from /proc)."""
+        """Start a flusher unless a live one holds the lease (liveness from /proc).
+
+        At most one flusher we started for this segment is in flight at a time
+        (it takes a moment to claim the lease, and every failed commit would
+        otherwise start another).  A flusher that exits with an error before
+        anyone holds the lease is counted; after FLUSHER_START_TRIES in a row
+        this raises DurabilityError instead of waiting forever (its traceback
+        went to this process's stderr)."""
         seg = self.rt._seg
-        if seg is None or lib.shmstm_flusher_alive(seg):
+        if seg is None:
             return False
-        for p in list(_children):
-            if p.poll() is not None:
-                _children.remove(p)
-        # One start in flight per process: a flusher takes a moment to claim
-        # the lease, and every failed commit would otherwise start another.
+        if lib.shmstm_flusher_alive(seg):
+            self.start_failures = 0
+            return False
         key = (self.rt.name, self.rt._params.created_ns)     # this segment, not a predecessor
-        if any(p._shmstm_key == key and time.monotonic() - p._shmstm_t < 5.0
-               for p in _children):
-            return False
-        cmd = [sys.executable, "-m", "shmstm._flusher", self.rt.name]
+        for p in list(_children):
+            rc = p.poll()
+            if rc is None:
+                if p._shmstm_key == key:
+                    return False        # ours, still starting (or waiting for READY)
+                continue
+            _children.remove(p)
+            if p._shmstm_key == key:
+                if rc > 0:               # exited with an error (a signal is < 0: restart)
+                    self.start_failures += 1
+                    self.last_status = rc
+                else:
+                    self.start_failures = 0
+        if self.start_failures >= FLUSHER_START_TRIES:
+            n, self.start_failures = self.start_failures, 0      # the next call tries afresh
+            raise errors.DurabilityError(
+                "the flusher of durable runtime %r failed to start %d times in a row "
+                "(last exit status %d; its error output went to stderr)"
+                % (self.rt.name, n, self.last_status))
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # cwd: python -m puts the working directory first on sys.path, and a
+        # source checkout there (shmstm/ without the compiled core) must not
+        # shadow this package.
         p = subprocess.Popen(
-            cmd, env=_flusher_env(), start_new_session=True, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "shmstm._flusher", self.rt.name], env=_flusher_env(),
+            cwd=pkg_parent, start_new_session=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, close_fds=True)
-        p._shmstm_t = time.monotonic()
         p._shmstm_key = key
         _children.append(p)
         return True
@@ -342,7 +369,12 @@ class Durable:
                     "committed (wv %d) but the flusher cannot write %r (%s); the commit "
                     "stays in the ring" % (wv, self.path, error_for(info.durable_error)))
             if rc == lib.SHMSTM_ETIMEOUT:
-                self.ensure_flusher()
+                try:
+                    self.ensure_flusher()
+                except errors.DurabilityError as e:
+                    raise errors.DurabilityError(
+                        "committed (wv %d) but not yet durable: %s; the commit stays in the "
+                        "ring for the next flusher" % (wv, e)) from None
 
     def stats(self):
         info = ffi.new("shmstm_ring_info *")

@@ -9,9 +9,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_bench_durable_quick(tmp_path):
     out = tmp_path / "b.json"
-    env = dict(os.environ, PYTHONPATH=REPO)
+    # From a scratch directory: the installed package, as a user runs the tool.
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench_durable"), "--quick",
-                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                        "--json", str(out)], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert len(res) == 11 and all(v["ops_per_s"] > 0 for v in res.values())

@@ -284,3 +284,30 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     assert shmstm.read_durable(dpath)["values"]["ctr"] == 2 * per
     rt.close()
     shmstm.unlink(segname)
+
+
+def test_flusher_that_cannot_start_is_an_error_not_a_hang(segname, dpath, flushers, monkeypatch):
+    """Regression (a CI run hung for good): a flusher that exits with an error at
+    start (here the interpreter is /bin/false) makes a sync commit raise
+    DurabilityError after a few tries instead of waiting forever; the commit
+    stays in the ring, and once a flusher can run it reaches LMDB (nothing lost)."""
+    import sys
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    flushers.append(flusher_pid(rt))
+    a = rt.tvar("a", 0)
+    a.value = 1                                   # a working flusher: durable at once
+    assert shmstm.read_durable(dpath)["values"]["a"] == 1
+    os.kill(flushers[-1], signal.SIGKILL)
+    assert wait_dead(flushers[-1])
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(shmstm.DurabilityError, match=r"committed \(wv \d+\) but not yet durable.*"
+                                                     r"failed to start 3 times.*exit status 1"):
+        a.value = 2
+    assert a.value == 2                           # committed: the segment has it
+    assert shmstm.read_durable(dpath)["values"]["a"] == 1
+    monkeypatch.undo()
+    a.value = 3                                   # starts a real flusher, which drains 2 and 3
+    assert shmstm.read_durable(dpath)["values"]["a"] == 3
+    flushers.append(flusher_pid(rt))
+    rt.close()
+    shmstm.unlink(segname)
