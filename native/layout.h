@@ -269,12 +269,17 @@ struct shm_header {
                                     slots (ring_release).  R: committers' room check
                                     and sync wait, load_acquire (pairs with it).
                                     authoritative */
-    a64 flusher_owner;       /* lease: ps_make(pid, PS_ACTIVE) or 0.  W: a flusher
-                                by CAS (acq_rel) from 0 or a dead holder; the holder
-                                stores 0 (release) on exit.  R: anyone, liveness
-                                by pid + flusher_start from /proc (never a timeout) */
-    a64 flusher_start;       /* /proc starttime of the lease holder; 0 until written
-                                right after the claim CAS (relaxed) */
+    a64 flusher_owner;       /* lease: ps_make(pid, PS_ACTIVE), ps_make(pid,
+                                PS_RECOVERING) while being claimed, or 0.  W: a
+                                flusher by CAS (acq_rel) from 0 or a dead holder to
+                                RECOVERING|pid, then store_release ACTIVE|pid after
+                                writing flusher_start; the holder CASes it to 0 on
+                                exit.  R: anyone (load_acquire), liveness by pid +
+                                flusher_start from /proc (pid alone while
+                                RECOVERING), never a timeout */
+    a64 flusher_start;       /* /proc starttime of the lease holder.  W: the
+                                claimer (relaxed) between its claim CAS and its
+                                release of ACTIVE, which publishes it */
     a64 path_off;            /* heap offset of the LMDB path (NUL-terminated).
                                 W: creator, before durable_state := DS_READY */
     a32 flush_futex;         /* W: flusher faa_seq_cst after advancing flushed_wv,

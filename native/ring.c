@@ -54,10 +54,24 @@ static uint64_t fnv1a(const unsigned char *p, size_t n)
     return h;
 }
 
+/* Is the lease word o held by a live process?  PS_RECOVERING marks a claim
+ * in progress (flusher_start not yet written): the pid alone decides, as for
+ * a process slot whose start time is not yet written (proc.c). */
+static int lease_alive(struct shmstm_seg *s, uint64_t o)
+{
+    if (!o)
+        return 0;
+    if (ps_state(o) != PS_ACTIVE)
+        return proc_alive(ps_pid(o), 0);
+    /* The acquire load of o that the caller made pairs with the holder's
+     * store_release of ACTIVE (shmstm_flusher_claim), so this reads the
+     * holder's own start time, never its predecessor's. */
+    return proc_alive(ps_pid(o), load_relaxed(&s->h->flusher_start));
+}
+
 static int flusher_alive(struct shmstm_seg *s)
 {
-    uint64_t o = load_acquire(&s->h->flusher_owner);   /* pairs with the claim CAS */
-    return o && proc_alive(ps_pid(o), load_relaxed(&s->h->flusher_start));
+    return lease_alive(s, load_acquire(&s->h->flusher_owner));
 }
 
 /* Creation (segment.c, before INIT_READY): clock and flushed_wv start at the
@@ -342,22 +356,42 @@ int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
 
 int shmstm_flusher_alive(shmstm_seg *s) { return s->ring_slots ? flusher_alive(s) : 0; }
 
-/* Take the lease: 1 taken, 0 a live flusher holds it. */
+/* Take the lease: 1 taken, 0 a live flusher holds it.
+ *
+ * Two steps, because the lease is two words (owner, start time): CAS the
+ * owner from 0 or a dead holder to RECOVERING|me (claiming), store my start
+ * time, then store_release ACTIVE|me.  A one-step claim (CAS to ACTIVE, then
+ * the start time) let a second claimer read the new owner with the dead
+ * predecessor's start time, judge the new holder dead and take the lease too:
+ * two flushers, one of them spinning forever on slots the other recycled. */
 int shmstm_flusher_claim(shmstm_seg *s)
 {
     if (!s->ring_slots || s->read_only)
         return SHMSTM_EINVAL;
     struct shm_header *h = s->h;
     uint32_t me = (uint32_t)getpid();
-    uint64_t o = load_acquire(&h->flusher_owner);
+    uint64_t mystart = proc_start_time((pid_t)me);
+    uint64_t o = load_acquire(&h->flusher_owner);   /* pairs with the ACTIVE release */
     for (;;) {
-        if (o && proc_alive(ps_pid(o), load_relaxed(&h->flusher_start)))
+        if (lease_alive(s, o))
             return ps_pid(o) == me ? 1 : 0;
-        if (cas_acq_rel(&h->flusher_owner, &o, ps_make(me, PS_ACTIVE)))
+        if (cas_acq_rel(&h->flusher_owner, &o, ps_make(me, PS_RECOVERING)))
             break;
     }
-    store_relaxed(&h->flusher_start, proc_start_time((pid_t)me));
+    FAULT_POINT("lease.claimed");           /* the window the two steps close */
+    store_relaxed(&h->flusher_start, mystart);
+    /* Pairs with the load_acquire in lease_alive()'s callers. */
+    store_release(&h->flusher_owner, ps_make(me, PS_ACTIVE));
     return 1;
+}
+
+/* 1 while this process holds the lease (the flusher checks before each LMDB
+ * write: a flusher that lost its lease must stop, never write beside another). */
+int shmstm_flusher_holds(shmstm_seg *s)
+{
+    if (!s->ring_slots)
+        return 0;
+    return load_acquire(&s->h->flusher_owner) == ps_make((uint32_t)getpid(), PS_ACTIVE);
 }
 
 int shmstm_flusher_release(shmstm_seg *s)

@@ -245,6 +245,7 @@ int shmstm_ring_set_error(shmstm_seg *seg, int32_t code);
 int shmstm_flusher_claim(shmstm_seg *seg);
 int shmstm_flusher_release(shmstm_seg *seg);
 int shmstm_flusher_alive(shmstm_seg *seg);
+int shmstm_flusher_holds(shmstm_seg *seg);
 int shmstm_flusher_sleep(shmstm_seg *seg, uint64_t next_wv, int64_t timeout_ns);
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);
 uint64_t shmstm_ctx_last_wv(shmstm_ctx *c);

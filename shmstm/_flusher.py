@@ -136,6 +136,11 @@ class Flusher:
         empty_wv, empty_t = 0, 0.0
         idle = 0
         while True:
+            if not lib.shmstm_flusher_holds(self.seg):
+                # Lost the lease (never expected: the claim is two-phase; see
+                # shmstm_flusher_claim).  Two flushers must never write.
+                print("flusher: lost the lease of the segment; exiting", file=sys.stderr)
+                return 4
             k = lib.shmstm_ring_collect(self.seg, nxt, MAX_COMMITS, self.buf, BUF, self.out)
             if k < 0:
                 lib.shmstm_ring_set_error(self.seg, k)

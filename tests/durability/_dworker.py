@@ -3,6 +3,8 @@
     python _dworker.py bank NAME PATH WORKER NACCTS LOG     sync transfers, ack log
     python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
+    python _dworker.py claim NAME                           attach as a flusher would, then on "go"
+                                                            claim the lease and print 1 (won) or 0
 """
 import os
 import random
@@ -57,6 +59,16 @@ def victim(name, path):
     print("survived", flush=True)
 
 
+def claim(name):
+    from shmstm import _flusher
+    from shmstm._binding import lib
+    seg, _params = _flusher.attach(name)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(lib.shmstm_flusher_claim(seg), flush=True)
+    sys.stdin.readline()            # hold the lease (or not) until told to go
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "bank":
@@ -65,4 +77,6 @@ if __name__ == "__main__":
         count(args[0], args[1], int(args[2]))
     elif cmd == "victim":
         victim(args[0], args[1])
+    elif cmd == "claim":
+        claim(args[0])
     os._exit(0)

@@ -132,11 +132,14 @@ def test_machine_crash_sync(segname, dpath, flushers, tmp_path):
 
 
 def _start_now(d):
-    """ensure_flusher() without the per-process start throttle."""
-    from shmstm import _durable
+    """ensure_flusher() now: first wait until each flusher this process started
+    has either exited (it lost the lease) or holds the lease (ensure_flusher
+    keeps one start in flight, so it would not start another before).  The
+    flusher started, or None if one had taken the lease meanwhile."""
     for p in _durable._children:
-        p._shmstm_t = 0.0
-    d.ensure_flusher()
+        wait_for(lambda: p.poll() is not None or d.rt.stats()["durability"]["flusher_pid"] == p.pid,
+                 30, "flusher %d to exit or take the lease" % p.pid)
+    return _durable._children[-1] if d.ensure_flusher() else None
 
 
 def _check_prefix(vals):
@@ -175,8 +178,10 @@ def test_flusher_killed_repeatedly(segname, dpath, flushers):
                 while True:
                     os.kill(pid, signal.SIGKILL)
                     assert wait_dead(pid)
-                    _start_now(d)
-                    fp = _durable._children[-1]
+                    fp = _start_now(d)
+                    if fp is None:            # an earlier one took the lease: kill it too
+                        pid = flusher_pid(rt)
+                        continue
                     # resume the workers once ours holds the lease (or already died)
                     wait_for(lambda: fp.poll() is not None
                              or rt.stats()["durability"]["flusher_pid"] == fp.pid, 30, "the lease")
@@ -309,5 +314,36 @@ def test_flusher_that_cannot_start_is_an_error_not_a_hang(segname, dpath, flushe
     a.value = 3                                   # starts a real flusher, which drains 2 and 3
     assert shmstm.read_durable(dpath)["values"]["a"] == 3
     flushers.append(flusher_pid(rt))
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def test_flusher_lease_has_one_holder(segname, dpath, flushers, debug_pkg):
+    """Regression (two flushers ran at once; one spun forever on slots the other
+    had recycled): claimers race for the lease of a dead flusher, with a random
+    delay of up to 20 ms inside the claim (debug build, SHMSTM_DELAY); in every
+    round exactly one wins, and the others see it alive."""
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    pid = flusher_pid(rt)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_dead(pid)
+    for _round in range(6):
+        claimers = [spawn(["claim", segname], pythonpath=debug_pkg, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env={"SHMSTM_DELAY": "1000:20000"})
+                    for _ in range(5)]
+        try:
+            for c in claimers:
+                assert c.stdout.readline().strip() == "ready"
+            for c in claimers:                        # all claim at about the same time
+                c.stdin.write("go\n")
+                c.stdin.flush()
+            won = [int(c.stdout.readline()) for c in claimers]
+            assert won.count(1) == 1, won
+            assert rt.stats()["durability"]["flusher_pid"] == claimers[won.index(1)].pid
+        finally:
+            for c in claimers:                        # the holder dies holding the lease
+                c.kill()
+                c.wait()
+    assert not rt.stats()["durability"]["flusher_alive"]
     rt.close()
     shmstm.unlink(segname)
