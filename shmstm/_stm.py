@@ -92,11 +92,20 @@ class _RetrySignal(BaseException):
 
 
 class _TLS(threading.local):
-    tx = None          # the running transaction
-    own = None         # this thread's _Tx, reused by each transaction it runs
+    # This thread's _Tx, reused by every transaction the thread runs; tx.running
+    # says whether one is running now.  One attribute, read once per TVar
+    # access and once per transaction: a threading.local access costs about as
+    # much as a whole cffi call, so the hot path makes as few as it can.
+    tx = None
 
 
 _tls = _TLS()
+
+
+def _current():
+    """This thread's running transaction, or None (off the hot path)."""
+    tx = _tls.tx
+    return tx if tx is not None and tx.running else None
 
 # Every transaction in flight in this process, in any thread.  While it is
 # empty (the common case for a read outside a transaction) TVar.get() knows
@@ -462,7 +471,7 @@ class Runtime:
         oi = ffi.new("uint32_t[2]")
         _check_rc(_new_call(lib.shmstm_tvar_new, ctx.ptr, (), tag, payload, oi), "new TVar")
         tv = TVar(self, oi[0], oi[1], None)
-        tx = _tls.tx
+        tx = _current()
         if tx is not None:
             tx._bind(self)
             tx.created.append(tv)
@@ -698,10 +707,14 @@ class TVar:
                 return v
             return self._get_outside()
         tx = _tls.tx
-        if tx is None:
+        if tx is None or not tx.running:
             return self._get_outside()
-        if self._rt is not tx.rt:
-            tx._bind(self._rt)
+        rt = self._rt
+        if rt is not tx.rt:
+            if tx.rt is None and rt is tx.brt and tx.ctx.ptr is not None:
+                tx.rt = rt              # _bind's common case, without the call
+            else:
+                tx._bind(rt)
         writes = tx.writes
         if writes:
             w = writes.get(self._h)
@@ -724,11 +737,15 @@ class TVar:
     def set(self, value):
         """Write: buffered inside a transaction, a one-TVar transaction outside."""
         tx = _tls.tx
-        if tx is None:
+        if tx is None or not tx.running:
             atomically(self.set, value)
             return
-        if self._rt is not tx.rt:
-            tx._bind(self._rt)
+        rt = self._rt
+        if rt is not tx.rt:
+            if tx.rt is None and rt is tx.brt and tx.ctx.ptr is not None:
+                tx.rt = rt              # as in get()
+            else:
+                tx._bind(rt)
         if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
             value = _Enc(*_encode(value, self._rt._max_value_size), value)
             tx.nonint += 1
@@ -751,7 +768,7 @@ class TVar:
         to it then raises StaleTVarError."""
         if self._name is not None:
             raise errors.Error("named TVar %r cannot be freed" % self._name)
-        tx = _tls.tx
+        tx = _current()
         if tx is None:
             atomically(self.free)
             return
@@ -807,9 +824,11 @@ class _Tx:
     nonint, an upper bound, so that an all-int write set is staged in one
     call)."""
     __slots__ = ("rt", "brt", "ctx", "ptr", "writes", "undo", "depth", "created",
-                 "doomed", "nonint")
+                 "doomed", "nonint", "running", "deadline")
 
     def __init__(self):
+        self.running = False            # inside atomically() now
+        self.deadline = None            # set by @atomic(timeout=...) for its next run
         self.rt = self.brt = self.ctx = self.ptr = None
         self.writes = {}
         self.undo = []
@@ -977,17 +996,30 @@ def _backoff(n):
         time.sleep(random.random() * min(0.0002 * (1 << min(n - 12, 6)), 0.01))
 
 
-def _run(fn, args, kwargs, timeout):
+def atomically(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)`` as a transaction and return its result.
+
+    The function is re-run if it conflicts with another commit, so it must
+    not have side effects outside TVars.  Inside a transaction, a nested
+    ``atomically`` joins the outer transaction."""
+    # The hot path of every transaction: one threading.local read, no extra
+    # call frame (tools/bench measures it).
+    tls = _tls
+    tx = tls.tx
+    if tx is None:
+        tx = tls.tx = _Tx()
+    elif tx.running:
+        return fn(*args, **kwargs)      # nested: joins the outer transaction
     if not callable(fn):
         raise TypeError("atomically() needs a callable, not %s" % type(fn).__name__)
-    tls = _tls
-    tx = tls.own
-    if tx is None:
-        tx = tls.own = _Tx()
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = tx.deadline
+    if deadline is not None:
+        tx.deadline = None
     conflicts = 0
     try:
-        tls.tx = tx
+        # Inside the try: a KeyboardInterrupt from a signal handler can land
+        # between any two statements, and running must never stay True.
+        tx.running = True
         _active.add(tx)
         while True:
             try:
@@ -1014,23 +1046,26 @@ def _run(fn, args, kwargs, timeout):
         # Never reuse a _Tx whose transaction ended by an exception: an
         # asynchronous one may cut the cleanup below short.  Dropped first, so
         # the next transaction's new _Tx clears the C context (_bind).
-        tls.own = None
+        tls.tx = None
         tx._end(AB_SILENT)
         raise
     finally:
-        tls.tx = None
+        tx.running = False
         _active.discard(tx)
 
 
-def atomically(fn, *args, **kwargs):
-    """Run ``fn(*args, **kwargs)`` as a transaction and return its result.
-
-    The function is re-run if it conflicts with another commit, so it must
-    not have side effects outside TVars.  Inside a transaction, a nested
-    ``atomically`` joins the outer transaction."""
-    if _active and _tls.tx is not None:
-        return fn(*args, **kwargs)
-    return _run(fn, args, kwargs, None)
+def _run_with_timeout(f, args, kwargs, timeout):
+    tls = _tls
+    tx = tls.tx
+    if tx is None:
+        tx = tls.tx = _Tx()
+    elif tx.running:
+        return f(*args, **kwargs)       # nested: the outer transaction's timeout rules
+    tx.deadline = time.monotonic() + timeout
+    try:
+        return atomically(f, *args, **kwargs)
+    finally:
+        tx.deadline = None              # consumed by atomically(), unless interrupted first
 
 
 def atomic(fn=None, *, timeout=None, durability=None):
@@ -1067,10 +1102,12 @@ def atomic(fn=None, *, timeout=None, durability=None):
         if not callable(f):
             raise TypeError("atomic() decorates a callable, not %s" % type(f).__name__)
 
-        def call(*args, **kwargs):
-            if _active and _tls.tx is not None:
-                return f(*args, **kwargs)
-            return _run(f, args, kwargs, timeout)
+        if timeout is None:
+            def call(*args, **kwargs):
+                return atomically(f, *args, **kwargs)
+        else:
+            def call(*args, **kwargs):
+                return _run_with_timeout(f, args, kwargs, timeout)
         call.__name__ = getattr(f, "__name__", "atomic")
         call.__qualname__ = getattr(f, "__qualname__", call.__name__)
         call.__doc__ = getattr(f, "__doc__", None)
@@ -1085,7 +1122,7 @@ def atomic(fn=None, *, timeout=None, durability=None):
 def retry():
     """Abandon the transaction and block until a TVar it read changes, then
     re-run it."""
-    if _tls.tx is None:
+    if _current() is None:
         raise errors.NotInTransactionError("retry() outside a transaction")
     raise _RetrySignal()
 
@@ -1101,7 +1138,7 @@ def or_else(*branches):
     if it calls retry(), undo its writes (keeping what it read, so a change
     to it wakes the transaction) and run the next.  Retries only if every
     branch retries.  Returns the result of the branch that finished."""
-    tx = _tls.tx
+    tx = _current()
     if tx is None:
         raise errors.NotInTransactionError("or_else() outside a transaction")
     if not branches:
@@ -1133,4 +1170,4 @@ def or_else(*branches):
 
 def in_transaction():
     """True inside ``atomically`` in this thread."""
-    return _tls.tx is not None
+    return _current() is not None
