@@ -15,6 +15,8 @@
  *
  * Configuration: the environment, read at the first fault point of a process
  *   SHMSTM_FAULT=<point>:<n>        kill at the n-th hit of <point>
+ *   SHMSTM_FAULT=<point>:<n>:stop   SIGSTOP ourselves there instead (a test
+ *                                   stalls a process mid-commit, then SIGCONTs it)
  *   SHMSTM_DELAY=<permille>[:<max_us>]
  *   SHMSTM_SHAKE=<permille>
  *   SHMSTM_FAULT_LOG=<path>         before a kill, append "<pid> <point>\n"
@@ -43,6 +45,7 @@ static struct {
     int init;
     char point[64];
     long countdown;          /* > 0: armed */
+    int stop;                /* at the point: SIGSTOP (1) instead of SIGKILL (0) */
     int delay_permille;
     int delay_max_us;
     int shake_permille;
@@ -64,6 +67,8 @@ static void set_point(const char *spec)
     memcpy(F.point, spec, n);
     F.point[n] = '\0';
     F.countdown = colon ? atol(colon + 1) : 1;
+    const char *action = colon ? strchr(colon + 1, ':') : NULL;
+    F.stop = action && strcmp(action + 1, "stop") == 0;
 }
 
 static void init_from_env(void)
@@ -120,7 +125,7 @@ void fault_point(const char *name)
                 /* nothing to do: the kill below is what matters */
             }
         }
-        kill(getpid(), SIGKILL);
+        kill(getpid(), F.stop ? SIGSTOP : SIGKILL);
     }
 }
 

@@ -292,8 +292,10 @@ struct shm_header {
                                 DS_READY.  W: creator store_release.  R: attachers
                                 load_acquire (pairs with it) */
     a32 durable_error;       /* 0, or an SHMSTM_E* code the flusher met writing
-                                LMDB (map full, I/O).  W: flusher (relaxed).
-                                R: committers before their commit point: refuse */
+                                LMDB (map full, I/O).  W: flusher (relaxed): set
+                                on a failed write, back to 0 when a retry
+                                succeeds.  R: committers before their commit
+                                point: refuse while set.  advisory */
     a32 durable_pad_;
     a64 durable_reserved_;
 };

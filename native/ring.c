@@ -71,6 +71,10 @@ static int lease_alive(struct shmstm_seg *s, uint64_t o)
 
 static int flusher_alive(struct shmstm_seg *s)
 {
+    /* Dekker with a flusher's exit (shmstm_flusher_release): an opener has
+     * claimed its slot, then looks at the lease; the flusher released the
+     * lease, then looks at the slots.  One of the two sees the other. */
+    fence_seq_cst();
     return lease_alive(s, load_acquire(&s->h->flusher_owner));
 }
 
@@ -181,9 +185,16 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     if (ring_kind(rec) == 0)
         ((struct ring_rec *)heap_payload(s, rec))->wv = wv;   /* private until the CAS */
     /* Pairs with the flusher's store_release of seq when it recycled round
-     * wv - N.  By the room invariant this never spins; the loop is a guard. */
-    while (load_acquire(&sl->seq) != wv)
+     * wv - N.  By the room invariant seq < wv never happens; the loop is a
+     * guard.  seq > wv: this committer stalled (preempted, SIGSTOPped) past
+     * the grace period, the flusher voided slot wv and recycled it for round
+     * wv + N: roll back (spinning for seq == wv would never end, holding
+     * locks). */
+    uint64_t q;
+    while ((q = load_acquire(&sl->seq)) < wv)
         cpu_relax();
+    if (q != wv)
+        return 0;
     uint64_t exp = RING_EMPTY;
     FAULT_POINT("ring.before_fill");
     /* acq_rel: the record bytes and r->wv are visible to whoever reads rec. */
@@ -400,6 +411,7 @@ int shmstm_flusher_release(shmstm_seg *s)
     uint64_t o = ps_make((uint32_t)getpid(), PS_ACTIVE);
     if (!cas_acq_rel(&h->flusher_owner, &o, 0))
         return SHMSTM_EINVAL;
+    fence_seq_cst();        /* see flusher_alive(): the flusher then re-reads the slots */
     return 0;
 }
 
@@ -525,7 +537,7 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
          * EMPTY means a predecessor died between clearing and recycling it. */
         uint64_t rec = load_acquire(&sl->rec);
         store_relaxed(&sl->rec, RING_EMPTY);   /* before the free: never freed twice */
-        if (ring_kind(rec) == 0)
+        if (rec != RING_EMPTY && ring_kind(rec) == 0)
             heap_free(s, NULL, rec);
         FAULT_POINT("ring.release_one");
         /* Pairs with the committer's load_acquire of seq in ring_fill(). */

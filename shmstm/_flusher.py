@@ -76,10 +76,22 @@ def main(argv):
         time.sleep(0.005)
     if lib.shmstm_flusher_claim(seg) != 1:
         return 0                        # a live flusher holds the lease
-    try:
-        return Flusher(seg, params).run()
-    finally:
-        lib.shmstm_flusher_release(seg)
+    flusher = None
+    while True:
+        try:
+            if flusher is None:
+                flusher = Flusher(seg, params)
+            rc = flusher.run()
+        finally:
+            lib.shmstm_flusher_release(seg)
+        # A process that attached between run()'s last look at the slots and
+        # the release may have seen our lease and started no flusher: look
+        # again after the release (the release and an opener's slot claim are
+        # a Dekker pair with seq_cst fences, ring.c), and carry on if so.
+        if rc != 0 or not flusher.anyone_attached():
+            return rc
+        if lib.shmstm_flusher_claim(seg) != 1:
+            return 0                    # an opener's flusher took over
 
 
 class Flusher:
@@ -103,6 +115,7 @@ class Flusher:
         self.names = {}
         self.namebuf = ffi.new("char[]", 512)
         self.info = ffi.new("shmstm_ring_info *")
+        self.failing = False             # the last LMDB write failed
 
     def seg_flushed(self):
         lib.shmstm_ring_info_get(self.seg, self.info)
@@ -134,7 +147,7 @@ class Flusher:
                 txn.put(b"flushed_wv", struct.pack("<Q", max(fl, fs)))
         nxt = max(fl, fs) + 1
         empty_wv, empty_t = 0, 0.0
-        idle = 0
+        idle = owner_waits = 0
         while True:
             if not lib.shmstm_flusher_holds(self.seg):
                 # Lost the lease (never expected: the claim is two-phase; see
@@ -146,6 +159,8 @@ class Flusher:
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
             stop, used, why = self.out[0], self.out[1], self.out[2]
+            if why != 2:
+                owner_waits = 0
             if k > 0:
                 if not self.write(nxt, stop - 1, used):
                     time.sleep(1.0)           # LMDB error: committers are refused meanwhile
@@ -163,7 +178,13 @@ class Flusher:
                 lib.shmstm_flusher_sleep(self.seg, nxt, 2_000_000)
                 continue
             if why == 2:                      # owner between its fill and COMMITTED
-                os.sched_yield()
+                # A few instructions normally; long only if the owner is
+                # preempted or stopped (SIGSTOP): then do not burn a core.
+                owner_waits += 1
+                if owner_waits < 64:
+                    os.sched_yield()
+                else:
+                    time.sleep(0.001)
                 continue
             # caught up with the clock
             idle += 1
@@ -171,10 +192,18 @@ class Flusher:
                 return 0
             lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000)
 
-    def should_exit(self, nxt):
+    def seg_info(self):
+        """The segment's facts after reclaiming dead slots."""
         lib.shmstm_seg_reclaim_dead(self.seg)
         info = ffi.new("shmstm_seg_info *")
         lib.shmstm_seg_info_get(self.seg, info)
+        return info
+
+    def anyone_attached(self):
+        return self.seg_info().procs_active != 0
+
+    def should_exit(self, nxt):
+        info = self.seg_info()
         return info.procs_active == 0 and info.clock < nxt
 
     def write(self, first, last, used):
@@ -201,9 +230,18 @@ class Flusher:
                     txn.put(key, val, db=self.vars)
                 txn.put(b"flushed_wv", struct.pack("<Q", last), db=self.meta)
                 txn.put(b"runtime_id", self.rid, db=self.meta)
-        except self.lmdb.Error:
+        except self.lmdb.Error as e:
+            # Committers are refused (before their commit point) until a
+            # retry succeeds; the commits in the ring stay there.
+            if not self.failing:
+                print("flusher: LMDB write failed, retrying every second: %s" % e,
+                      file=sys.stderr)
+            self.failing = True
             lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
             return False
+        if self.failing:                 # the error was transient (disk full, ...)
+            self.failing = False
+            lib.shmstm_ring_set_error(self.seg, 0)
         fault("after_commit")
         lib.shmstm_ring_release(self.seg, first, last)
         fault("after_advance")

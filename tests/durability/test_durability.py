@@ -258,6 +258,51 @@ def test_committer_killed_before_commit_point(segname, dpath, flushers, debug_pk
     shmstm.unlink(segname)
 
 
+def _stopped(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def test_committer_stalled_past_grace_rolls_back_and_reruns(segname, dpath, flushers, debug_pkg):
+    """Regression (liveness): a live committer stalled between taking its wv and
+    its fill of ring slot wv (SIGSTOPped there by the debug fault point
+    commit.validated) for longer than the grace period: the flusher voids and
+    recycles the slot.  After SIGCONT the committer must roll back and re-run
+    its transaction (it used to spin forever waiting for the slot's old round,
+    holding its locks).  Its write then appears once, in the segment and LMDB."""
+    os.environ["SHMSTM_FLUSH_GRACE"] = "0.3"
+    try:
+        rt = shmstm.open(segname, path=dpath, **LIMITS)
+        flushers.append(flusher_pid(rt))
+    finally:
+        del os.environ["SHMSTM_FLUSH_GRACE"]
+    v, other = rt.tvar("victim", 0), rt.tvar("other", 0)
+    v.value = 1
+    p = spawn(["victim", segname, dpath], pythonpath=debug_pkg, stdin=subprocess.PIPE,
+              stdout=subprocess.PIPE, env={"SHMSTM_FAULT": "commit.validated:1:stop"})
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        wait_for(lambda: _stopped(p.pid), 30, "the victim to stop inside its commit")
+        other.value = 7                    # a later wv, while the victim's slot is empty
+        drain(rt)                          # only after the grace: the victim's slot voided
+        os.kill(p.pid, signal.SIGCONT)
+        assert p.stdout.readline().strip() == b"survived"
+        assert p.wait(30) == 0
+    finally:
+        p.kill()
+        p.wait()
+    assert v.value == 999 and other.value == 7
+    drain(rt)
+    assert shmstm.read_durable(dpath)["values"]["victim"] == 999
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_full_ring_stopped_flusher(segname, dpath, flushers):
     """A SIGSTOPped flusher fills a small ring: committers wait (counted in
     ring_full_waits) holding no locks, nothing is lost, and they finish after
