@@ -64,7 +64,9 @@ struct shmstm_ctx {
 };
 
 /* proc.c */
+#define PROC_UNKNOWN UINT64_MAX                 /* /proc could not be read: not "dead" */
 uint64_t proc_start_time(pid_t pid);            /* 0 if gone or a zombie */
+uint64_t proc_self_start(void);                 /* ours, or 0 (= "trust the pid") */
 int      proc_alive(uint32_t pid, uint64_t start);
 int      slot_owner_dead(struct shmstm_seg *s, uint32_t slot);
 int      slot_recover(struct shmstm_seg *s, uint32_t slot);

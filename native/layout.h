@@ -77,7 +77,9 @@ static inline uint64_t lk_make_locked(uint32_t owner)  { return ((uint64_t)owner
  */
 #define PS_FREE       0u
 #define PS_ACTIVE     1u
-#define PS_RECOVERING 2u
+#define PS_RECOVERING 2u     /* start_time is the recoverer's */
+#define PS_CLAIMING   3u     /* a recoverer's claim, start_time not yet its own:
+                                liveness by pid alone for these few instructions */
 static inline uint32_t ps_state(uint64_t o) { return (uint32_t)(o & 0xffu); }
 static inline uint32_t ps_pid(uint64_t o)   { return (uint32_t)(o >> 32); }
 static inline uint64_t ps_make(uint32_t pid, uint32_t st) { return ((uint64_t)pid << 32) | st; }
@@ -141,10 +143,15 @@ struct shm_commit_rec {
  * parties sit on different cache lines. */
 struct shm_proc {
     /* line 0: identity.  W: claimer (CAS FREE->ACTIVE|pid), recoverer
-     * (CAS ACTIVE->RECOVERING, then store FREE).  R: anyone checking liveness. */
+     * (CAS ACTIVE or dead RECOVERING -> CLAIMING|pid, store start_time, then
+     * store_release RECOVERING|pid; finally store_release FREE).  R: anyone
+     * checking liveness (load_acquire, pairs with those releases). */
     _Alignas(64) a64 owner;  /* ps_make(pid, state): authoritative */
-    a64 start_time;          /* /proc/pid/stat starttime of the owner; 0 until written
-                                (right after the claim CAS); liveness check input */
+    a64 start_time;          /* /proc/pid/stat starttime of the owner (ACTIVE) or of
+                                the recoverer (RECOVERING); 0 until the claimer
+                                writes it right after its CAS, and 0 means "trust
+                                the pid"; liveness check input.  W: relaxed, by the
+                                claimer; published by the state's release */
     a64 tid;                 /* owner's thread id (advisory, stats) */
     a64 attach_ns;           /* CLOCK_REALTIME at claim (advisory, stats) */
     /* line 1: wake-ups.  futex: W: committers (faa_seq_cst) that wrote a TVar

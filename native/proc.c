@@ -18,7 +18,8 @@
  *
  * Recovery steps (slot_recover), with the kill point (debug builds) after each:
  *  R1. claim the slot: CAS ACTIVE|dead pid (or RECOVERING|dead recoverer)
- *      -> RECOVERING|my pid                               recover.claimed
+ *      -> CLAIMING|my pid, store my start time, then
+ *      RECOVERING|my pid (store_release)                  recover.claimed
  *  R2. for each record entry whose lock word still names the dead slot:
  *      record COMMITTED (roll forward): store the new tag, value and
  *        generation                                       recover.published_one
@@ -64,33 +65,48 @@ uint64_t realtime_ns(void)
 
 pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
-/* starttime (field 22 of /proc/<pid>/stat, clock ticks since boot), or 0 when
- * the process does not exist or is a zombie (dead, not yet reaped). */
+/* starttime (field 22 of /proc/<pid>/stat, clock ticks since boot); 0 when
+ * the kernel says the process does not exist or is a zombie (dead, not yet
+ * reaped); PROC_UNKNOWN when /proc could not be read for another reason
+ * (EMFILE, ENFILE, ENOMEM, ...).  Only the kernel's "no such process" is
+ * death: a process out of file descriptors must never take a live owner for
+ * dead and recover its commit under it. */
 uint64_t proc_start_time(pid_t pid)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return 0;
+        return errno == ENOENT || errno == ESRCH ? 0 : PROC_UNKNOWN;
     ssize_t n = read(fd, buf, sizeof buf - 1);
+    int err = errno;
     close(fd);
-    if (n <= 0)
+    if (n < 0)
+        return err == ESRCH ? 0 : PROC_UNKNOWN;   /* ESRCH: exited while we read */
+    if (n == 0)
         return 0;
     buf[n] = '\0';
     char *p = strrchr(buf, ')');      /* comm may contain spaces and ')' */
     if (!p)
-        return 0;
+        return PROC_UNKNOWN;
     p++;
     /* tokens after ')': [0]=state (field 3) ... [19]=starttime (field 22) */
     char *save = NULL, *tok = strtok_r(p, " ", &save);
     for (int i = 0; tok; i++, tok = strtok_r(NULL, " ", &save)) {
         if (i == 0 && (tok[0] == 'Z' || tok[0] == 'X'))
             return 0;
-        if (i == 19)
-            return strtoull(tok, NULL, 10);
+        if (i == 19) {
+            uint64_t v = strtoull(tok, NULL, 10);
+            return v && v != PROC_UNKNOWN ? v : PROC_UNKNOWN;
+        }
     }
-    return 0;
+    return PROC_UNKNOWN;
+}
+
+uint64_t proc_self_start(void)
+{
+    uint64_t st = proc_start_time(getpid());
+    return st == PROC_UNKNOWN ? 0 : st;
 }
 
 int proc_alive(uint32_t pid, uint64_t start)
@@ -100,6 +116,8 @@ int proc_alive(uint32_t pid, uint64_t start)
     uint64_t st = proc_start_time((pid_t)pid);
     if (st == 0)
         return 0;
+    if (st == PROC_UNKNOWN)
+        return 1;           /* cannot tell: alive (asked again at the next check) */
     /* start == 0: the owner died (or is) between its claim CAS and writing
      * start_time; the pid alone is all we know, so trust it (a leak at worst). */
     return start == 0 || st == start;
@@ -115,8 +133,11 @@ int slot_owner_dead(struct shmstm_seg *s, uint32_t slot)
     uint32_t st = ps_state(o);
     if (st == PS_FREE)
         return 0;
-    if (st == PS_RECOVERING)
+    if (st == PS_CLAIMING)
         return !proc_alive(ps_pid(o), 0);
+    /* ACTIVE or RECOVERING: start_time is the owner's or the recoverer's
+     * (published by the release of that state, which the acquire above
+     * pairs with), so a reused pid is not taken for the owner. */
     return !proc_alive(ps_pid(o), load_relaxed(&p->start_time));
 }
 
@@ -134,23 +155,34 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
         return 0;
     struct shm_proc *p = &s->procs[slot];
     uint32_t me = (uint32_t)getpid();
+    uint64_t mystart = proc_self_start();
     uint64_t o = load_acquire(&p->owner);
     for (;;) {
         uint32_t st = ps_state(o);
         if (st == PS_FREE)
             return 1;
-        if (st == PS_ACTIVE) {
-            if (proc_alive(ps_pid(o), load_relaxed(&p->start_time)))
-                return 0;
-        } else if (st == PS_RECOVERING) {
-            if (ps_pid(o) == me || proc_alive(ps_pid(o), 0))
-                return 0;       /* a live recoverer is on it (or we are, re-entrantly) */
+        if (st == PS_CLAIMING) {
+            if (proc_alive(ps_pid(o), 0))
+                return 0;       /* a live recoverer is claiming it */
+        } else {
+            uint64_t t = load_relaxed(&p->start_time);
+            if (st == PS_RECOVERING && ps_pid(o) == me && t == mystart)
+                return 0;       /* we are recovering it (re-entrantly) */
+            if (proc_alive(ps_pid(o), t))
+                return 0;       /* the owner, or a live recoverer */
         }
-        /* R1. Claim: pairs with nothing to publish yet; acq_rel so the dead
+        /* R1. Claim in two steps, because the owner is two words (owner,
+         * start_time): CAS to CLAIMING|me, store our start time, release
+         * RECOVERING|me.  Checking a recoverer by pid alone would take a
+         * dead recoverer whose pid was reused for a live one, and the slot
+         * (and its locks) would never be recovered.  acq_rel: the dead
          * owner's record (visible since it exited) is read after the claim. */
-        if (cas_acq_rel(&p->owner, &o, ps_make(me, PS_RECOVERING)))
+        if (cas_acq_rel(&p->owner, &o, ps_make(me, PS_CLAIMING)))
             break;
     }
+    store_relaxed(&p->start_time, mystart);
+    /* Pairs with the load_acquire of owner in slot_owner_dead(). */
+    store_release(&p->owner, ps_make(me, PS_RECOVERING));
     FAULT_POINT("recover.claimed");
 
     /* R2 */
@@ -175,7 +207,7 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
                 store_relaxed(&t->tag, (uint32_t)e[i].new_tag);
                 store_relaxed(&t->value, e[i].new_val);
                 if (e[i].flags & WE_FREE)
-                    store_relaxed(&t->gen, e[i].gen + 1);   /* never gen + 1: see R2 */
+                    store_relaxed(&t->gen, e[i].gen + 1);   /* never t->gen + 1: see R2 */
                 FAULT_POINT("recover.published_one");
                 /* Pairs with readers' load_acquire of the lock word. */
                 store_release(&t->lock, lk_make_unlocked(wv));

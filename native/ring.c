@@ -381,7 +381,7 @@ int shmstm_flusher_claim(shmstm_seg *s)
         return SHMSTM_EINVAL;
     struct shm_header *h = s->h;
     uint32_t me = (uint32_t)getpid();
-    uint64_t mystart = proc_start_time((pid_t)me);
+    uint64_t mystart = proc_self_start();
     uint64_t o = load_acquire(&h->flusher_owner);   /* pairs with the ACTIVE release */
     for (;;) {
         if (lease_alive(s, o))

@@ -154,7 +154,7 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
     h->magic = SHMSTM_MAGIC;
     h->signature = layout_signature();
     h->creator_pid = (uint32_t)getpid();
-    h->creator_start = proc_start_time(getpid());
+    h->creator_start = proc_self_start();
     h->seg_size = g.seg_size;
     if (getrandom(h->runtime_id, 16, 0) != 16) {
         uint64_t t = realtime_ns() ^ ((uint64_t)getpid() << 32);
@@ -380,7 +380,7 @@ int shmstm_seg_proc_info(shmstm_seg *s, uint32_t slot, shmstm_proc_info *o)
     for (uint32_t i = 0; i < LAT_BUCKETS; i++)
         o->lat_hist[i] = load_relaxed(&p->lat_hist[i]);
     o->waiting = load_relaxed(&p->sleeping);
-    o->alive = o->state != PS_FREE && proc_alive(o->pid, o->start_time);
+    o->alive = o->state != PS_FREE && !slot_owner_dead(s, slot);
     return 0;
 }
 

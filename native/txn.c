@@ -787,7 +787,7 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
                 continue;
             if (!cas_acq_rel(&p->owner, &o, ps_make(pid, PS_ACTIVE)))
                 continue;
-            store_relaxed(&p->start_time, proc_start_time((pid_t)pid));
+            store_relaxed(&p->start_time, proc_self_start());
             store_relaxed(&p->tid, (uint64_t)my_tid());
             store_relaxed(&p->attach_ns, realtime_ns());
             /* Fresh counters for the new owner (owner-written, advisory). */

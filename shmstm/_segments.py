@@ -89,8 +89,10 @@ def _pid_alive(pid):
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             data = f.read()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    except OSError:
+        return True         # cannot tell (EMFILE, ...): never take it for dead
     state = data[data.rfind(b")") + 2:][:1]
     return state not in (b"Z", b"X", b"")
 

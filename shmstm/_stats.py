@@ -23,7 +23,7 @@ from ._binding import error_for, ffi, lib
 
 SCHEMA = "shmstm-stats/1"
 ABORT_REASONS = ("locked", "validate", "user", "stale", "resource")
-PROC_STATES = ("free", "active", "recovering")
+PROC_STATES = ("free", "active", "recovering", "recovering")   # 3: claiming, for recovery
 # native/layout.h CR_*: where the slot's commit record stands (a dead slot
 # that is not "idle" still holds locks until a claimer recovers it).
 COMMIT_STATES = ("idle", "locking", "validating", "committed")

@@ -1,0 +1,127 @@
+/* liveness_cases.c -- liveness decisions of the C core that a Python test
+ * cannot stage: each case forges a slot state in a private segment and checks
+ * what recovery decides.  Built and run by tests/native/test_native_liveness.py;
+ * prints one "ok <case>" line per case, exits non-zero at the first failure.
+ *
+ *  recovering_reused_pid  a slot RECOVERING by a pid that now belongs to a live
+ *                         process with another start time (a dead recoverer's
+ *                         pid reused) is dead: it is recovered and its lock
+ *                         released (it used to be taken for alive: stuck for good)
+ *  recovering_live        a slot RECOVERING by a live recoverer (pid + its start
+ *                         time) is left alone
+ *  emfile_is_not_death    with no file descriptor left, /proc cannot be read:
+ *                         a live owner is not taken for dead
+ *  gone_is_death          a reaped child's pid is dead */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "core.h"
+
+static char name[64];
+
+static void fail(const char *what)
+{
+    fprintf(stderr, "FAIL %s\n", what);
+    shm_unlink(name);
+    exit(1);
+}
+
+#define CHECK(c, what) do { if (!(c)) fail(what); } while (0)
+
+int main(void)
+{
+    snprintf(name, sizeof name, "/shmstm-liveness-%d", (int)getpid());
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    CHECK(fd >= 0, "shm_open");
+    shmstm_params p = {0};
+    p.max_tvars = 64; p.max_procs = 4; p.max_value_size = 1024; p.heap_size = 1 << 16;
+    shmstm_seg *s;
+    shmstm_ctx *c;
+    CHECK(shmstm_seg_create(fd, &p, &s) == 0, "create");
+    close(fd);
+    CHECK(shmstm_ctx_new(s, &c) == 0, "ctx");
+    uint32_t idx, gen;
+    CHECK(shmstm_tvar_new(c, SHMSTM_TAG_INT, 5, 0, NULL, 0, &idx, &gen) == 0, "tvar");
+
+    /* A live process that is not us: a child waiting on a pipe. */
+    int pfd[2];
+    CHECK(pipe(pfd) == 0, "pipe");
+    pid_t kid = fork();
+    if (kid == 0) {
+        char b;
+        close(pfd[1]);
+        if (read(pfd[0], &b, 1) < 0) { /* parent gone: exit anyway */ }
+        _exit(0);
+    }
+    close(pfd[0]);
+    uint64_t kid_start = proc_start_time(kid);
+    CHECK(kid_start != 0 && kid_start != PROC_UNKNOWN, "child start time");
+
+    /* Slot 3 "held" a lock on the TVar and died while a recoverer (whose pid
+     * is now the child's) was recovering it: forge that state. */
+    uint32_t victim = 3;
+    struct shm_proc *vp = &s->procs[victim];
+    struct shm_tvar *t = &s->tvars[idx];
+    uint64_t unlocked = load_relaxed(&t->lock);
+    struct shm_wentry *e = rec_entries(s, &vp->rec);
+    CHECK(e != NULL, "entries");
+    e[0].idx = idx;
+    e[0].gen = gen;
+    e[0].old_lock = unlocked;
+    store_relaxed(&vp->rec.n, 1);
+    store_relaxed(&vp->rec.state, CR_LOCKING);
+    store_relaxed(&t->lock, lk_make_locked(victim));
+
+    /* recovering_live: RECOVERING by the child with the child's start time. */
+    store_relaxed(&vp->start_time, kid_start);
+    store_release(&vp->owner, ps_make((uint32_t)kid, PS_RECOVERING));
+    CHECK(!slot_owner_dead(s, victim), "recovering_live: taken for dead");
+    CHECK(slot_recover(s, victim) == 0, "recovering_live: recovered under a live recoverer");
+    CHECK(load_relaxed(&t->lock) == lk_make_locked(victim), "recovering_live: lock touched");
+    printf("ok recovering_live\n");
+
+    /* recovering_reused_pid: same pid, another start time (the recoverer died
+     * and its pid went to the child). */
+    store_relaxed(&vp->start_time, kid_start + 12345);
+    CHECK(slot_owner_dead(s, victim), "recovering_reused_pid: taken for alive");
+    CHECK(slot_recover(s, victim) == 1, "recovering_reused_pid: not recovered");
+    CHECK(load_relaxed(&t->lock) == unlocked, "recovering_reused_pid: lock not rolled back");
+    CHECK(ps_state(load_relaxed(&vp->owner)) == PS_FREE, "recovering_reused_pid: slot not freed");
+    printf("ok recovering_reused_pid\n");
+
+    /* emfile_is_not_death: use up every descriptor, then ask about the child. */
+    struct rlimit rl;
+    CHECK(getrlimit(RLIMIT_NOFILE, &rl) == 0, "getrlimit");
+    struct rlimit low = {64, rl.rlim_max};
+    CHECK(setrlimit(RLIMIT_NOFILE, &low) == 0, "setrlimit");
+    int fds[64], nf = 0;
+    while (nf < 64 && (fds[nf] = open("/dev/null", O_RDONLY)) >= 0)
+        nf++;
+    CHECK(errno == EMFILE, "could not exhaust descriptors");
+    int alive = proc_alive((uint32_t)kid, kid_start);
+    uint64_t st = proc_start_time(kid);
+    while (nf > 0)
+        close(fds[--nf]);
+    CHECK(setrlimit(RLIMIT_NOFILE, &rl) == 0, "restore rlimit");
+    CHECK(st == PROC_UNKNOWN, "emfile_is_not_death: /proc read did not report unknown");
+    CHECK(alive, "emfile_is_not_death: a live process taken for dead");
+    printf("ok emfile_is_not_death\n");
+
+    /* gone_is_death */
+    close(pfd[1]);
+    CHECK(waitpid(kid, NULL, 0) == kid, "waitpid");
+    CHECK(!proc_alive((uint32_t)kid, kid_start), "gone_is_death: a reaped pid taken for alive");
+    printf("ok gone_is_death\n");
+
+    shmstm_ctx_free(c);
+    shmstm_seg_detach(s);
+    shm_unlink(name);
+    return 0;
+}
