@@ -31,6 +31,7 @@ typedef _Atomic uint32_t a32;
 #define faa_acq_rel(p, v)    atomic_fetch_add_explicit((p), (v), SHMSTM_MO(memory_order_acq_rel))
 #define faa_seq_cst(p, v)    atomic_fetch_add_explicit((p), (v), memory_order_seq_cst)
 #define for_acq_rel(p, v)    atomic_fetch_or_explicit((p), (v), SHMSTM_MO(memory_order_acq_rel))
+#define fand_acq_rel(p, v)   atomic_fetch_and_explicit((p), (v), SHMSTM_MO(memory_order_acq_rel))
 #define fence_acquire()      atomic_thread_fence(SHMSTM_MO(memory_order_acquire))
 #define fence_release()      atomic_thread_fence(SHMSTM_MO(memory_order_release))
 #define fence_seq_cst()      atomic_thread_fence(memory_order_seq_cst)

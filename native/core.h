@@ -114,6 +114,7 @@ void     ring_recover_cleanup(struct shmstm_seg *s, struct shm_commit_rec *r, ui
 int  futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns);
 void futex_wake(a32 *addr);
 void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t);
+void clear_waiter_bits(struct shmstm_seg *s, uint32_t slot);  /* slot given up (wait.c) */
 
 /* fault injection (debug builds only) */
 #ifdef SHMSTM_DEBUG

@@ -190,7 +190,9 @@ struct shm_tvar {
                        reachable) and the lock holder of a freeing commit.
                        R: readers, inside the seqlock window */
     a64 waiters;    /* waiter bitmap, bit (slot % 64).  W: waiters fetch_or (acq_rel),
-                       committers exchange to 0 (acq_rel).  See wait.c. */
+                       committers exchange to 0 (acq_rel), a slot's releaser or
+                       recoverer fetch_and its own bit out (acq_rel, only when
+                       max_procs <= 64).  See wait.c. */
     a32 flags;      /* TV_NAMED.  W: creator before the handle escapes. advisory */
     a32 conflicts;  /* aborts caused by this TVar (relaxed faa; advisory, stats) */
     a64 next_free;  /* free-list link (index + 1) while the slot is free.

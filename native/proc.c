@@ -28,8 +28,8 @@
  *                                                         recover.entry (both)
  *  R3. release the irrevocable token if the dead slot held it
  *                                                         recover.token
- *  R4. clear the record (n, spill, state IDLE), start_time, sleeping
- *                                                         recover.before_free
+ *  R4. clear the record (n, spill, state IDLE), sleeping, the slot's waiter
+ *      bits (wait.c: clear_waiter_bits), start_time       recover.before_free
  *  R5. owner := FREE (store_release)
  * A recoverer killed anywhere in R1-R5 leaves the slot RECOVERING with its own
  * (dead) pid; the next process that meets one of the slot's locks claims it
@@ -235,8 +235,9 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     store_relaxed(&r->n, 0);
     store_relaxed(&r->spill_off, 0);     /* the spill block leaks: acceptable */
     store_release(&r->state, CR_IDLE);
-    store_relaxed(&p->start_time, 0);
     store_relaxed(&p->sleeping, 0);
+    clear_waiter_bits(s, slot);          /* e.g. killed while blocked in retry */
+    store_relaxed(&p->start_time, 0);
     FAULT_POINT("recover.before_free");
     /* R5. Pairs with the load_acquire in claimers: all repairs above happen-before
      * anyone reuses the slot. */

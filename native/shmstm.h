@@ -162,6 +162,8 @@ int shmstm_header_check(const unsigned char *hdr, uint64_t len, uint64_t file_si
  * first `cap` of them); returns how many are locked.  Reads only: usable on a
  * read-only mapping, takes no slot and no lock (crash tests, cleanup). */
 int shmstm_seg_locked(shmstm_seg *seg, uint32_t *idx, uint32_t *owner, uint32_t cap);
+/* A TVar's waiter bitmap (bit slot % 64), a relaxed snapshot: tests, stats. */
+int shmstm_tvar_waiters(shmstm_seg *seg, uint32_t idx, uint64_t *out);
 
 /* Fault injection (native/fault.c).  Debug builds: arm the kill point `point`
  * (NULL or "" disarms) to fire at its `countdown`-th hit, and set the delay

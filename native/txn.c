@@ -827,6 +827,7 @@ int shmstm_ctx_free(shmstm_ctx *c)
         release_token(c);
         struct shm_proc *p = c->proc;
         store_relaxed(&p->sleeping, 0);
+        clear_waiter_bits(c->seg, c->slot);
         store_relaxed(&p->start_time, 0);
         /* Pairs with claimers' load_acquire of owner. */
         store_release(&p->owner, ps_make(0, PS_FREE));

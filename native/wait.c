@@ -12,10 +12,14 @@
  * The fences make (a, d) and (1, 3) a Dekker pair: either C sees W's bit and
  * bumps W's futex word (then W's futex_wait(f) returns at once, or W's check
  * (d) already saw the change), or W's check (d) sees C's new version.
- * Committers clear whole bitmaps (exchange), waiters never clear bits: a bit
- * is shared by slots s, s+64, ... so clearing one's own could drop another's.
- * A stale bit costs one spurious futex bump, after which the woken waiter
- * re-validates and sleeps again: spurious wake-ups never reach Python.
+ * Committers clear whole bitmaps (exchange), waiters never clear bits while
+ * they run: a bit is shared by slots s, s+64, ... so clearing one's own could
+ * drop another's.  A stale bit costs one spurious futex bump, after which the
+ * woken waiter re-validates and sleeps again: spurious wake-ups never reach
+ * Python.  When a slot is given up (released, or recovered after its owner
+ * died, e.g. killed while blocked in retry) and no other slot shares its bit
+ * (max_procs <= 64, the default), clear_waiter_bits() removes the bit from
+ * every TVar, so the next owner of the slot inherits none.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -66,6 +70,33 @@ void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t)
                 futex_wake(&p->futex);
         }
     }
+}
+
+/* Remove slot's bit from every TVar's waiter bitmap.  Only when no other
+ * slot shares the bit (max_procs <= 64) and the slot is not FREE (ours, or
+ * RECOVERING by us): then nobody can set the bit concurrently, and clearing it
+ * drops no one's wake-up.  O(TVars used), once per slot release. */
+void clear_waiter_bits(struct shmstm_seg *s, uint32_t slot)
+{
+    if (s->max_procs > 64 || s->read_only)
+        return;
+    uint64_t bit = 1ull << (slot % 64);
+    uint32_t bump = load_relaxed(&s->h->tvar_bump);     /* advisory bound */
+    if (bump > s->max_tvars)
+        bump = s->max_tvars;
+    for (uint32_t i = 0; i < bump; i++) {
+        a64 *w = &s->tvars[i].waiters;
+        if (load_relaxed(w) & bit)
+            fand_acq_rel(w, ~bit);
+    }
+}
+
+int shmstm_tvar_waiters(shmstm_seg *s, uint32_t idx, uint64_t *out)
+{
+    if (idx >= s->max_tvars)
+        return SHMSTM_EINVAL;
+    *out = load_relaxed(&s->tvars[idx].waiters);     /* advisory snapshot */
+    return 0;
 }
 
 static int reads_current(shmstm_ctx *c)

@@ -619,11 +619,18 @@ def scenario_retry_kill(cfg):
     dead = [fork(w_block, board, k, name, limits, "x") for k in range(n)]
     blocked1 = _wait_blocked(rt, dead, 20)
     dead_slots = sorted(board.get(k)[4] - 1 for k in range(n))
+    wout = ffi.new("uint64_t *")
+
+    def x_waiters():
+        assert lib.shmstm_tvar_waiters(rt._seg, x._idx, wout) == 0
+        return [b for b in range(64) if wout[0] >> b & 1]
+    x_waiters_before_kill = x_waiters()
     for pid in dead:
         kill_and_reap(pid)
     slots_after_kill = {p["slot"]: p["alive"] for p in rt.stats()["processes"]}
     new = [fork(w_block, board, n + k, name, limits, "y") for k in range(n)]
     blocked2 = _wait_blocked(rt, new, 20)
+    x_waiters_after_reclaim = x_waiters()      # the new processes reclaimed the dead slots
     new_slots = sorted(board.get(n + k)[4] - 1 for k in range(n))
     retries0 = {p["pid"]: p["retries"] for p in rt.stats()["processes"] if p["pid"] in new}
     x.value = 1                      # stale bits of the dead waiters: spurious bumps only
@@ -640,6 +647,8 @@ def scenario_retry_kill(cfg):
     statuses = {str(p): describe_status(s) for p, s in wait_children(new, 20).items()}
     procs_left = [p for p in rt.stats()["processes"] if p["pid"] != os.getpid()]
     return {"blocked_before_kill": blocked1, "dead_slots": dead_slots,
+            "x_waiters_before_kill": x_waiters_before_kill,
+            "x_waiters_after_reclaim": x_waiters_after_reclaim,
             "slots_after_kill": {str(k): v for k, v in slots_after_kill.items()},
             "new_blocked": blocked2, "new_slots": new_slots, "woken_by_x": woken_by_x,
             "still_blocked_after_x": still_blocked,

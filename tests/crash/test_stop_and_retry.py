@@ -38,15 +38,18 @@ def test_killed_in_retry_leaves_nothing(segname, run_driver):
     3 processes block in retry() on x and are SIGKILLed there.  3 new processes can
     still attach (the dead slots are reclaimed: the kernel says their owners are dead)
     and get those very slots, so the dead waiters' bits in x's waiter bitmap now name
-    them.  A commit to x then bumps their futex words, yet none of them returns to
-    Python (each re-validates and sleeps again: the stale bits are harmless, and the
-    commit clears them); a commit to y wakes all 3 at once."""
+    them, unless recovery cleared them, which it does (max_procs <= 64: the bit is
+    the slot's alone): x's waiter bitmap holds exactly the dead waiters' bits before
+    the kill and none after their slots are reclaimed.  A commit to x then wakes
+    none of them into Python; a commit to y wakes all 3 at once."""
     r = run_driver("retry_kill", {"name": segname, "limits": dict(LIMITS, max_procs=4),
                                   "waiters": 3}, debug=False)
     assert r["blocked_before_kill"] and r["new_blocked"], r
     assert [v for k, v in sorted(r["slots_after_kill"].items()) if int(k) in r["dead_slots"]] \
         == [False] * 3, "killed waiters' slots not seen dead: %r" % r
     assert r["new_slots"] == r["dead_slots"], "new processes did not reuse the dead slots: %r" % r
+    assert r["x_waiters_before_kill"] == r["dead_slots"], r
+    assert r["x_waiters_after_reclaim"] == [], "dead waiters' bits left on x: %r" % r
     assert r["woken_by_x"] == [] and r["still_blocked_after_x"], (
         "a stale waiter bit woke a process into Python: %r" % r)
     assert r["retries_after_x"] == r["retries_before_x"], r
