@@ -34,6 +34,7 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include "core.h"
 
 #define MIN_HEAP (64u * 1024u)
@@ -134,6 +135,15 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
         return SHMSTM_EINVAL;            /* room margin: see ring.c */
     struct geometry g;
     compute_geometry(p->max_tvars, p->max_procs, p->heap_size, p->ring_slots, &g);
+    /* A size beyond what the file system has free is refused before any
+     * page is reserved: on tmpfs, posix_fallocate of more than the free space
+     * would first take (and then give back) all of it, i.e. all free RAM.
+     * posix_fallocate stays the guarantee (others may fill it meanwhile). */
+    struct statvfs vfs;
+    if (fstatvfs(fd, &vfs) == 0 && (uint64_t)vfs.f_bavail * vfs.f_frsize < g.seg_size) {
+        errno = ENOSPC;
+        return SHMSTM_ENOSPC;
+    }
     struct shmstm_seg *s = calloc(1, sizeof *s);
     if (!s)
         return SHMSTM_ENOMEM;

@@ -1,4 +1,5 @@
 """Clear exceptions for bad input, and the segment stays usable after each."""
+import os
 import posix_ipc
 import pytest
 
@@ -156,3 +157,20 @@ def test_durability_bad_mode(segname):
         shmstm.open(segname, durability="fsync")
     with pytest.raises(ValueError, match="durability"):
         shmstm.open(segname, path="/tmp/x", durability="none")
+
+
+def test_full_dev_shm_is_a_clear_error_at_creation(segname):
+    """A segment larger than /dev/shm has free is NoSpaceError at creation (no
+    SIGBUS later), and nothing is left behind: neither the runtime's name nor a
+    temporary one."""
+    import glob
+    vfs = os.statvfs("/dev/shm")
+    free = vfs.f_bavail * vfs.f_frsize
+    heap = min(((free + (1 << 30)) // (1 << 20)) << 20, 1 << 36)
+    assert heap > free, "/dev/shm too large for this test (%d bytes free)" % free
+    with pytest.raises(shmstm.NoSpaceError, match="/dev/shm"):
+        shmstm.open(segname, heap_size=heap)
+    assert glob.glob("/dev/shm/shmstm.%s*" % segname) == []
+    with shmstm.open(segname, heap_size=1 << 20) as rt:     # the name is usable at once
+        rt.tvar("x", 0).value = 1
+    shmstm.unlink(segname)
