@@ -200,6 +200,8 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     /* acq_rel: the record bytes and r->wv are visible to whoever reads rec. */
     if (!cas_acq_rel(&sl->rec, &exp, rec))
         return 0;
+    /* Committed, the record still VALIDATING: recovery rolls forward by the slot. */
+    FAULT_POINT("ring.filled");
     store_relaxed(&c->proc->rec.ring_rec, 0);      /* the flusher owns it now */
     /* Dekker with the flusher's sleep: fill, fence, read flusher_sleeping. */
     fence_seq_cst();

@@ -73,8 +73,10 @@ def _dbs(env):
 
 
 def _forget_envs():
-    # A fork child must never use its parent's environments (nor close them).
+    # A fork child must never use its parent's environments (nor close them),
+    # and the parent's flusher children are not its own.
     _envs.clear()
+    _children.clear()
 
 
 os.register_at_fork(after_in_child=_forget_envs)

@@ -594,8 +594,7 @@ def _open_durable(name, path, mode, ring_slots, limits):
     with _registry_lock:
         old = _registry.get(name)
         if old is not None and not old._closed and old._pid == os.getpid():
-            raise errors.Error("runtime %r is already open in this process; close it "
-                               "before opening it with durability" % name)
+            return _reopen_durable(old, path, mode, limits)
         rt = Runtime(name)
         rt._attach(limits, lim, create=prep is not None, durable=prep)
         rt._durable = _durable_mod().Durable(rt, path, mode)
@@ -613,6 +612,38 @@ def _open_durable(name, path, mode, ring_slots, limits):
         return rt
 
 
+def _reopen_durable(rt, path, mode, limits):
+    """open() with durability of a runtime already open in this process (also
+    one inherited across fork): the same Runtime, if it agrees."""
+    d = rt._durable
+    if d is None:
+        raise errors.DurabilityMismatchError(
+            "runtime %r is open in this process without durability; it cannot be "
+            "opened with a path" % rt.name)
+    if path is not None and os.path.realpath(path) != os.path.realpath(d.path):
+        raise errors.DurabilityMismatchError(
+            "runtime %r keeps its durable data at %r, not %r" % (rt.name, d.path, path))
+    if mode != d.mode:
+        raise errors.Error("runtime %r is already open in this process with durability=%r, "
+                           "not %r" % (rt.name, d.mode, mode))
+    if rt._seg is None:
+        rt._attach(limits, _creation_limits(limits), create=False)
+    _check_same_limits(rt, limits)
+    rt._ctx()                      # hold a slot while open: the flusher waits for us
+    d.ensure_flusher()
+    rt._refs += 1
+    return rt
+
+
+def _check_same_limits(rt, limits):
+    if limits:
+        have = rt.limits
+        bad = ["%s=%d (segment has %d)" % (k, v, have[k]) for k, v in sorted(limits.items()) if have[k] != v]
+        if bad:
+            raise errors.LimitMismatchError(
+                "runtime %r exists with other limits: %s" % (rt.name, ", ".join(bad)))
+
+
 def _open_plain(name, limits):
     lim = _check_limits(limits)
     with _registry_lock:
@@ -620,12 +651,8 @@ def _open_plain(name, limits):
         if rt is not None and not rt._closed and rt._pid == os.getpid():
             if rt._seg is None:
                 rt._attach(limits, lim)
-            elif limits:
-                have = rt.limits
-                bad = ["%s=%d (segment has %d)" % (k, v, have[k]) for k, v in sorted(limits.items()) if have[k] != v]
-                if bad:
-                    raise errors.LimitMismatchError(
-                        "runtime %r exists with other limits: %s" % (name, ", ".join(bad)))
+            else:
+                _check_same_limits(rt, limits)
             rt._refs += 1
             return rt
         rt = Runtime(name)

@@ -39,6 +39,8 @@ RECOVER_POINTS = [
 # Commit points a process dies at while holding locks (a recoverer has work to do);
 # the first two leave a COMMITTED record (roll forward).
 ROLL_FORWARD_VICTIMS = ["commit.committed", "commit.published_one"]
+# Durable runtimes (ring.c): the commit point is the fill of ring slot wv.
+RING_POINTS = ["ring.before_fill", "ring.filled"]
 
 
 # ---------------------------------------------------------------- progress board
@@ -295,6 +297,7 @@ def scenario_kill_points(cfg):
     was hit ``target`` times; then a clean final phase."""
     name, limits, n_acc = cfg["name"], cfg["limits"], cfg["accounts"]
     target, n_commit_w, n_recover_w = cfg["target"], cfg["commit_workers"], cfg["recover_workers"]
+    commit_points = COMMIT_POINTS + (RING_POINTS if limits.get("path") else [])
     log = cfg["fault_log"]
     os.environ["SHMSTM_FAULT_LOG"] = log      # read by shmstm_fault_set in each worker
     rnd = random.Random(cfg.get("seed", 2))
@@ -302,7 +305,7 @@ def scenario_kill_points(cfg):
     total = 1000 * n_acc
     n_slots = n_commit_w + n_recover_w + 2
     board = Board(n_slots)
-    hits = {p: 0 for p in COMMIT_POINTS + RECOVER_POINTS}
+    hits = {p: 0 for p in commit_points + RECOVER_POINTS}
     workers = {}                    # pid -> (board index, point)
     errors = []
     seq = [0]
@@ -321,7 +324,7 @@ def scenario_kill_points(cfg):
                     not any(p in ROLL_FORWARD_VICTIMS for p in armed):
                 point = rnd.choice(ROLL_FORWARD_VICTIMS)
             else:
-                point = least(COMMIT_POINTS)
+                point = least(commit_points)
             count = rnd.randint(1, 4)
         board.reset(k)
         seq[0] += 1
@@ -369,7 +372,18 @@ def scenario_kill_points(cfg):
             errors.append("final worker %d: %s" % (pid, describe_status(st)))
     locks = _segments.lock_report(name)
     final = shmstm.atomically(lambda: [t.value for t in accts])
-    return {"hits": hits, "errors": errors, "clean_exits": clean_exits,
+    durable = None
+    if limits.get("path"):              # the flusher drains what the segment holds
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            d = rt.stats()["durability"]
+            if d["flushed_wv"] == d["committed_wv"]:
+                break
+            time.sleep(0.01)
+        vals = shmstm.read_durable(limits["path"])["values"]
+        durable = [vals.get("acct:%d" % i) for i in range(n_acc)]
+    return {"hits": hits, "errors": errors, "clean_exits": clean_exits, "final": final,
+            "durable_final": durable,
             "locks_at_quiescence": locks, "final_total": sum(final), "total": total,
             "bad_audits_in_final": sum(board.get(k)[3] for k in range(2)),
             "seconds": time.monotonic() - t_start, "debug_build": is_debug_build()}

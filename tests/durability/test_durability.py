@@ -392,3 +392,38 @@ def test_flusher_lease_has_one_holder(segname, dpath, flushers, debug_pkg):
     assert not rt.stats()["durability"]["flusher_alive"]
     rt.close()
     shmstm.unlink(segname)
+
+
+def test_reopen_in_process_and_fork_child(segname, dpath, flushers):
+    """open() with a path of a runtime already open in this process returns the
+    same Runtime if path and mode agree (a fork child inherits the parent's, as
+    a fork pool worker calling open() at start does), and refuses another path
+    or mode; the child's commits reach LMDB."""
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    ctr = rt.tvar("ctr", 0)
+    assert shmstm.open(segname, path=dpath, **LIMITS) is rt
+    assert shmstm.open(segname, **LIMITS) is rt              # plain open of a durable one
+    with pytest.raises(shmstm.DurabilityMismatchError, match="keeps its durable data"):
+        shmstm.open(segname, path=dpath + "-elsewhere")
+    with pytest.raises(shmstm.Error, match="durability='async'"):
+        shmstm.open(segname, path=dpath, durability="sync")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            child = shmstm.open(segname, path=dpath, **LIMITS)
+            for _ in range(50):
+                child.tvar("ctr").modify(lambda v: v + 1)
+            child.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+    assert ctr.value == 50
+    drain(rt)
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 50
+    for _ in range(3):
+        rt.close()
+    shmstm.unlink(segname)
