@@ -16,7 +16,6 @@ import pickle
 import random
 import threading
 import time
-import weakref
 
 import posix_ipc
 

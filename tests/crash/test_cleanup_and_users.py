@@ -13,7 +13,6 @@ import tempfile
 import pytest
 
 import shmstm
-from shmstm import _segments
 from _helpers import LIMITS, unique_name
 
 pytestmark = pytest.mark.crash

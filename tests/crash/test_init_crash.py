@@ -10,7 +10,6 @@ clear ``SegmentInitError``: at once if the kernel says its creator is dead, else
 a bounded wait.
 """
 import mmap
-import os
 import time
 
 import posix_ipc

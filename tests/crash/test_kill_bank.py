@@ -10,7 +10,7 @@ import collections
 
 import pytest
 
-from _common import LIMITS, final_check, soak, soak_only, summary
+from _common import LIMITS, final_check, soak_only, summary
 
 pytestmark = pytest.mark.crash
 

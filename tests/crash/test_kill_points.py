@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from _common import LIMITS, final_check, soak, soak_only
+from _common import LIMITS, final_check, soak_only
 
 pytestmark = pytest.mark.crash
 

@@ -12,7 +12,7 @@ import pytest
 
 import shmstm
 from shmstm import _durable
-from conftest import WORKER, pid_alive, spawn, wait_dead, wait_for
+from _dhelpers import spawn, wait_dead, wait_for
 
 LIMITS = dict(max_tvars=4096, heap_size=4 << 20, max_procs=8)
 
