@@ -34,6 +34,10 @@ struct shmstm_seg {
     uint32_t ring_slots;         /* 0: not durable (the one branch on the hot path) */
     uint64_t heap_size;
     uint32_t max_tvars, max_procs, max_value_size, dir_slots;
+    /* The flusher's coalescing table (ring.c, shmstm_ring_collect):
+     * process-private, allocated at the first collect, freed at detach. */
+    uint32_t *collect_seen;      /* [max_tvars]: stamp of the last batch that emitted it */
+    uint32_t collect_stamp;
 };
 
 struct rentry { uint32_t idx; uint32_t gen; uint64_t ver; };

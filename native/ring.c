@@ -29,6 +29,7 @@
  * transition is a CAS on `rec` from EMPTY, so exactly one of fill/void wins.
  */
 #define _GNU_SOURCE
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include "core.h"
@@ -431,19 +432,33 @@ int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns)
     return rc == SHMSTM_EINTR ? rc : 0;
 }
 
-/* Copy the processed slots from from_wv on into buf:
- *   per commit: u64 wv, u32 n, u32 pad; then n x (ring_ent + payload padded to 8).
+/* Collect the processed slots from from_wv on, coalesced: buf receives the
+ * latest value of every TVar written by the commits collected, each TVar once,
+ * as ring_ent + payload padded to 8 (the flusher's LMDB batch).
  * out[0]: next wv not collected; out[1]: bytes used; out[2]: why it stopped
- * (0 reached the clock, 1 slot from out[0] still EMPTY, 2 its owner is
- * between fill and COMMITTED, 3 buffer or max_commits reached).
- * Returns the number of commits (void ones included) or an error. */
+ * (0 reached the clock, 1 slot out[0] still EMPTY, 2 its owner is between
+ * fill and COMMITTED, 3 buffer or max_commits reached); out[3]: entries.
+ * Returns the number of commits (void ones included) or an error.
+ *
+ * Two passes: forward, to check every slot (seq, checksum, owner state) and
+ * bound the batch (the sum of the records' entry bytes fits cap, so the
+ * coalesced output does too); backward from the newest, to emit each TVar's
+ * latest value once (collect_seen holds the batch stamp of the TVars emitted).
+ * Coalescing in C keeps the flusher's Python work per batch proportional to
+ * the TVars written, not to the commits: the flusher shares two cores with
+ * the committers. */
 int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                         char *buf, uint64_t cap, uint64_t *out)
 {
     if (!s->ring_slots)
         return SHMSTM_EINVAL;
+    if (!s->collect_seen) {
+        s->collect_seen = calloc(s->max_tvars, sizeof *s->collect_seen);
+        if (!s->collect_seen)
+            return SHMSTM_ENOMEM;
+    }
     struct shm_header *h = s->h;
-    uint64_t wv = from_wv, used = 0;
+    uint64_t wv = from_wv, bound = 0;
     uint32_t k = 0, why = 0;
     uint64_t clock = load_acquire(&h->clock);
     for (; wv <= clock; wv++) {
@@ -461,7 +476,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             why = 1;
             break;
         }
-        uint32_t owner = UINT32_MAX, n = 0;
+        uint32_t owner = UINT32_MAX;
         const struct ring_rec *rh = NULL;
         if (ring_kind(rec) == 2) {
             owner = (uint32_t)(rec >> 16) - 1;
@@ -474,7 +489,6 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 fnv1a((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
                 return SHMSTM_ECORRUPT;
             owner = rh->owner;
-            n = rh->n;
         } else if (ring_kind(rec) != 1) {
             return SHMSTM_ECORRUPT;
         }
@@ -491,21 +505,47 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 }
             }
         }
-        uint64_t need = 16 + (rh ? rh->bytes : 0);
-        if (used + need > cap) {
+        uint64_t need = rh ? rh->bytes : 0;
+        if (bound + need > cap) {
             why = 3;
             break;
         }
-        uint64_t hdr[2] = {wv, n};
-        memcpy(buf + used, hdr, 16);
-        if (rh)
-            memcpy(buf + used + 16, rh + 1, rh->bytes);
-        used += need;
+        bound += need;
         k++;
+    }
+    uint32_t stamp = ++s->collect_stamp;
+    if (stamp == 0) {                 /* wrapped: no stale stamp may match */
+        memset(s->collect_seen, 0, s->max_tvars * sizeof *s->collect_seen);
+        stamp = s->collect_stamp = 1;
+    }
+    uint64_t used = 0, ents = 0;
+    for (uint64_t w = wv; w-- > from_wv;) {
+        uint64_t rec = load_acquire(&slot_of(s, w)->rec);
+        if (ring_kind(rec) != 0)
+            continue;                 /* void or no durable TVar written */
+        const struct ring_rec *rh = (const struct ring_rec *)heap_payload(s, rec);
+        const unsigned char *q = (const unsigned char *)(rh + 1), *end = q + rh->bytes;
+        for (uint32_t i = 0; i < rh->n; i++) {
+            struct ring_ent en;
+            if ((size_t)(end - q) < sizeof en)
+                return SHMSTM_ECORRUPT;
+            memcpy(&en, q, sizeof en);
+            size_t sz = sizeof en + ((en.len + 7u) & ~7u);
+            if (sz > (size_t)(end - q) || en.idx >= s->max_tvars)
+                return SHMSTM_ECORRUPT;
+            if (s->collect_seen[en.idx] != stamp) {
+                s->collect_seen[en.idx] = stamp;
+                memcpy(buf + used, q, sz);
+                used += sz;
+                ents++;
+            }
+            q += sz;
+        }
     }
     out[0] = wv;
     out[1] = used;
     out[2] = why;
+    out[3] = ents;
     return (int)k;
 }
 

@@ -321,6 +321,7 @@ int shmstm_seg_detach(shmstm_seg *s)
     if (!s)
         return 0;
     munmap(s->base, s->size);
+    free(s->collect_seen);
     free(s);
     return 0;
 }

@@ -180,7 +180,7 @@ class durability:
 # ---------------------------------------------------------------- the runtime's side
 
 def default_ring_slots(max_procs):
-    return max(1024, 4 * (max_procs + 1))
+    return max(8192, 4 * (max_procs + 1))
 
 
 def _flusher_env():

@@ -35,7 +35,6 @@ from ._durable import MAP_SIZE, MAX_DBS, _lmdb
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
 BUF = 8 << 20
-_HDR = struct.Struct("<QQ")
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
 _fault_point, _, _n = _fault.partition(":")
@@ -162,7 +161,7 @@ class Flusher:
             if why != 2:
                 owner_waits = 0
             if k > 0:
-                if not self.write(nxt, stop - 1, used):
+                if not self.write(nxt, stop - 1, used, self.out[3]):
                     time.sleep(1.0)           # LMDB error: committers are refused meanwhile
                     continue
                 nxt = stop
@@ -206,23 +205,21 @@ class Flusher:
         info = self.seg_info()
         return info.procs_active == 0 and info.clock < nxt
 
-    def write(self, first, last, used):
-        """One LMDB write transaction for commits first..last (coalesced)."""
+    def write(self, first, last, used, n_entries):
+        """One LMDB write transaction for commits first..last: the collect
+        coalesced them in C (each TVar once, with its latest value)."""
         mv = self.mv
         pos = 0
-        latest = {}
-        while pos < used:
-            _wv, n = _HDR.unpack_from(mv, pos)
+        items = []
+        for _ in range(n_entries):
+            idx, tag, ln, _p = _ENT.unpack_from(mv, pos)
             pos += 16
-            for _ in range(n):
-                idx, tag, ln, _p = _ENT.unpack_from(mv, pos)
-                pos += 16
-                latest[idx] = bytes((tag,)) + mv[pos:pos + ln]
-                pos += (ln + 7) & ~7
+            items.append((self.name_of(idx), bytes((tag,)) + mv[pos:pos + ln]))
+            pos += (ln + 7) & ~7
+        assert pos == used, "flusher: malformed batch (%d of %d bytes)" % (pos, used)
         fault("before_txn")
         try:
             with self.env.begin(write=True) as txn:
-                items = [(self.name_of(i), v) for i, v in latest.items()]
                 half = len(items) // 2
                 for j, (key, val) in enumerate(items):
                     if j == half:
