@@ -27,6 +27,7 @@ typedef _Atomic uint32_t a32;
 #define store_release(p, v)  atomic_store_explicit((p), (v), SHMSTM_MO(memory_order_release))
 #define store_seq_cst(p, v)  atomic_store_explicit((p), (v), memory_order_seq_cst)
 #define xchg_acq_rel(p, v)   atomic_exchange_explicit((p), (v), SHMSTM_MO(memory_order_acq_rel))
+#define xchg_seq_cst(p, v)   atomic_exchange_explicit((p), (v), memory_order_seq_cst)
 #define faa_relaxed(p, v)    atomic_fetch_add_explicit((p), (v), SHMSTM_MO(memory_order_relaxed))
 #define faa_acq_rel(p, v)    atomic_fetch_add_explicit((p), (v), SHMSTM_MO(memory_order_acq_rel))
 #define faa_seq_cst(p, v)    atomic_fetch_add_explicit((p), (v), memory_order_seq_cst)

@@ -295,7 +295,11 @@ struct shm_header {
                                 then futex_wake.  R: sync and ring-full waiters */
     a32 ring_futex;          /* W: committers faa_seq_cst after filling a slot when
                                 flusher_sleeping.  R: the flusher's futex_wait */
-    a32 flusher_sleeping;    /* W: flusher store_seq_cst around its sleep.  R:
+    a32 flusher_sleeping;    /* FS_AWAKE, FS_ANY (asleep, any fill wakes it) or
+                                FS_SYNC (napping, only a sync commit's fill wakes
+                                it).  W: flusher store_seq_cst around its sleep; the
+                                committer that wakes it exchanges it to FS_AWAKE
+                                (seq_cst, one wake-up per sleep).  R:
                                 committers load_seq_cst after the fill (Dekker) */
     a32 durable_state;       /* DS_LOADING until the creator loaded LMDB, then
                                 DS_READY.  W: creator store_release.  R: attachers
@@ -350,6 +354,10 @@ struct ring_ent {
     uint32_t len;       /* payload bytes (8 for inline tags) */
     uint32_t pad_;
 };
+
+#define FS_AWAKE 0u          /* shm_header.flusher_sleeping */
+#define FS_ANY   1u
+#define FS_SYNC  2u
 
 #define DS_LOADING 0u
 #define DS_READY   1u

@@ -35,6 +35,8 @@
 #include "core.h"
 
 /* shmstm_ring_info.durable_state is reported with the boundary's names. */
+_Static_assert(SHMSTM_FS_ANY == FS_ANY && SHMSTM_FS_SYNC == FS_SYNC,
+               "flusher sleep modes differ between shmstm.h and layout.h");
 _Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
                "durable_state names differ between shmstm.h and layout.h");
 
@@ -204,9 +206,16 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     /* Committed, the record still VALIDATING: recovery rolls forward by the slot. */
     FAULT_POINT("ring.filled");
     store_relaxed(&c->proc->rec.ring_rec, 0);      /* the flusher owns it now */
-    /* Dekker with the flusher's sleep: fill, fence, read flusher_sleeping. */
+    /* Dekker with the flusher's sleep: fill, fence, read flusher_sleeping.
+     * FS_ANY: wake it; FS_SYNC (a busy flusher napping between batches):
+     * only a sync commit, which waits for it, wakes it.  The exchange makes
+     * the wake-up one-shot: of the commits that find the flusher asleep, one
+     * pays the syscall (every one did, ~1 us each, while it was being
+     * scheduled). */
     fence_seq_cst();
-    if (load_seq_cst(&s->h->flusher_sleeping)) {
+    uint32_t fs = load_seq_cst(&s->h->flusher_sleeping);
+    if ((fs == FS_ANY || (fs == FS_SYNC && c->dsync)) &&
+        xchg_seq_cst(&s->h->flusher_sleeping, FS_AWAKE) != FS_AWAKE) {
         faa_seq_cst(&s->h->ring_futex, 1);
         futex_wake(&s->h->ring_futex);
     }
@@ -418,17 +427,21 @@ int shmstm_flusher_release(shmstm_seg *s)
     return 0;
 }
 
-/* The flusher's idle wait: sleep unless slot next_wv is already filled. */
-int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns)
+/* The flusher's wait: sleep unless slot next_wv is already filled.  wake_on:
+ * FS_ANY (idle: any fill wakes it) or FS_SYNC (busy, napping between batches:
+ * only sync commits wake it; async ones are collected after the nap). */
+int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns, uint32_t wake_on)
 {
     struct shm_header *h = s->h;
-    store_seq_cst(&h->flusher_sleeping, 1);
+    if (wake_on != FS_SYNC)
+        wake_on = FS_ANY;
+    store_seq_cst(&h->flusher_sleeping, wake_on);
     uint32_t f = load_seq_cst(&h->ring_futex);
     struct shm_ring_slot *sl = slot_of(s, next_wv);
     int rc = 0;
     if (!(load_seq_cst(&sl->seq) == next_wv && load_seq_cst(&sl->rec) != RING_EMPTY))
         rc = futex_wait(&h->ring_futex, f, timeout_ns);
-    store_seq_cst(&h->flusher_sleeping, 0);
+    store_seq_cst(&h->flusher_sleeping, FS_AWAKE);
     return rc == SHMSTM_EINTR ? rc : 0;
 }
 

@@ -34,6 +34,8 @@ from ._durable import MAP_SIZE, MAX_DBS, _lmdb
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
+NAP_NS = 1_000_000            # a busy flusher's nap between batches (async commits wait it out)
+IDLE_NAPS = 4                 # naps without a batch before it sleeps until woken
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -174,7 +176,9 @@ class Flusher:
                 elif now - empty_t > GRACE:
                     lib.shmstm_ring_void(self.seg, nxt)
                     continue
-                lib.shmstm_flusher_sleep(self.seg, nxt, 2_000_000)
+                # Its committer is between its clock tick and its fill (a
+                # few instructions): nap; only a sync commit wakes us early.
+                lib.shmstm_flusher_sleep(self.seg, nxt, NAP_NS, lib.SHMSTM_FS_SYNC)
                 continue
             if why == 2:                      # owner between its fill and COMMITTED
                 # A few instructions normally; long only if the owner is
@@ -185,11 +189,18 @@ class Flusher:
                 else:
                     time.sleep(0.001)
                 continue
-            # caught up with the clock
+            # Caught up with the clock.  Busy (a batch in the last few naps):
+            # nap, so that async commits are collected in batches instead of
+            # each waking us (a syscall in the committer, a context switch
+            # here); sync commits still wake us at once.  Idle: sleep until
+            # any commit wakes us.
             idle += 1
-            if idle >= 3 and self.should_exit(nxt):
+            if idle < IDLE_NAPS:
+                lib.shmstm_flusher_sleep(self.seg, nxt, NAP_NS, lib.SHMSTM_FS_SYNC)
+                continue
+            if self.should_exit(nxt):
                 return 0
-            lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000)
+            lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000, lib.SHMSTM_FS_ANY)
 
     def seg_info(self):
         """The segment's facts after reclaiming dead slots."""
