@@ -41,6 +41,21 @@ def _zombie(pid):
     return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def _wait_sleeping(pids):
+    """Poll (bounded) until each pid sleeps: a worker that reported "done"
+    blocks in its control pipe's poll() until the parent says "exit"."""
+    end = time.monotonic() + WAIT
+    while not all(psutil.Process(p).status() == psutil.STATUS_SLEEPING for p in pids):
+        assert time.monotonic() < end, "workers %s never went to sleep" % (pids,)
+        time.sleep(0.01)
+
+
+# What a live process's "status" may be (docs/stats.md: psutil's status);
+# psutil's "zombie" and "dead" belong to processes the tool reports as dead.
+LIVE_STATUSES = {getattr(psutil, k) for k in dir(psutil) if k.startswith("STATUS_")} - {
+    psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD}
+
+
 @pytest.fixture(scope="module")
 def scenario():
     import shmstm
@@ -79,6 +94,8 @@ def scenario():
         # Dead but not reaped: a zombie for as long as the tool runs.
         os.waitid(os.P_PID, dpid, os.WEXITED | os.WNOWAIT)
         assert _zombie(dpid)
+        idle = [workers[r][0].pid for r in ("counters", "victim", "spoiler")]
+        _wait_sleeping(idle)
         out = SimpleNamespace(
             name=name, rt=rt, pids={r: p.pid for r, (p, _) in workers.items()},
             json=run_tool(name, "--json"), text=run_tool(name),
@@ -131,15 +148,18 @@ def test_json_numbers(scenario):
             (commits, ro, aborts, retries, wakeups), p
         assert p["aborts_total"] == sum(aborts.values())
         assert p["alive"] is alive
-        assert p["status"] == ("dead" if not alive else p["status"])
         if alive:
+            # idle in poll() on its control pipe (the fixture waited for that)
+            assert p["status"] == psutil.STATUS_SLEEPING, p
             assert p["rss_bytes"] > 0 and p["cpu_seconds"] >= 0 and p["cpu_percent"] >= 0
             assert not p["waiting"] and p["commit_state"] == "idle"
         else:
+            assert p["status"] == "dead", p
             assert p["rss_bytes"] is None and p["cpu_percent"] is None
         assert sum(p["commit_latency_log2_ns"]) == commits
     # the test process itself is attached too (it created the runtime and set "gate")
     assert os.getpid() in by_pid and by_pid[os.getpid()]["commits"] == N_RETRY
+    assert by_pid[os.getpid()]["alive"] and by_pid[os.getpid()]["status"] in LIVE_STATUSES
     assert len(doc["processes"]) == 5
     # the forced conflicts are charged to hot-x, the only TVar that had any
     assert doc["hottest_tvars"] == [
@@ -160,7 +180,7 @@ def test_text_numbers(scenario):
         assert (int(r["LOCKED"]), int(r["VALID"]), int(r["USER"]), int(r["STALE"]), int(r["RES"])) == \
             (aborts["locked"], aborts["validate"], aborts["user"], aborts["stale"], aborts["resource"])
         assert (int(r["RETRIES"]), int(r["WAKEUPS"])) == (retries, wakeups)
-        assert (r["STATE"] == "dead") is (not alive), r
+        assert r["STATE"] == ("sleep" if alive else "dead"), r
         if not alive:
             assert r["CPU%"] == "-" and r["RSS"] == "-"
     assert int(rows["all"]["COMMITS"]) == 2 * ROUNDS + N_COMMITS + N_DOOMED + N_RETRY
