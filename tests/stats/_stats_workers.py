@@ -129,15 +129,32 @@ def doomed(rt, n_commits):
 
 
 def spinner(rt, stop_pipe):
-    """Commits as fast as it can until the parent says stop (for --watch)."""
+    """Until the parent says stop (for --watch), as fast as it can, batches of
+    64 writer commits, 16 read-only commits and 8 user aborts (a body that
+    raises), so every rate of --watch but retries and wake-ups is non-zero."""
     import shmstm
 
     t = rt.tvar("spin:%d" % os.getpid(), 0)
+
+    class Boom(Exception):
+        pass
+
+    def boom():
+        t.value                          # touch a TVar, so the attempt is real
+        raise Boom()
+
     n = 0
     stop_pipe.send("started")
     while not stop_pipe.poll():
         for _ in range(64):
             shmstm.atomically(lambda: t.set(t.value + 1))
+        for _ in range(16):
+            shmstm.atomically(lambda: t.value)
+        for _ in range(8):
+            try:
+                shmstm.atomically(boom)
+            except Boom:
+                pass
         n += 64
     stop_pipe.recv()
     return {"commits": n}

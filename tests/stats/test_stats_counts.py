@@ -96,9 +96,13 @@ def scenario():
         assert _zombie(dpid)
         idle = [workers[r][0].pid for r in ("counters", "victim", "spoiler")]
         _wait_sleeping(idle)
+        js = run_tool(name, "--json")
+        text_from = time.time_ns()      # the text view is read within this window
+        text = run_tool(name)
+        text_until = time.time_ns()
         out = SimpleNamespace(
             name=name, rt=rt, pids={r: p.pid for r, (p, _) in workers.items()},
-            json=run_tool(name, "--json"), text=run_tool(name),
+            json=js, text=text, text_window=(text_from, text_until),
             prom=run_tool(name, "--prometheus"))
         assert _zombie(dpid), "the doomed worker was reaped while the tool ran"
         yield out
@@ -157,6 +161,9 @@ def test_json_numbers(scenario):
             assert p["status"] == "dead", p
             assert p["rss_bytes"] is None and p["cpu_percent"] is None
         assert sum(p["commit_latency_log2_ns"]) == commits
+        # (COMMITS + RO) per second since the claim, at the document's time
+        assert p["commit_rate"] == pytest.approx(
+            (commits + ro) / ((doc["time_ns"] - p["attach_ns"]) / 1e9)), p
     # the test process itself is attached too (it created the runtime and set "gate")
     assert os.getpid() in by_pid and by_pid[os.getpid()]["commits"] == N_RETRY
     assert by_pid[os.getpid()]["alive"] and by_pid[os.getpid()]["status"] in LIVE_STATUSES
@@ -184,6 +191,20 @@ def test_text_numbers(scenario):
         if not alive:
             assert r["CPU%"] == "-" and r["RSS"] == "-"
     assert int(rows["all"]["COMMITS"]) == 2 * ROUNDS + N_COMMITS + N_DOOMED + N_RETRY
+    # COMMIT/s: (COMMITS + RO) over the time since the slot was claimed (attach_ns,
+    # from the JSON document: the same slots, idle since), read by the tool at some
+    # moment of text_window; shown with one decimal below 100/s, none above.
+    t0, t1 = scenario.text_window
+    lo_all = hi_all = 0.0
+    for p in json.loads(scenario.json.stdout)["processes"]:
+        r = rows[p["pid"]]
+        done = p["commits"] + p["ro_commits"]
+        assert int(r["COMMITS"]) + int(r["RO"]) == done
+        lo, hi = done / ((t1 - p["attach_ns"]) / 1e9), done / ((t0 - p["attach_ns"]) / 1e9)
+        tol = 0.05 if hi < 100 else 0.5
+        assert lo - tol <= float(r["COMMIT/s"]) <= hi + tol, (r, lo, hi)
+        lo_all, hi_all = lo_all + lo, hi_all + hi
+    assert lo_all - 0.5 <= float(rows["all"]["COMMIT/s"]) <= hi_all + 0.5, (rows["all"], lo_all, hi_all)
     assert "durability: none" in out
     hot = out.split("hottest TVars by conflicts:", 1)[1].split("\n")
     assert hot[1].split() == ["CONFLICTS", "INDEX", "NAME"]
