@@ -309,12 +309,16 @@ def prometheus_text(doc):
         "Resident memory of the slot's process.", lambda p: p["rss_bytes"])
     lat = []
     for p in procs:
+        hist = p["commit_latency_log2_ns"]
         acc = 0
-        for i, n in enumerate(p["commit_latency_log2_ns"]):
+        # Core bucket i < last counts durations (whole ns) with floor(log2(ns)) == i,
+        # at most 2**(i+1) - 1 ns: that is its cumulative bucket's "le".  The last
+        # core bucket counts every longer call (no upper bound): it is only in +Inf.
+        for i, n in enumerate(hist[:-1]):
             acc += n
-            # bucket i counts calls of floor(log2(ns)) == i: below 2**(i+1) ns
             lat.append(("shmstm_commit_latency_seconds_bucket",
-                        per(p) + [("le", repr((1 << (i + 1)) / 1e9))], acc))
+                        per(p) + [("le", repr(((1 << (i + 1)) - 1) / 1e9))], acc))
+        acc += hist[-1]
         lat.append(("shmstm_commit_latency_seconds_bucket", per(p) + [("le", "+Inf")], acc))
         lat.append(("shmstm_commit_latency_seconds_count", per(p), acc))
     f.add("shmstm_commit_latency_seconds", "histogram",

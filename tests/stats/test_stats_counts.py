@@ -20,7 +20,7 @@ import pytest
 
 import _stats_workers as W
 from _helpers import LIMITS, unique_name, wait_until_blocked
-from _tool import run_tool, text_rows
+from _tool import check_latency_histogram, run_tool, text_rows
 
 N_COMMITS, N_RO, N_USER, N_RETRY = 300, 40, 7, 5
 ROUNDS = 25          # forced conflicts (victim/spoiler rounds)
@@ -227,6 +227,8 @@ def test_prometheus_numbers(scenario):
 
     assert fams["shmstm_commits"].type == "counter"
     assert fams["shmstm_commit_latency_seconds"].type == "histogram"
+    hists = {p["pid"]: p["commit_latency_log2_ns"]
+             for p in json.loads(scenario.json.stdout)["processes"]}     # idle since
     for pid, (commits, ro, aborts, retries, wakeups, alive) in _expected(scenario.pids).items():
         assert value("shmstm_commits", "shmstm_commits_total", pid) == commits
         assert value("shmstm_readonly_commits", "shmstm_readonly_commits_total", pid) == ro
@@ -239,6 +241,7 @@ def test_prometheus_numbers(scenario):
                      pid) == commits
         assert value("shmstm_commit_latency_seconds", "shmstm_commit_latency_seconds_bucket",
                      pid, le="+Inf") == commits
+        check_latency_histogram(fams, pid, hists[pid])
     conf = [s for s in fams["shmstm_tvar_conflicts"].samples]
     assert [(s.labels["name"], s.value) for s in conf] == [("hot-x", ROUNDS)]
     assert all(s.labels["runtime"] == scenario.name for f in fams.values() for s in f.samples)
