@@ -277,7 +277,10 @@ def prometheus_text(doc):
     procs = doc["processes"]
 
     def per(p):
-        return rt + [("slot", p["slot"]), ("pid", p["pid"])]
+        # attach_ns: a slot's counters restart at zero when it gets a new owner,
+        # also one with the same pid (another thread, or a close and re-open),
+        # so each claim is its own series; a counter never goes down in one.
+        return rt + [("slot", p["slot"]), ("pid", p["pid"]), ("attach_ns", p["attach_ns"])]
 
     def fam(name, typ, help_, key):
         f.add(name, typ, help_, [(name, per(p), key(p)) for p in procs if key(p) is not None])
