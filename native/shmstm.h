@@ -228,7 +228,7 @@ typedef struct {
     uint64_t flushed_wv;
     uint32_t flusher_pid;
     uint32_t flusher_alive;
-    uint64_t ring_full_waits; /* sum over attached slots */
+    uint64_t ring_full_waits; /* sum over every slot, free ones too (never reset) */
     uint32_t durable_state;   /* SHMSTM_DS_LOADING until the creator loaded LMDB */
     int32_t durable_error;    /* 0, or the code of the flusher's last LMDB failure */
 } shmstm_ring_info;

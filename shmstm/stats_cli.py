@@ -268,8 +268,10 @@ def prometheus_text(doc):
             dur["lag"])
         one("shmstm_flusher_up", "gauge", "1 while the flusher process is alive.",
             int(dur["flusher_alive"]))
+        # Summed over every slot: a slot's ring_waits is kept when it changes
+        # owner (native/txn.c), so the sum never drops: a counter.
         one("shmstm_ring_full_waits_total", "counter",
-            "Commits that waited for room in a full ring (attached slots).",
+            "Commits that waited for room in a full ring (since the segment was created).",
             dur["ring_full_waits"])
         one("shmstm_durable_error", "gauge",
             "Code of the flusher's last LMDB failure (0: none).", dur["error"] or 0)

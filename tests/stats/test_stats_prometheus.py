@@ -4,12 +4,39 @@
   zero when a slot gets a new owner, so the per-slot series carry the claim
   (``attach_ns``) besides slot and pid: a process that closes and re-opens the
   runtime takes the same slot with the same pid, and must get a new series.
+* ``shmstm_ring_full_waits_total`` sums every slot's count, which a slot keeps
+  when its owner leaves and another process claims it: it must not drop.
+* The latency histogram's last core bucket (>= 2**31 ns) has no upper bound: a
+  commit that waited that long for ring room (flusher SIGSTOPped) is counted in
+  ``le="+Inf"`` only, and every bucket is cumulative.
 """
 import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 import shmstm
 from _helpers import LIMITS
-from _tool import run_tool
+from _tool import check_latency_histogram, run_tool
+
+WAIT = 60.0
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(shmstm.__file__)))
+SLOW = 2.3          # seconds a commit is held waiting: more than 2**31 ns
+
+COMMITTER = """
+import sys, shmstm
+rt = shmstm.open(sys.argv[1], path=sys.argv[2], max_tvars=%d, heap_size=%d)
+x = rt.tvar("x", 0)
+for i in range(int(sys.argv[3])):
+    x.value = i                    # async: one of them waits while the ring is full
+print("done", flush=True)
+sys.stdin.read()                   # attached until the test closes our stdin
+rt.close()
+""" % (LIMITS["max_tvars"], LIMITS["heap_size"])
 
 
 def _prom(name):
@@ -20,11 +47,38 @@ def _prom(name):
     return {f.name: f for f in text_string_to_metric_families(r.stdout)}
 
 
+def _json(name):
+    import json
+
+    r = run_tool(name, "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return json.loads(r.stdout)
+
+
 def _series(fams, family, sample=None):
     """{(slot, pid, attach_ns): value} of a per-slot family."""
     sample = sample or family
     return {(s.labels["slot"], s.labels["pid"], s.labels["attach_ns"]): s.value
             for s in fams[family].samples if s.name == sample}
+
+
+def _readline(proc, what):
+    r, _, _ = select.select([proc.stdout], [], [], WAIT)
+    assert r, "no %s within %.0f s" % (what, WAIT)
+    return proc.stdout.readline().strip()
+
+
+def _committer(name, path, n):
+    return subprocess.Popen([sys.executable, "-c", COMMITTER, name, path, str(n)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
+                            env=dict(os.environ, PYTHONPATH=PKG_PARENT))
+
+
+def _wait(cond, what, timeout=WAIT):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out waiting for " + what
+        time.sleep(0.01)
 
 
 def test_same_pid_reclaiming_its_slot_is_a_new_series(segname):
@@ -58,3 +112,76 @@ def test_same_pid_reclaiming_its_slot_is_a_new_series(segname):
             assert set(_series(fams, fam, sample)) == {key2}, fam
     finally:
         rt.close()
+
+
+@pytest.fixture
+def durable(segname, tmp_path):
+    path = str(tmp_path / "lmdb")
+    # A small ring: max_procs=4 needs 2 * (4 + 1); commits wait for room at a lag of 6.
+    rt = shmstm.open(segname, path=path, ring_slots=10, max_procs=4, **LIMITS)
+    procs = []
+    try:
+        yield rt, path, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(WAIT)
+        rt.close()
+
+
+def test_ring_full_waits_and_a_slow_commit(durable):
+    rt, path, procs = durable
+    name = rt.name
+    with shmstm.durability("sync"):
+        rt.tvar("a", 0).value = 1                    # the flusher is up and has caught up
+    fpid = rt.stats()["durability"]["flusher_pid"]
+    assert fpid and rt.stats()["durability"]["ring_full_waits"] == 0
+
+    os.kill(fpid, signal.SIGSTOP)                    # nothing drains the ring
+    try:
+        c1 = _committer(name, path, 10)
+        procs.append(c1)
+        _wait(lambda: rt.stats()["durability"]["ring_full_waits"] >= 1,
+              "a commit to wait for ring room")
+        # The duration is the point, not a synchronisation: the waiting commit
+        # began before it was seen waiting and lasts at least SLOW > 2**31 ns.
+        time.sleep(SLOW)
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    assert _readline(c1, "committer's done") == "done"
+
+    doc = _json(name)
+    waits = doc["durability"]["ring_full_waits"]
+    assert waits >= 1
+    p1, = [p for p in doc["processes"] if p["pid"] == c1.pid]
+    hist = p1["commit_latency_log2_ns"]
+    assert hist[-1] >= 1, hist                       # the slow commit: >= 2**31 ns
+    assert sum(hist) == p1["commits"] >= 10
+    fams = _prom(name)
+    assert fams["shmstm_ring_full_waits"].type == "counter"
+    assert [s.value for s in fams["shmstm_ring_full_waits"].samples] == [waits]
+    buckets = check_latency_histogram(fams, c1.pid, hist)
+    assert buckets[-2][1] == p1["commits"] - hist[-1] < buckets[-1][1]   # only in +Inf
+
+    # The committer leaves: its slot is free, its ring-full waits still count ...
+    c1.stdin.close()
+    assert c1.wait(WAIT) == 0
+    doc = _json(name)
+    assert [p["pid"] for p in doc["processes"]] == [os.getpid()]
+    assert doc["durability"]["ring_full_waits"] == waits
+    # ... and when another process claims that slot (counters from zero), too.
+    c2 = _committer(name, path, 1)
+    procs.append(c2)
+    assert _readline(c2, "second committer's done") == "done"
+    doc = _json(name)
+    p2, = [p for p in doc["processes"] if p["pid"] == c2.pid]
+    assert p2["slot"] == p1["slot"] and p2["commits"] <= 2
+    assert doc["durability"]["ring_full_waits"] == waits
+    fams = _prom(name)
+    assert [s.value for s in fams["shmstm_ring_full_waits"].samples] == [waits]
+    slot_series = {k for k in _series(fams, "shmstm_commits", "shmstm_commits_total")
+                   if k[0] == str(p1["slot"])}
+    assert slot_series == {(str(p2["slot"]), str(c2.pid), str(p2["attach_ns"]))}
+    c2.stdin.close()
+    assert c2.wait(WAIT) == 0
