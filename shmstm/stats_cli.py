@@ -330,8 +330,10 @@ def prometheus_text(doc):
           "Duration of writer commit calls (log2 buckets; no _sum: the core keeps none).", lat)
     f.add("shmstm_tvar_conflicts_total", "counter",
           "Aborts caused by a TVar, for the most conflicted TVars.",
+          # generation: a freed anonymous TVar's index is reused with conflicts from 0
           [("shmstm_tvar_conflicts_total",
-            rt + [("index", t["index"]), ("name", t["name"] or "")], t["conflicts"])
+            rt + [("index", t["index"]), ("generation", t["generation"]),
+                  ("name", t["name"] or "")], t["conflicts"])
            for t in doc["hottest_tvars"]])
     return f.text()
 

@@ -169,8 +169,9 @@ def test_json_numbers(scenario):
     assert by_pid[os.getpid()]["alive"] and by_pid[os.getpid()]["status"] in LIVE_STATUSES
     assert len(doc["processes"]) == 5
     # the forced conflicts are charged to hot-x, the only TVar that had any
+    x = scenario.rt.tvar("hot-x")
     assert doc["hottest_tvars"] == [
-        {"index": doc["hottest_tvars"][0]["index"], "name": "hot-x", "conflicts": ROUNDS}]
+        {"index": x._idx, "generation": x._gen, "name": "hot-x", "conflicts": ROUNDS}]
     # clock: every writer commit advanced it once; a commit that failed validation
     # may have taken a write version too (txn.c takes wv before validating)
     commits = sum(p["commits"] for p in doc["processes"])
@@ -204,7 +205,8 @@ def test_text_numbers(scenario):
         tol = 0.05 if hi < 100 else 0.5
         assert lo - tol <= float(r["COMMIT/s"]) <= hi + tol, (r, lo, hi)
         lo_all, hi_all = lo_all + lo, hi_all + hi
-    assert lo_all - 0.5 <= float(rows["all"]["COMMIT/s"]) <= hi_all + 0.5, (rows["all"], lo_all, hi_all)
+    assert lo_all - 0.5 <= float(rows["all"]["COMMIT/s"]) <= hi_all + 0.5, \
+        (rows["all"], lo_all, hi_all)
     assert "durability: none" in out
     hot = out.split("hottest TVars by conflicts:", 1)[1].split("\n")
     assert hot[1].split() == ["CONFLICTS", "INDEX", "NAME"]
@@ -243,7 +245,9 @@ def test_prometheus_numbers(scenario):
                      pid, le="+Inf") == commits
         check_latency_histogram(fams, pid, hists[pid])
     conf = [s for s in fams["shmstm_tvar_conflicts"].samples]
-    assert [(s.labels["name"], s.value) for s in conf] == [("hot-x", ROUNDS)]
+    x = scenario.rt.tvar("hot-x")
+    assert [(s.labels["name"], s.labels["index"], s.labels["generation"], s.value)
+            for s in conf] == [("hot-x", str(x._idx), str(x._gen), ROUNDS)]
     assert all(s.labels["runtime"] == scenario.name for f in fams.values() for s in f.samples)
     # every family has HELP and TYPE lines; counters (and only they) end in _total
     for line in text.splitlines():

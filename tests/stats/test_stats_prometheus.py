@@ -4,12 +4,16 @@
   zero when a slot gets a new owner, so the per-slot series carry the claim
   (``attach_ns``) besides slot and pid: a process that closes and re-opens the
   runtime takes the same slot with the same pid, and must get a new series.
+* A freed anonymous TVar's index is reused by the next new TVar, with
+  conflicts from zero: the conflicts series carry the TVar's generation too
+  (and --watch rates match TVars by index and generation).
 * ``shmstm_ring_full_waits_total`` sums every slot's count, which a slot keeps
   when its owner leaves and another process claims it: it must not drop.
 * The latency histogram's last core bucket (>= 2**31 ns) has no upper bound: a
   commit that waited that long for ring room (flusher SIGSTOPped) is counted in
   ``le="+Inf"`` only, and every bucket is cumulative.
 """
+import multiprocessing as mp
 import os
 import select
 import signal
@@ -19,6 +23,7 @@ import time
 
 import pytest
 
+import _stats_workers as W
 import shmstm
 from _helpers import LIMITS
 from _tool import check_latency_histogram, run_tool
@@ -108,10 +113,63 @@ def test_same_pid_reclaiming_its_slot_is_a_new_series(segname):
                             ("shmstm_readonly_commits", "shmstm_readonly_commits_total"),
                             ("shmstm_aborts", "shmstm_aborts_total"),
                             ("shmstm_process_cpu_seconds", "shmstm_process_cpu_seconds_total"),
-                            ("shmstm_commit_latency_seconds", "shmstm_commit_latency_seconds_count")):
+                            ("shmstm_commit_latency_seconds",
+                             "shmstm_commit_latency_seconds_count")):
             assert set(_series(fams, fam, sample)) == {key2}, fam
     finally:
         rt.close()
+
+
+def _conflicts(rt, x, rounds):
+    """``rounds`` forced conflicts on TVar ``x``: a victim and a spoiler process
+    (tests/stats/_stats_workers.py) share its handle."""
+    ctx = mp.get_context("spawn")
+    peer_v, peer_s = ctx.Pipe()
+    workers = []
+    try:
+        for fn, peer in (("victim", peer_v), ("spoiler", peer_s)):
+            ctl, ctl_child = ctx.Pipe()
+            p = ctx.Process(target=W.run, args=(ctl_child, fn, ((rt.name,), rounds, peer, x)),
+                            daemon=True)
+            p.start()
+            workers.append((p, ctl))
+        for p, ctl in workers:
+            assert ctl.poll(WAIT), "worker %d did not finish" % p.pid
+            msg = ctl.recv()
+            assert msg[0] == "done", msg
+            ctl.send("exit")
+    finally:
+        for p, _ in workers:
+            p.join(WAIT)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def test_reused_tvar_index_is_a_new_series(runtime):
+    from shmstm._stats import rates
+
+    t1 = runtime.new_tvar(0)
+    _conflicts(runtime, t1, 3)
+    doc1, fams1 = _json(runtime.name), _prom(runtime.name)
+    runtime.free(t1)
+    t2 = runtime.new_tvar(0)
+    assert t2._idx == t1._idx and t2._gen != t1._gen        # the index was reused
+    _conflicts(runtime, t2, 1)
+    doc2, fams2 = _json(runtime.name), _prom(runtime.name)
+
+    assert [(t["index"], t["generation"], t["name"], t["conflicts"])
+            for t in doc1["hottest_tvars"]] == [(t1._idx, t1._gen, None, 3)]
+    assert [(t["index"], t["generation"], t["name"], t["conflicts"])
+            for t in doc2["hottest_tvars"]] == [(t2._idx, t2._gen, None, 1)]
+
+    def series(fams):
+        return {(s.labels["index"], s.labels["generation"], s.labels["name"]): s.value
+                for s in fams["shmstm_tvar_conflicts"].samples}
+    assert series(fams1) == {(str(t1._idx), str(t1._gen), ""): 3}
+    assert series(fams2) == {(str(t2._idx), str(t2._gen), ""): 1}     # not 3 -> 1
+    # --watch: another TVar, so no rate yet (not (1 - 3) / interval)
+    assert [t["conflicts_per_s"] for t in rates(doc1, doc2)["hottest_tvars"]] == [None]
 
 
 @pytest.fixture
