@@ -45,8 +45,8 @@ def _interrupt(proc):
 
 @pytest.fixture
 def spinner(runtime):
-    """A spawned worker committing as fast as it can while the test runs (and
-    this process attached, idle)."""
+    """A spawned worker committing (writer and read-only) and aborting (user)
+    as fast as it can while the test runs (and this process attached, idle)."""
     runtime.tvar("idle", 0)                           # claims this process's slot
     ctx = mp.get_context("spawn")
     ctl, ctl_child = ctx.Pipe()
