@@ -169,7 +169,9 @@ struct shm_proc {
     a64 wakeups;                   /* waits ended by a change */
     a64 bytes_committed;
     a64 irrevocable;               /* transactions run with the token */
-    a64 ring_waits;                /* durable commits that waited for ring room */
+    a64 ring_waits;                /* durable commits that waited for ring room;
+                                      kept across owners (ring_full_waits sums
+                                      every slot's: a counter that never drops) */
     a64 heap_allocs[HEAP_CLASSES]; /* blocks allocated / freed by this slot */
     a64 heap_frees[HEAP_CLASSES];
     a64 lat_hist[LAT_BUCKETS];     /* commit-call latency, bucket = floor(log2(ns)) */

@@ -395,15 +395,21 @@ int shmstm_seg_proc_info(shmstm_seg *s, uint32_t slot, shmstm_proc_info *o)
     return 0;
 }
 
-/* The n TVars with the most conflicts, most first.  Returns how many. */
-int shmstm_seg_hot_tvars(shmstm_seg *s, uint32_t *idx, uint32_t *conf, uint32_t n)
+/* The n live TVars with the most conflicts, most first, with their generations
+ * (a freed anonymous TVar's index is reused with a new generation and conflicts
+ * from zero: index and generation name one TVar).  Returns how many. */
+int shmstm_seg_hot_tvars(shmstm_seg *s, uint32_t *idx, uint32_t *gen, uint32_t *conf,
+                         uint32_t n)
 {
     uint32_t k = 0, bump = load_relaxed(&s->h->tvar_bump);
     if (bump > s->max_tvars)
         bump = s->max_tvars;
     for (uint32_t i = 0; i < bump; i++) {
+        uint32_t g = load_acquire(&s->tvars[i].gen);
         uint32_t c = load_relaxed(&s->tvars[i].conflicts);
-        if (!c || !(load_relaxed(&s->tvars[i].gen) & 1u))
+        /* Advisory, like the counter: skip a TVar freed or re-created meanwhile. */
+        fence_acquire();
+        if (!c || !(g & 1u) || load_relaxed(&s->tvars[i].gen) != g)
             continue;
         uint32_t j = k < n ? k++ : n;
         if (j == n) {
@@ -413,10 +419,12 @@ int shmstm_seg_hot_tvars(shmstm_seg *s, uint32_t *idx, uint32_t *conf, uint32_t 
         }
         while (j > 0 && conf[j - 1] < c) {
             idx[j] = idx[j - 1];
+            gen[j] = gen[j - 1];
             conf[j] = conf[j - 1];
             j--;
         }
         idx[j] = i;
+        gen[j] = g;
         conf[j] = c;
     }
     return (int)k;

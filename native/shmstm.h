@@ -154,7 +154,8 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
 int shmstm_seg_detach(shmstm_seg *seg);
 int shmstm_seg_info_get(shmstm_seg *seg, shmstm_seg_info *out);
 int shmstm_seg_proc_info(shmstm_seg *seg, uint32_t slot, shmstm_proc_info *out);
-int shmstm_seg_hot_tvars(shmstm_seg *seg, uint32_t *idx, uint32_t *conflicts, uint32_t n);
+int shmstm_seg_hot_tvars(shmstm_seg *seg, uint32_t *idx, uint32_t *gen, uint32_t *conflicts,
+                         uint32_t n);
 int shmstm_seg_name_of(shmstm_seg *seg, uint32_t idx, char *buf, uint32_t cap);
 int shmstm_seg_reclaim_dead(shmstm_seg *seg);
 int shmstm_header_check(const unsigned char *hdr, uint64_t len, uint64_t file_size);
@@ -228,7 +229,7 @@ typedef struct {
     uint64_t flushed_wv;
     uint32_t flusher_pid;
     uint32_t flusher_alive;
-    uint64_t ring_full_waits; /* sum over attached slots */
+    uint64_t ring_full_waits; /* sum over every slot, free ones too (never reset) */
     uint32_t durable_state;   /* SHMSTM_DS_LOADING until the creator loaded LMDB */
     int32_t durable_error;    /* 0, or the code of the flusher's last LMDB failure */
 } shmstm_ring_info;

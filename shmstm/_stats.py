@@ -78,8 +78,9 @@ def _hot_tvars(seg, hot, cache):
     if hot <= 0:
         return []
     idx = ffi.new("uint32_t[]", hot)
+    gen = ffi.new("uint32_t[]", hot)
     conf = ffi.new("uint32_t[]", hot)
-    n = lib.shmstm_seg_hot_tvars(seg, idx, conf, hot)
+    n = lib.shmstm_seg_hot_tvars(seg, idx, gen, conf, hot)
     namebuf = None
     out = []
     for i in range(n):
@@ -93,7 +94,7 @@ def _hot_tvars(seg, hot, cache):
                 name = ffi.unpack(namebuf, r).decode("utf-8", "surrogatepass")
                 if cache is not None:
                     cache.names[idx[i]] = name
-        out.append({"index": idx[i], "name": name, "conflicts": conf[i]})
+        out.append({"index": idx[i], "generation": gen[i], "name": name, "conflicts": conf[i]})
     return out
 
 
@@ -291,10 +292,13 @@ def rates(prev, cur):
             "retries_per_s": per_s(p["retries"], q["retries"]),
             "wakeups_per_s": per_s(p["wakeups"], q["wakeups"]),
         })
-    hot_before = {t["index"]: t["conflicts"] for t in prev["hottest_tvars"]}
-    hot = [dict(t, conflicts_per_s=(t["conflicts"] - hot_before[t["index"]]) / dt_all
-                if t["index"] in hot_before and dt_all > 0 else None)
-           for t in cur["hottest_tvars"]]
+    # (index, generation): a freed anonymous TVar's index is reused by a new TVar
+    hot_before = {(t["index"], t["generation"]): t["conflicts"] for t in prev["hottest_tvars"]}
+    hot = []
+    for t in cur["hottest_tvars"]:
+        was = hot_before.get((t["index"], t["generation"]))
+        hot.append(dict(t, conflicts_per_s=(t["conflicts"] - was) / dt_all
+                        if was is not None and dt_all > 0 else None))
     return {
         "interval_s": dt_all,
         "clock_per_s": (cur["clock"] - prev["clock"]) / dt_all if dt_all > 0 else 0.0,

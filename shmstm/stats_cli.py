@@ -268,8 +268,10 @@ def prometheus_text(doc):
             dur["lag"])
         one("shmstm_flusher_up", "gauge", "1 while the flusher process is alive.",
             int(dur["flusher_alive"]))
+        # Summed over every slot: a slot's ring_waits is kept when it changes
+        # owner (native/txn.c), so the sum never drops: a counter.
         one("shmstm_ring_full_waits_total", "counter",
-            "Commits that waited for room in a full ring (attached slots).",
+            "Commits that waited for room in a full ring (since the segment was created).",
             dur["ring_full_waits"])
         one("shmstm_durable_error", "gauge",
             "Code of the flusher's last LMDB failure (0: none).", dur["error"] or 0)
@@ -277,7 +279,10 @@ def prometheus_text(doc):
     procs = doc["processes"]
 
     def per(p):
-        return rt + [("slot", p["slot"]), ("pid", p["pid"])]
+        # attach_ns: a slot's counters restart at zero when it gets a new owner,
+        # also one with the same pid (another thread, or a close and re-open),
+        # so each claim is its own series; a counter never goes down in one.
+        return rt + [("slot", p["slot"]), ("pid", p["pid"]), ("attach_ns", p["attach_ns"])]
 
     def fam(name, typ, help_, key):
         f.add(name, typ, help_, [(name, per(p), key(p)) for p in procs if key(p) is not None])
@@ -309,20 +314,26 @@ def prometheus_text(doc):
         "Resident memory of the slot's process.", lambda p: p["rss_bytes"])
     lat = []
     for p in procs:
+        hist = p["commit_latency_log2_ns"]
         acc = 0
-        for i, n in enumerate(p["commit_latency_log2_ns"]):
+        # Core bucket i < last counts durations (whole ns) with floor(log2(ns)) == i,
+        # at most 2**(i+1) - 1 ns: that is its cumulative bucket's "le".  The last
+        # core bucket counts every longer call (no upper bound): it is only in +Inf.
+        for i, n in enumerate(hist[:-1]):
             acc += n
-            # bucket i counts calls of floor(log2(ns)) == i: below 2**(i+1) ns
             lat.append(("shmstm_commit_latency_seconds_bucket",
-                        per(p) + [("le", repr((1 << (i + 1)) / 1e9))], acc))
+                        per(p) + [("le", repr(((1 << (i + 1)) - 1) / 1e9))], acc))
+        acc += hist[-1]
         lat.append(("shmstm_commit_latency_seconds_bucket", per(p) + [("le", "+Inf")], acc))
         lat.append(("shmstm_commit_latency_seconds_count", per(p), acc))
     f.add("shmstm_commit_latency_seconds", "histogram",
           "Duration of writer commit calls (log2 buckets; no _sum: the core keeps none).", lat)
     f.add("shmstm_tvar_conflicts_total", "counter",
           "Aborts caused by a TVar, for the most conflicted TVars.",
+          # generation: a freed anonymous TVar's index is reused with conflicts from 0
           [("shmstm_tvar_conflicts_total",
-            rt + [("index", t["index"]), ("name", t["name"] or "")], t["conflicts"])
+            rt + [("index", t["index"]), ("generation", t["generation"]),
+                  ("name", t["name"] or "")], t["conflicts"])
            for t in doc["hottest_tvars"]])
     return f.text()
 

@@ -79,14 +79,14 @@ def counters(rt, n_commits, n_ro, n_user, n_retry, gate_pipe):
     return {"own": own.value}
 
 
-def victim(rt, rounds, peer):
-    """``rounds`` transactions on TVar "hot-x", each forced to conflict once:
-    the first attempt reads x, lets the spoiler commit a write to x, then
-    writes x, so its commit fails validation (exactly one abort, reason
-    "validate", charged to x); the re-run commits."""
+def victim(rt, rounds, peer, x=None):
+    """``rounds`` transactions on TVar ``x`` (default: the TVar named "hot-x"),
+    each forced to conflict once: the first attempt reads x, lets the spoiler
+    commit a write to x, then writes x, so its commit fails validation (exactly
+    one abort, reason "validate", charged to x); the re-run commits."""
     import shmstm
 
-    x = rt.tvar("hot-x", 0)
+    x = rt.tvar("hot-x", 0) if x is None else x
     attempts = [0]
     for r in range(rounds):
         first = [True]
@@ -104,12 +104,12 @@ def victim(rt, rounds, peer):
     return {"attempts": attempts[0]}
 
 
-def spoiler(rt, rounds, peer):
-    """Commits one write to "hot-x" per round, between the victim's read and
-    its commit."""
+def spoiler(rt, rounds, peer, x=None):
+    """Commits one write to ``x`` ("hot-x") per round, between the victim's
+    read and its commit."""
     import shmstm
 
-    x = rt.tvar("hot-x", 0)
+    x = rt.tvar("hot-x", 0) if x is None else x
     for r in range(rounds):
         if not peer.poll(CHILD_WAIT) or peer.recv() != r:
             raise RuntimeError("victim out of step at round %d" % r)
@@ -129,15 +129,32 @@ def doomed(rt, n_commits):
 
 
 def spinner(rt, stop_pipe):
-    """Commits as fast as it can until the parent says stop (for --watch)."""
+    """Until the parent says stop (for --watch), as fast as it can, batches of
+    64 writer commits, 16 read-only commits and 8 user aborts (a body that
+    raises), so every rate of --watch but retries and wake-ups is non-zero."""
     import shmstm
 
     t = rt.tvar("spin:%d" % os.getpid(), 0)
+
+    class Boom(Exception):
+        pass
+
+    def boom():
+        t.value                          # touch a TVar, so the attempt is real
+        raise Boom()
+
     n = 0
     stop_pipe.send("started")
     while not stop_pipe.poll():
         for _ in range(64):
             shmstm.atomically(lambda: t.set(t.value + 1))
+        for _ in range(16):
+            shmstm.atomically(lambda: t.value)
+        for _ in range(8):
+            try:
+                shmstm.atomically(boom)
+            except Boom:
+                pass
         n += 64
     stop_pipe.recv()
     return {"commits": n}

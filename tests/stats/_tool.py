@@ -50,3 +50,30 @@ def text_rows(out):
             assert len(cells) == len(header), ln
             rows[int(cells[1])] = dict(zip(header, cells))
     return rows
+
+
+def check_latency_histogram(fams, pid, hist):
+    """Check the Prometheus latency histogram of ``pid``'s slot (parsed with
+    prometheus_client) against the slot's core buckets ``hist``
+    (``commit_latency_log2_ns``: core bucket k counts whole-ns durations with
+    floor(log2(ns)) == k, the last one every longer duration).  Returns the
+    buckets [(le, cumulative count)], +Inf last."""
+    import math
+
+    samples = [s for s in fams["shmstm_commit_latency_seconds"].samples
+               if s.labels.get("pid") == str(pid)]
+    buckets = sorted((float(s.labels["le"]), s.value) for s in samples
+                     if s.name == "shmstm_commit_latency_seconds_bucket")
+    count = [s.value for s in samples if s.name == "shmstm_commit_latency_seconds_count"]
+    # one finite bucket per bounded core bucket, at its largest duration; the last
+    # core bucket has no bound and is only in +Inf
+    assert [le for le, _ in buckets[:-1]] == [((1 << (k + 1)) - 1) / 1e9
+                                             for k in range(len(hist) - 1)]
+    assert math.isinf(buckets[-1][0])
+    # cumulative, and +Inf is everything: equal to _count
+    values = [v for _, v in buckets]
+    assert all(a <= b for a, b in zip(values, values[1:])), values
+    assert values == [sum(hist[:k + 1]) for k in range(len(hist) - 1)] + [sum(hist)], \
+        (values, hist)
+    assert count == [sum(hist)]
+    return buckets

@@ -20,7 +20,7 @@ import pytest
 
 import _stats_workers as W
 from _helpers import LIMITS, unique_name, wait_until_blocked
-from _tool import run_tool, text_rows
+from _tool import check_latency_histogram, run_tool, text_rows
 
 N_COMMITS, N_RO, N_USER, N_RETRY = 300, 40, 7, 5
 ROUNDS = 25          # forced conflicts (victim/spoiler rounds)
@@ -39,6 +39,21 @@ def _recv(conn, what):
 
 def _zombie(pid):
     return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _wait_sleeping(pids):
+    """Poll (bounded) until each pid sleeps: a worker that reported "done"
+    blocks in its control pipe's poll() until the parent says "exit"."""
+    end = time.monotonic() + WAIT
+    while not all(psutil.Process(p).status() == psutil.STATUS_SLEEPING for p in pids):
+        assert time.monotonic() < end, "workers %s never went to sleep" % (pids,)
+        time.sleep(0.01)
+
+
+# What a live process's "status" may be (docs/stats.md: psutil's status);
+# psutil's "zombie" and "dead" belong to processes the tool reports as dead.
+LIVE_STATUSES = {getattr(psutil, k) for k in dir(psutil) if k.startswith("STATUS_")} - {
+    psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD}
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +94,15 @@ def scenario():
         # Dead but not reaped: a zombie for as long as the tool runs.
         os.waitid(os.P_PID, dpid, os.WEXITED | os.WNOWAIT)
         assert _zombie(dpid)
+        idle = [workers[r][0].pid for r in ("counters", "victim", "spoiler")]
+        _wait_sleeping(idle)
+        js = run_tool(name, "--json")
+        text_from = time.time_ns()      # the text view is read within this window
+        text = run_tool(name)
+        text_until = time.time_ns()
         out = SimpleNamespace(
             name=name, rt=rt, pids={r: p.pid for r, (p, _) in workers.items()},
-            json=run_tool(name, "--json"), text=run_tool(name),
+            json=js, text=text, text_window=(text_from, text_until),
             prom=run_tool(name, "--prometheus"))
         assert _zombie(dpid), "the doomed worker was reaped while the tool ran"
         yield out
@@ -131,19 +152,26 @@ def test_json_numbers(scenario):
             (commits, ro, aborts, retries, wakeups), p
         assert p["aborts_total"] == sum(aborts.values())
         assert p["alive"] is alive
-        assert p["status"] == ("dead" if not alive else p["status"])
         if alive:
+            # idle in poll() on its control pipe (the fixture waited for that)
+            assert p["status"] == psutil.STATUS_SLEEPING, p
             assert p["rss_bytes"] > 0 and p["cpu_seconds"] >= 0 and p["cpu_percent"] >= 0
             assert not p["waiting"] and p["commit_state"] == "idle"
         else:
+            assert p["status"] == "dead", p
             assert p["rss_bytes"] is None and p["cpu_percent"] is None
         assert sum(p["commit_latency_log2_ns"]) == commits
+        # (COMMITS + RO) per second since the claim, at the document's time
+        assert p["commit_rate"] == pytest.approx(
+            (commits + ro) / ((doc["time_ns"] - p["attach_ns"]) / 1e9)), p
     # the test process itself is attached too (it created the runtime and set "gate")
     assert os.getpid() in by_pid and by_pid[os.getpid()]["commits"] == N_RETRY
+    assert by_pid[os.getpid()]["alive"] and by_pid[os.getpid()]["status"] in LIVE_STATUSES
     assert len(doc["processes"]) == 5
     # the forced conflicts are charged to hot-x, the only TVar that had any
+    x = scenario.rt.tvar("hot-x")
     assert doc["hottest_tvars"] == [
-        {"index": doc["hottest_tvars"][0]["index"], "name": "hot-x", "conflicts": ROUNDS}]
+        {"index": x._idx, "generation": x._gen, "name": "hot-x", "conflicts": ROUNDS}]
     # clock: every writer commit advanced it once; a commit that failed validation
     # may have taken a write version too (txn.c takes wv before validating)
     commits = sum(p["commits"] for p in doc["processes"])
@@ -160,10 +188,25 @@ def test_text_numbers(scenario):
         assert (int(r["LOCKED"]), int(r["VALID"]), int(r["USER"]), int(r["STALE"]), int(r["RES"])) == \
             (aborts["locked"], aborts["validate"], aborts["user"], aborts["stale"], aborts["resource"])
         assert (int(r["RETRIES"]), int(r["WAKEUPS"])) == (retries, wakeups)
-        assert (r["STATE"] == "dead") is (not alive), r
+        assert r["STATE"] == ("sleep" if alive else "dead"), r
         if not alive:
             assert r["CPU%"] == "-" and r["RSS"] == "-"
     assert int(rows["all"]["COMMITS"]) == 2 * ROUNDS + N_COMMITS + N_DOOMED + N_RETRY
+    # COMMIT/s: (COMMITS + RO) over the time since the slot was claimed (attach_ns,
+    # from the JSON document: the same slots, idle since), read by the tool at some
+    # moment of text_window; shown with one decimal below 100/s, none above.
+    t0, t1 = scenario.text_window
+    lo_all = hi_all = 0.0
+    for p in json.loads(scenario.json.stdout)["processes"]:
+        r = rows[p["pid"]]
+        done = p["commits"] + p["ro_commits"]
+        assert int(r["COMMITS"]) + int(r["RO"]) == done
+        lo, hi = done / ((t1 - p["attach_ns"]) / 1e9), done / ((t0 - p["attach_ns"]) / 1e9)
+        tol = 0.05 if hi < 100 else 0.5
+        assert lo - tol <= float(r["COMMIT/s"]) <= hi + tol, (r, lo, hi)
+        lo_all, hi_all = lo_all + lo, hi_all + hi
+    assert lo_all - 0.5 <= float(rows["all"]["COMMIT/s"]) <= hi_all + 0.5, \
+        (rows["all"], lo_all, hi_all)
     assert "durability: none" in out
     hot = out.split("hottest TVars by conflicts:", 1)[1].split("\n")
     assert hot[1].split() == ["CONFLICTS", "INDEX", "NAME"]
@@ -186,6 +229,8 @@ def test_prometheus_numbers(scenario):
 
     assert fams["shmstm_commits"].type == "counter"
     assert fams["shmstm_commit_latency_seconds"].type == "histogram"
+    hists = {p["pid"]: p["commit_latency_log2_ns"]
+             for p in json.loads(scenario.json.stdout)["processes"]}     # idle since
     for pid, (commits, ro, aborts, retries, wakeups, alive) in _expected(scenario.pids).items():
         assert value("shmstm_commits", "shmstm_commits_total", pid) == commits
         assert value("shmstm_readonly_commits", "shmstm_readonly_commits_total", pid) == ro
@@ -198,8 +243,11 @@ def test_prometheus_numbers(scenario):
                      pid) == commits
         assert value("shmstm_commit_latency_seconds", "shmstm_commit_latency_seconds_bucket",
                      pid, le="+Inf") == commits
+        check_latency_histogram(fams, pid, hists[pid])
     conf = [s for s in fams["shmstm_tvar_conflicts"].samples]
-    assert [(s.labels["name"], s.value) for s in conf] == [("hot-x", ROUNDS)]
+    x = scenario.rt.tvar("hot-x")
+    assert [(s.labels["name"], s.labels["index"], s.labels["generation"], s.value)
+            for s in conf] == [("hot-x", str(x._idx), str(x._gen), ROUNDS)]
     assert all(s.labels["runtime"] == scenario.name for f in fams.values() for s in f.samples)
     # every family has HELP and TYPE lines; counters (and only they) end in _total
     for line in text.splitlines():

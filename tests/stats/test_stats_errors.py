@@ -4,8 +4,10 @@
 not shmstm, corrupt, never initialised, bad name); 2: bad usage (argparse).
 The same conditions raise the named exceptions from ``StatsReader``.
 """
+import json
 import os
 import struct
+import sys
 
 import posix_ipc
 import pytest
@@ -64,6 +66,65 @@ def test_permission_denied(runtime):
         _reader_raises(runtime.name, shmstm.PermissionDeniedError, "0600")
     finally:
         os.chmod(SHM + runtime.name, 0o600)
+
+
+def _as_other_user(fn):
+    """``fn()`` in a forked child that switched to uid/gid 65534 (os.setuid, as
+    tests/crash/test_cleanup_and_users.py does); returns what it returned (a
+    JSON-able value), or fails with the child's error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, json.dumps({"ok": fn()}).encode())
+            code = 0
+        except BaseException as e:
+            os.write(w, json.dumps({"error": repr(e)}).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = json.loads(f.read().decode() or '{"error": "no answer"}')
+    _, st = os.waitpid(pid, 0)
+    assert "error" not in out, out["error"]
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+    return out["ok"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="needs root to act as a second user (os.setuid in a child)")
+def test_segment_not_readable_by_this_user(runtime):
+    """Another user may not even open our 0600 segment for reading: the open of
+    the shared-memory object fails (EACCES) before any mode check, with one line
+    naming the runtime and the object, and exit status 1."""
+    import io
+    import shmstm
+    from shmstm import stats_cli
+    from shmstm._stats import StatsReader
+
+    def other():
+        try:
+            StatsReader(runtime.name).close()
+            reader = "opened"
+        except shmstm.PermissionDeniedError as e:
+            reader = "PermissionDeniedError: %s" % e
+        sys.stderr, sys.stdout = io.StringIO(), io.StringIO()
+        rc = stats_cli.main([runtime.name])
+        return {"reader": reader, "rc": rc, "stdout": sys.stdout.getvalue(),
+                "stderr": sys.stderr.getvalue()}
+
+    assert os.stat(SHM + runtime.name).st_uid == 0
+    got = _as_other_user(other)
+    want = "runtime %r: cannot open /shmstm.%s for reading: " % (runtime.name, runtime.name)
+    assert got["reader"].startswith("PermissionDeniedError: " + want), got
+    assert (got["rc"], got["stdout"]) == (1, ""), got
+    assert got["stderr"].startswith("shmstm-stats: error: " + want), got
+    assert got["stderr"].count("\n") == 1 and got["stderr"].endswith("\n"), got
 
 
 def test_another_layout_version(runtime):

@@ -45,8 +45,8 @@ def _interrupt(proc):
 
 @pytest.fixture
 def spinner(runtime):
-    """A spawned worker committing as fast as it can while the test runs (and
-    this process attached, idle)."""
+    """A spawned worker committing (writer and read-only) and aborting (user)
+    as fast as it can while the test runs (and this process attached, idle)."""
     runtime.tvar("idle", 0)                           # claims this process's slot
     ctx = mp.get_context("spawn")
     ctl, ctl_child = ctx.Pipe()
@@ -69,7 +69,15 @@ def spinner(runtime):
             p.join()
 
 
+def _shows(cell, x):
+    """A text cell shows rate ``x`` (one decimal below 100, none from 100)."""
+    return abs(float(cell) - x) <= (0.05 if x < 100 else 0.5) + 1e-9
+
+
 def test_watch_json_rates_match_totals(runtime, spinner):
+    from shmstm._stats import ABORT_REASONS
+    from shmstm.stats_cli import render_text
+
     res = run_tool(runtime.name, "--watch", "0.2", "--count", "3", "--json")
     assert res.returncode == 0 and res.stderr == "", res.stderr
     docs = [json.loads(ln) for ln in res.stdout.splitlines()]
@@ -82,8 +90,21 @@ def test_watch_json_rates_match_totals(runtime, spinner):
         p1 = next(p for p in cur["processes"] if p["pid"] == spinner)
         rp = next(p for p in r["processes"] if p["pid"] == spinner)
         assert p1["commits"] > p0["commits"]          # it kept committing
-        assert rp["commits_per_s"] == pytest.approx((p1["commits"] - p0["commits"]) / dt)
+        assert p1["ro_commits"] > p0["ro_commits"]    # ... read-only too
+        assert p1["aborts"]["user"] > p0["aborts"]["user"]   # ... and aborting
+        for key in ("commits", "ro_commits", "retries", "wakeups"):
+            assert rp[key + "_per_s"] == pytest.approx((p1[key] - p0[key]) / dt), key
+        for reason in ABORT_REASONS:
+            assert rp["aborts_per_s"][reason] == pytest.approx(
+                (p1["aborts"][reason] - p0["aborts"][reason]) / dt), reason
         assert rp["cpu_percent"] is not None and rp["cpu_percent"] >= 0
+        # The text frame of the same two documents shows these rates in its columns.
+        row = text_rows(render_text(cur, r))[spinner]
+        assert _shows(row["COMMIT/s"], rp["commits_per_s"]), row
+        assert _shows(row["RO/s"], rp["ro_commits_per_s"]), row
+        assert _shows(row["ABORT/s"], sum(rp["aborts_per_s"].values())), row
+        assert _shows(row["USER"], rp["aborts_per_s"]["user"]), row
+        assert _shows(row["VALID"], 0) and _shows(row["RETRY/s"], 0), row
         assert r["clock_per_s"] == pytest.approx((cur["clock"] - prev["clock"]) / dt)
         mine = next(p for p in r["processes"] if p["pid"] == os.getpid())
         assert mine["commits_per_s"] == 0            # this process is idle meanwhile
