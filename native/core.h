@@ -75,6 +75,18 @@ int      proc_alive(uint32_t pid, uint64_t start);
 int      slot_owner_dead(struct shmstm_seg *s, uint32_t slot);
 int      slot_recover(struct shmstm_seg *s, uint32_t slot);
 int      lock_owner_gone(struct shmstm_seg *s, uint64_t lockword);
+/* FNV-1a, 64 bits: ring record and header checksums (not a defence
+ * against an attacker: segments are 0600, owner-only). */
+static inline uint64_t fnv1a(const unsigned char *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
 uint64_t now_ns(void);
 uint64_t realtime_ns(void);
 pid_t    my_tid(void);

@@ -32,7 +32,7 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 1u
+#define SHMSTM_LAYOUT_VERSION 2u    /* 2: header checksum (hdr_sum) */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
@@ -243,7 +243,12 @@ struct shm_header {
     uint32_t ring_slots;     /* 0: not durable */
     uint32_t flags_;
     uint64_t off_procs, off_tvars, off_dir, off_ring, off_heap;
-    uint8_t pad0_[24];
+    uint64_t hdr_sum;        /* FNV-1a of the fields above and itself, init_state
+                                and hdr_sum taken as 0 (header_sum(), segment.c): a flipped
+                                byte of identity or geometry is a corrupt header,
+                                never a segment opened with it.  W: creator, last,
+                                before INIT_READY.  R: attach, header check */
+    uint8_t pad0_[16];
 
     /* the global clock: W: committers faa_acq_rel; R: begin (load_acquire,
      * pairs with the faa of the commit whose unlock it must see). */
@@ -370,6 +375,8 @@ _Static_assert(sizeof(struct shm_wentry) == 40, "wentry size");
 _Static_assert(sizeof(struct shm_dirent) == 16, "dirent size");
 _Static_assert(sizeof(struct shm_block) == SHMSTM_UNIT, "block header is one unit");
 _Static_assert(offsetof(struct shm_header, clock) % 64 == 0, "clock on its own line");
+_Static_assert(offsetof(struct shm_header, hdr_sum) + 8 <= offsetof(struct shm_header, clock),
+               "hdr_sum covers the identity and geometry fields");
 _Static_assert(offsetof(struct shm_proc, futex) % 64 == 0, "futex on its own line");
 _Static_assert(offsetof(struct shm_proc, rec) % 64 == 0, "record on its own line");
 _Static_assert(sizeof(struct shm_proc) % 64 == 0, "proc slot is whole lines");

@@ -47,16 +47,6 @@ static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
     return &s->ring[wv % s->ring_slots];
 }
 
-static uint64_t fnv1a(const unsigned char *p, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 /* Is the lease word o held by a live process?  PS_RECOVERING marks a claim
  * in progress (flusher_start not yet written): the pid alone decides, as for
  * a process slot whose start time is not yet written (proc.c). */

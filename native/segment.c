@@ -125,6 +125,8 @@ static void params_out(const struct shm_header *h, shmstm_params *p)
     memcpy(p->runtime_id, h->runtime_id, 16);
 }
 
+static uint64_t header_sum(const struct shm_header *h);
+
 int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
 {
     int rc = check_limits(p->max_tvars, p->max_procs, p->max_value_size, p->heap_size);
@@ -190,11 +192,23 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
     if (s->ring_slots)
         ring_init(s, p);                 /* durable: clock, stamps, runtime id */
     params_out(h, p);
+    h->hdr_sum = header_sum(h);          /* after ring_init: it writes runtime_id */
     FAULT_POINT("create.before_ready");
     /* Pairs with the load_acquire of init_state in attach. */
     store_release(&h->init_state, INIT_READY);
     *out = s;
     return 0;
+}
+
+/* The checksum of a header's identity and geometry (magic .. hdr_sum), with
+ * the two words that are not part of them (init_state, hdr_sum) taken as 0. */
+static uint64_t header_sum(const struct shm_header *h)
+{
+    unsigned char img[offsetof(struct shm_header, hdr_sum) + sizeof h->hdr_sum];
+    memcpy(img, h, sizeof img);
+    memset(img + offsetof(struct shm_header, init_state), 0, sizeof h->init_state);
+    memset(img + offsetof(struct shm_header, hdr_sum), 0, sizeof h->hdr_sum);
+    return fnv1a(img, sizeof img);
 }
 
 /* Validate a header image.  file_size: the object's size (fstat). */
@@ -204,6 +218,8 @@ static int validate_header(const struct shm_header *h, uint64_t file_size)
         return SHMSTM_ELAYOUT;
     if (h->signature != layout_signature())
         return SHMSTM_ELAYOUT;
+    if (h->hdr_sum != header_sum(h))
+        return SHMSTM_ECORRUPT;
     if (check_limits(h->max_tvars, h->max_procs, h->max_value_size, h->heap_size))
         return SHMSTM_ECORRUPT;
     if (h->ring_slots > (1u << 24))

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.crash
 def test_creator_killed_before_ready(segname, run_driver):
     """A creator SIGKILLed at create.before_ready (debug kill point) leaves no
     runtime name and its temporary name listed as stale; the next opener creates the
-    runtime at once; 6 openers racing, 3 of them killed mid-initialisation, all
-    survivors end up on one and the same segment and their increments all land;
+    runtime at once; 6 openers racing, 3 of them armed to die mid-initialisation
+    (those that get to create do; one that attaches to a winner's segment lives),
+    all survivors end up on one and the same segment and their increments all land;
     cleanup_segments removes exactly the dead creators' temporary names."""
     r = run_driver("init_crash", {"name": segname, "limits": dict(LIMITS), "racers": 6})
     assert r["debug_build"]
@@ -38,8 +39,7 @@ def test_creator_killed_before_ready(segname, run_driver):
     racers = r["racers"]
     armed = [x for x in racers if x["armed"]]
     survivors = [x for x in racers if not x["armed"]]
-    assert all(x["status"] == "signal 9" for x in armed) or \
-        all(x["status"] in ("signal 9", "exit 0") for x in armed), armed
+    assert all(x["status"] in ("signal 9", "exit 0") for x in armed), armed
     assert all(x["status"] == "exit 0" and x["open_s"] < 2.0 for x in survivors), survivors
     ids = {x["runtime_id"] for x in racers if x["status"] == "exit 0"}
     assert len(ids) == 1, "openers ended up on different segments: %r" % racers

@@ -93,9 +93,12 @@ def test_refuses_foreign_data(segname, dpath, flushers):
 
 def test_machine_crash_sync(segname, dpath, flushers, tmp_path):
     """Simulated machine crash: sync workers log each acknowledged commit;
-    every process mapping the segment (flusher included) is SIGKILLed and the
+    every process mapping the segment (flusher included) is frozen at once
+    (SIGSTOP: nothing runs after the "crash", not even the flusher draining),
+    the mapping list shows no other process, then all are SIGKILLed and the
     segment unlinked; reopening from LMDB conserves money and contains every
     acknowledged commit."""
+    from shmstm import _segments
     n = 8
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
     accts = [rt.tvar("acct:%d" % i, 0) for i in range(n)]
@@ -108,9 +111,13 @@ def test_machine_crash_sync(segname, dpath, flushers, tmp_path):
             return all(os.path.exists(p) and os.path.getsize(p) > 200 for p in logs)
         wait_for(acked, 60, "acknowledged commits")
         rt.close()                       # the test process unmaps: it is not killed
-        for p in procs:
-            os.kill(p.pid, signal.SIGKILL)
-        os.kill(fpid, signal.SIGKILL)
+        victims = [p.pid for p in procs] + [fpid]
+        for pid in victims:
+            os.kill(pid, signal.SIGSTOP)
+        (seg,) = [s for s in _segments.list_segments() if s["name"] == segname]
+        assert sorted(seg["mapped_by"]) == sorted(victims), seg["mapped_by"]
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
     finally:
         for p in procs:
             p.kill()

@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from shmstm._binding import lib
+
 import _stats_workers as W
 from _helpers import LIMITS, unique_name, wait_until_blocked
 from _tool import check_latency_histogram, run_tool, text_rows
@@ -143,7 +145,7 @@ def test_json_numbers(scenario):
     doc = json.loads(_ok(scenario.json))
     assert doc["schema"] == "shmstm-stats/1"
     assert doc["name"] == scenario.name
-    assert doc["layout_version"] == 1
+    assert doc["layout_version"] == lib.SHMSTM_LAYOUT_VERSION_
     assert doc["durability"] is None
     by_pid = {p["pid"]: p for p in doc["processes"]}
     for pid, (commits, ro, aborts, retries, wakeups, alive) in _expected(scenario.pids).items():

@@ -140,7 +140,8 @@ def test_another_layout_version(runtime):
         f.seek(at)
         f.write(struct.pack("=Q", lib.shmstm_layout_signature() ^ 0xFF))
     _fails(run_tool(runtime.name), 1, "layout version", repr(runtime.name))
-    _reader_raises(runtime.name, shmstm.LayoutMismatchError, "layout version 1")
+    _reader_raises(runtime.name, shmstm.LayoutMismatchError,
+                   "layout version %d" % lib.SHMSTM_LAYOUT_VERSION_)
 
 
 def test_not_a_shmstm_segment(segname):
