@@ -174,3 +174,16 @@ def test_full_dev_shm_is_a_clear_error_at_creation(segname):
     with shmstm.open(segname, heap_size=1 << 20) as rt:     # the name is usable at once
         rt.tvar("x", 0).value = 1
     shmstm.unlink(segname)
+
+
+def test_fault_injection_is_compiled_out_of_release_builds():
+    """The kill points, delays and shake exist only in debug builds: a release
+    build (what pip install . makes) refuses to arm them; a debug build
+    (SHMSTM_DEBUG=1, the ASan runs) arms and disarms them."""
+    from shmstm._binding import ffi, lib
+    debug = ffi.string(lib.shmstm_build_info()).decode().endswith(" debug")
+    rc = lib.shmstm_fault_set(b"no.such.point", 1, 0, 0, 0)
+    if debug:
+        assert rc == 0 and lib.shmstm_fault_set(ffi.NULL, 0, 0, 0, 0) == 0
+    else:
+        assert rc == lib.SHMSTM_EINVAL
