@@ -316,7 +316,10 @@ struct shm_header {
                                 on a failed write, back to 0 when a retry
                                 succeeds.  R: committers before their commit
                                 point: refuse while set.  advisory */
-    a32 durable_pad_;
+    a32 sync_fills;          /* fills by sync commits (wraps).  W: a sync committer
+                                faa_seq_cst after its fill, before reading
+                                flusher_sleeping.  R: the flusher (group commit:
+                                shmstm_flusher_wait_sync), seq_cst.  advisory */
     a64 durable_reserved_;
 };
 
@@ -331,12 +334,17 @@ struct shm_header {
  *        validation.  The flusher stores RING_EMPTY (relaxed) when recycling,
  *        before the seq release.
  *   rec encoding: 0 empty; low 4 bits 1: void; low 4 bits 2: a commit with no
- *   durable write, owner slot + 1 in bits 16..; otherwise (low 4 bits 0) the
- *   heap offset of a record (struct ring_rec). */
+ *   durable write, owner slot + 1 in bits 16.., bit 8 set for a sync commit;
+ *   otherwise (low 4 bits 0) the heap offset of a record (struct ring_rec). */
 #define RING_EMPTY 0ull
 #define RING_VOID  1ull
 #define RING_NOOP  2ull
-static inline uint64_t ring_noop(uint32_t owner) { return ((uint64_t)(owner + 1) << 16) | RING_NOOP; }
+#define RING_NOOP_SYNC (1ull << 8)
+#define RING_OWNER_SYNC (1u << 31)     /* ring_rec.owner: a sync commit's record */
+static inline uint64_t ring_noop(uint32_t owner, int sync)
+{
+    return ((uint64_t)(owner + 1) << 16) | (sync ? RING_NOOP_SYNC : 0) | RING_NOOP;
+}
 static inline uint32_t ring_kind(uint64_t rec)   { return (uint32_t)(rec & 15u); }
 struct shm_ring_slot {
     a64 seq;
@@ -351,7 +359,7 @@ struct shm_ring_slot {
 struct ring_rec {
     uint64_t wv;        /* written after wv is taken, before the publishing CAS */
     uint32_t n;         /* entries */
-    uint32_t owner;     /* committer's process slot */
+    uint32_t owner;     /* committer's process slot | RING_OWNER_SYNC for sync */
     uint64_t bytes;     /* entry bytes after this header */
     uint64_t sum;       /* FNV-1a over the entry bytes */
 };

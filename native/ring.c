@@ -107,7 +107,7 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
         bytes += sizeof(struct ring_ent) + ((len + 7u) & ~7u);
         m++;
     }
-    uint64_t rec = ring_noop(c->slot);
+    uint64_t rec = ring_noop(c->slot, c->dsync);
     if (m) {
         uint64_t off;
         int rc = heap_alloc_raw(s, NULL, sizeof(struct ring_rec) + bytes, &off);
@@ -130,7 +130,8 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
             memset(q + sizeof en + en.len, 0, padded - en.len);
             q += sizeof en + padded;
         }
-        struct ring_rec rh = {.wv = 0, .n = m, .owner = c->slot, .bytes = bytes,
+        struct ring_rec rh = {.wv = 0, .n = m,
+                              .owner = c->slot | (c->dsync ? RING_OWNER_SYNC : 0), .bytes = bytes,
                               .sum = fnv1a(base + sizeof(struct ring_rec), bytes)};
         memcpy(base, &rh, sizeof rh);
         rec = off;
@@ -202,6 +203,8 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
      * the wake-up one-shot: of the commits that find the flusher asleep, one
      * pays the syscall (every one did, ~1 us each, while it was being
      * scheduled). */
+    if (c->dsync)
+        faa_seq_cst(&s->h->sync_fills, 1);
     fence_seq_cst();
     uint32_t fs = load_seq_cst(&s->h->flusher_sleeping);
     if ((fs == FS_ANY || (fs == FS_SYNC && c->dsync)) &&
@@ -435,12 +438,40 @@ int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns, ui
     return rc == SHMSTM_EINTR ? rc : 0;
 }
 
+uint32_t shmstm_ring_sync_fills(shmstm_seg *s)
+{
+    return s->ring_slots ? load_seq_cst(&s->h->sync_fills) : 0;
+}
+
+/* Group commit: wait until sync_fills reaches target (wrapping compare) or
+ * timeout_ns passes; only sync commits' fills wake the flusher meanwhile.
+ * Returns the count then.  Dekker with ring_fill: the committer adds to
+ * sync_fills, fences, reads flusher_sleeping; we store flusher_sleeping, read
+ * the futex word, then sync_fills. */
+uint32_t shmstm_flusher_wait_sync(shmstm_seg *s, uint32_t target, int64_t timeout_ns)
+{
+    struct shm_header *h = s->h;
+    uint64_t end = now_ns() + (uint64_t)(timeout_ns > 0 ? timeout_ns : 0);
+    for (;;) {
+        store_seq_cst(&h->flusher_sleeping, FS_SYNC);
+        uint32_t f = load_seq_cst(&h->ring_futex);
+        uint32_t n = load_seq_cst(&h->sync_fills);
+        uint64_t now = now_ns();
+        if ((int32_t)(n - target) >= 0 || now >= end) {
+            store_seq_cst(&h->flusher_sleeping, FS_AWAKE);
+            return n;
+        }
+        futex_wait(&h->ring_futex, f, (int64_t)(end - now));
+    }
+}
+
 /* Collect the processed slots from from_wv on, coalesced: buf receives the
  * latest value of every TVar written by the commits collected, each TVar once,
  * as ring_ent + payload padded to 8 (the flusher's LMDB batch).
  * out[0]: next wv not collected; out[1]: bytes used; out[2]: why it stopped
  * (0 reached the clock, 1 slot out[0] still EMPTY, 2 its owner is between
- * fill and COMMITTED, 3 buffer or max_commits reached); out[3]: entries.
+ * fill and COMMITTED, 3 buffer or max_commits reached); out[3]: entries;
+ * out[4]: sync commits among them (group commit, _flusher.py).
  * Returns the number of commits (void ones included) or an error.
  *
  * Two passes: forward, to check every slot (seq, checksum, owner state) and
@@ -461,7 +492,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             return SHMSTM_ENOMEM;
     }
     struct shm_header *h = s->h;
-    uint64_t wv = from_wv, bound = 0;
+    uint64_t wv = from_wv, bound = 0, syncs = 0;
     uint32_t k = 0, why = 0;
     uint64_t clock = load_acquire(&h->clock);
     for (; wv <= clock; wv++) {
@@ -483,6 +514,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         const struct ring_rec *rh = NULL;
         if (ring_kind(rec) == 2) {
             owner = (uint32_t)(rec >> 16) - 1;
+            syncs += (rec & RING_NOOP_SYNC) != 0;
         } else if (ring_kind(rec) == 0) {
             uint32_t blen;
             if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec))
@@ -491,7 +523,8 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             if (rh->wv != wv || rh->bytes > blen - sizeof *rh ||
                 fnv1a((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
                 return SHMSTM_ECORRUPT;
-            owner = rh->owner;
+            owner = rh->owner & ~RING_OWNER_SYNC;
+            syncs += (rh->owner & RING_OWNER_SYNC) != 0;
         } else if (ring_kind(rec) != 1) {
             return SHMSTM_ECORRUPT;
         }
@@ -549,6 +582,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     out[1] = used;
     out[2] = why;
     out[3] = ents;
+    out[4] = syncs;
     return (int)k;
 }
 

@@ -36,6 +36,7 @@ GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
 NAP_NS = 1_000_000            # a busy flusher's nap between batches (async commits wait it out)
 IDLE_NAPS = 4                 # naps without a batch before it sleeps until woken
+GROUP_WAIT_NS = 300_000       # group commit: the longest wait for a batch's stragglers
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -112,7 +113,7 @@ class Flusher:
         self.meta = self.env.open_db(b"meta")
         self.buf = ffi.new("char[]", BUF)
         self.mv = ffi.buffer(self.buf)
-        self.out = ffi.new("uint64_t[4]")
+        self.out = ffi.new("uint64_t[5]")
         self.names = {}
         self.namebuf = ffi.new("char[]", 512)
         self.info = ffi.new("shmstm_ring_info *")
@@ -149,13 +150,16 @@ class Flusher:
         nxt = max(fl, fs) + 1
         empty_wv, empty_t = 0, 0.0
         idle = owner_waits = 0
+        sync_last = 0                 # sync commits in the last batch
         while True:
             if not lib.shmstm_flusher_holds(self.seg):
                 # Lost the lease (never expected: the claim is two-phase; see
                 # shmstm_flusher_claim).  Two flushers must never write.
                 print("flusher: lost the lease of the segment; exiting", file=sys.stderr)
                 return 4
-            k = lib.shmstm_ring_collect(self.seg, nxt, MAX_COMMITS, self.buf, BUF, self.out)
+            k = self.collect(nxt)
+            if 0 < k and self.out[4] < sync_last and self.out[2] in (0, 1):
+                k = self.group(nxt, sync_last - self.out[4])
             if k < 0:
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
@@ -167,6 +171,7 @@ class Flusher:
                     time.sleep(1.0)           # LMDB error: committers are refused meanwhile
                     continue
                 nxt = stop
+                sync_last = self.out[4]
                 idle = 0
                 continue
             if why == 1:                      # slot nxt still EMPTY
@@ -201,6 +206,21 @@ class Flusher:
             if self.should_exit(nxt):
                 return 0
             lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000, lib.SHMSTM_FS_ANY)
+
+    def collect(self, nxt):
+        return lib.shmstm_ring_collect(self.seg, nxt, MAX_COMMITS, self.buf, BUF, self.out)
+
+    def group(self, nxt, missing):
+        """Group commit.  The sync commits of the last batch were woken
+        together by its LMDB commit and come back about together; ``missing``
+        of them have not filled their slots yet.  Wait for them (up to
+        GROUP_WAIT_NS, woken only by sync fills), so that one fsync serves
+        them all instead of each missing the LMDB commit just started and
+        waiting a whole one.  Async-only loads never wait here.  Returns the
+        commits collected from nxt now."""
+        target = (lib.shmstm_ring_sync_fills(self.seg) + missing) & 0xFFFFFFFF
+        lib.shmstm_flusher_wait_sync(self.seg, target, GROUP_WAIT_NS)
+        return self.collect(nxt)
 
     def seg_info(self):
         """The segment's facts after reclaiming dead slots."""
