@@ -14,5 +14,10 @@ def test_bench_durable_quick(tmp_path):
                         "--json", str(out)], cwd=str(tmp_path), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())["results"]
+    doc = json.loads(out.read_text())
+    res = doc["results"]
     assert len(res) == 11 and all(v["ops_per_s"] > 0 for v in res.values())
+    assert set(doc["ratios"]) == {"async/none P=1", "async/none P=2", "sync/lmdb-sync P=2",
+                                  "sync x16/lmdb-sync P=2"}
+    assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 4
+    assert res["shmstm async P=2"]["flusher_updates_per_cpu_s"] > 0
