@@ -230,11 +230,9 @@ def test_flusher_killed_repeatedly(segname, dpath, flushers):
     shmstm.unlink(segname)
 
 
-def test_committer_killed_before_commit_point(segname, dpath, flushers, debug_pkg):
-    """A committer SIGKILLed between taking its wv and the commit point (debug
-    fault point commit.validating): the flusher voids its slot after the grace
-    period instead of stalling (a later sync commit completes), and its write
-    never appears, neither in the segment nor in LMDB."""
+def _victim(segname, dpath, flushers, debug_pkg, fault):
+    """A durable runtime with a 0.3 s grace, TVars victim (= 1) and other, and a
+    victim process (debug build, armed with ``fault``) told to write victim."""
     os.environ["SHMSTM_FLUSH_GRACE"] = "0.3"
     try:
         rt = shmstm.open(segname, path=dpath, **LIMITS)
@@ -244,11 +242,20 @@ def test_committer_killed_before_commit_point(segname, dpath, flushers, debug_pk
     v, other = rt.tvar("victim", 0), rt.tvar("other", 0)
     v.value = 1
     p = spawn(["victim", segname, dpath], pythonpath=debug_pkg, stdin=subprocess.PIPE,
-              stdout=subprocess.PIPE, env={"SHMSTM_FAULT": "commit.validating:1"})
+              stdout=subprocess.PIPE, env={"SHMSTM_FAULT": fault})
+    assert p.stdout.readline().strip() == b"ready"
+    p.stdin.write(b"go\n")
+    p.stdin.flush()
+    return rt, v, other, p
+
+
+def test_committer_killed_before_commit_point(segname, dpath, flushers, debug_pkg):
+    """A committer SIGKILLed between taking its wv and the commit point (debug
+    fault point commit.validating): the flusher voids its slot after the grace
+    period instead of stalling (a later sync commit completes), and its write
+    never appears, neither in the segment nor in LMDB."""
+    rt, v, other, p = _victim(segname, dpath, flushers, debug_pkg, "commit.validating:1")
     try:
-        assert p.stdout.readline().strip() == b"ready"
-        p.stdin.write(b"go\n")
-        p.stdin.flush()
         assert p.wait(60) == -signal.SIGKILL
     finally:
         p.kill()
@@ -280,20 +287,8 @@ def test_committer_stalled_past_grace_rolls_back_and_reruns(segname, dpath, flus
     recycles the slot.  After SIGCONT the committer must roll back and re-run
     its transaction (it used to spin forever waiting for the slot's old round,
     holding its locks).  Its write then appears once, in the segment and LMDB."""
-    os.environ["SHMSTM_FLUSH_GRACE"] = "0.3"
+    rt, v, other, p = _victim(segname, dpath, flushers, debug_pkg, "commit.validated:1:stop")
     try:
-        rt = shmstm.open(segname, path=dpath, **LIMITS)
-        flushers.append(flusher_pid(rt))
-    finally:
-        del os.environ["SHMSTM_FLUSH_GRACE"]
-    v, other = rt.tvar("victim", 0), rt.tvar("other", 0)
-    v.value = 1
-    p = spawn(["victim", segname, dpath], pythonpath=debug_pkg, stdin=subprocess.PIPE,
-              stdout=subprocess.PIPE, env={"SHMSTM_FAULT": "commit.validated:1:stop"})
-    try:
-        assert p.stdout.readline().strip() == b"ready"
-        p.stdin.write(b"go\n")
-        p.stdin.flush()
         wait_for(lambda: _stopped(p.pid), 30, "the victim to stop inside its commit")
         other.value = 7                    # a later wv, while the victim's slot is empty
         drain(rt)                          # only after the grace: the victim's slot voided
