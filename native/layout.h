@@ -328,15 +328,18 @@ struct shm_header {
  *   seq: the wv the slot serves now (Vyukov's sequence stamp).  W: ring_init
  *        at creation; the flusher store_release(seq + ring_slots) when it
  *        recycles the slot.  R: committers load_acquire (pairs with it).
- *   rec: RING_EMPTY, then exactly one CAS (acq_rel) to a record offset or a
+ *   rec: ring_empty(wv) for the round it serves, then exactly one CAS (acq_rel)
+ *        from that value to a record offset or a
  *        marker by the owner of wv (the commit point), or to RING_VOID by the
  *        flusher (grace passed), a recoverer, or the owner after a failed
- *        validation.  The flusher stores RING_EMPTY (relaxed) when recycling,
- *        before the seq release.
- *   rec encoding: 0 empty; low 4 bits 1: void; low 4 bits 2: a commit with no
+ *        validation.  The flusher stores ring_empty(wv + N) (release) when
+ *        recycling, before the seq release.  The round in the empty value makes
+ *        every CAS from "empty" round-specific: a committer (or recoverer) that
+ *        stalled past a recycle can never fill (or void) a later round's slot.
+ *   rec encoding: low 4 bits 3: empty, for round rec >> 4; 1: void; 2: a commit with no
  *   durable write, owner slot + 1 in bits 16.., bit 8 set for a sync commit;
  *   otherwise (low 4 bits 0) the heap offset of a record (struct ring_rec). */
-#define RING_EMPTY 0ull
+#define RING_EMPTY_KIND 3u
 #define RING_VOID  1ull
 #define RING_NOOP  2ull
 #define RING_NOOP_SYNC (1ull << 8)
@@ -346,6 +349,7 @@ static inline uint64_t ring_noop(uint32_t owner, int sync)
     return ((uint64_t)(owner + 1) << 16) | (sync ? RING_NOOP_SYNC : 0) | RING_NOOP;
 }
 static inline uint32_t ring_kind(uint64_t rec)   { return (uint32_t)(rec & 15u); }
+static inline uint64_t ring_empty(uint64_t wv)   { return (wv << 4) | RING_EMPTY_KIND; }
 struct shm_ring_slot {
     a64 seq;
     a64 rec;

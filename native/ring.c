@@ -1,8 +1,9 @@
 /* ring.c -- the commit ring of a durable runtime (brief section 7).
  *
  * Slot wv % N (N = ring_slots) serves write version wv.  Its sequence stamp
- * `seq` says which wv the slot serves now; `rec` goes EMPTY -> (record |
- * NOOP marker | VOID) exactly once per round, by CAS.
+ * `seq` says which wv the slot serves now; `rec` goes ring_empty(wv) ->
+ * (record | NOOP marker | VOID) exactly once per round, by CAS from the
+ * round's own empty value, so no stalled party can fill or void a later round.
  *
  * Invariants:
  *  - The commit point of a durable writer is its CAS of slot wv from EMPTY
@@ -80,8 +81,10 @@ void ring_init(struct shmstm_seg *s, const shmstm_params *p)
     uint64_t c0 = p->clock_start, n = s->ring_slots;
     store_relaxed(&h->clock, c0);
     store_relaxed(&h->flushed_wv, c0);
-    for (uint64_t w = c0 + 1; w <= c0 + n; w++)
+    for (uint64_t w = c0 + 1; w <= c0 + n; w++) {
+        store_relaxed(&slot_of(s, w)->rec, ring_empty(w));
         store_relaxed(&slot_of(s, w)->seq, w);
+    }
     if (p->use_runtime_id)
         memcpy(h->runtime_id, p->runtime_id, 16);
     store_relaxed(&h->durable_state, DS_LOADING);
@@ -189,7 +192,9 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
         cpu_relax();
     if (q != wv)
         return 0;
-    uint64_t exp = RING_EMPTY;
+    /* From the empty value of round wv only: if the slot was voided and
+     * recycled while we stalled here, the CAS fails and we roll back. */
+    uint64_t exp = ring_empty(wv);
     FAULT_POINT("ring.before_fill");
     /* acq_rel: the record bytes and r->wv are visible to whoever reads rec. */
     if (!cas_acq_rel(&sl->rec, &exp, rec))
@@ -222,9 +227,8 @@ void ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     struct shmstm_seg *s = c->seg;
     if (wv) {
         struct shm_ring_slot *sl = slot_of(s, wv);
-        uint64_t exp = RING_EMPTY;
-        if (load_acquire(&sl->seq) == wv)
-            cas_acq_rel(&sl->rec, &exp, RING_VOID);   /* fails if already void */
+        uint64_t exp = ring_empty(wv);
+        cas_acq_rel(&sl->rec, &exp, RING_VOID);   /* fails if void, or recycled */
     }
     store_relaxed(&c->proc->rec.ring_rec, 0);
     if (rec && ring_kind(rec) == 0)
@@ -282,12 +286,18 @@ uint32_t ring_recover_decide(struct shmstm_seg *s, struct shm_commit_rec *r, uin
         return rst;          /* recycled: it was voided (see invariants) */
     uint64_t v = load_acquire(&sl->rec);
     for (;;) {
-        if (v == RING_EMPTY) {
+        if (v == ring_empty(wv)) {
             if (cas_acq_rel(&sl->rec, &v, RING_VOID))
                 return rst;
             continue;
         }
-        return ring_kind(v) == 1 ? rst : CR_COMMITTED;
+        if (ring_kind(v) == RING_EMPTY_KIND || ring_kind(v) == 1)
+            return rst;      /* void, or voided and recycled for a later round */
+        /* A fill: ours, unless the slot was voided and recycled since our
+         * look at seq and a later round's committer filled it.  That
+         * committer's CAS came after its acquire of seq == wv + N, and our
+         * acquire of its record orders this load after it. */
+        return load_acquire(&sl->seq) == wv ? CR_COMMITTED : rst;
     }
 }
 
@@ -370,6 +380,19 @@ int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
     return 0;
 }
 
+/* After a successful LMDB write: clear a write error (SHMSTM_EDURABLE), whoever
+ * set it (a predecessor killed while LMDB was failing included).  CAS: an
+ * error of another kind stays. */
+int shmstm_ring_clear_error(shmstm_seg *s)
+{
+    uint32_t e = (uint32_t)SHMSTM_EDURABLE;
+    if (!cas_acq_rel(&s->h->durable_error, &e, 0u))
+        return 0;
+    faa_seq_cst(&s->h->flush_futex, 1);
+    futex_wake(&s->h->flush_futex);
+    return 1;
+}
+
 int shmstm_flusher_alive(shmstm_seg *s) { return s->ring_slots ? flusher_alive(s) : 0; }
 
 /* Take the lease: 1 taken, 0 a live flusher holds it.
@@ -428,11 +451,15 @@ int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns, ui
     struct shm_header *h = s->h;
     if (wake_on != FS_SYNC)
         wake_on = FS_ANY;
-    store_seq_cst(&h->flusher_sleeping, wake_on);
+    /* The futex word first, then the flag: a commit that consumes the flag
+     * (one-shot) bumps the word after we read it, so the wait below returns
+     * at once; read the other way round, a wake-up that landed between the
+     * two would be lost and the next filler would find the flag consumed. */
     uint32_t f = load_seq_cst(&h->ring_futex);
+    store_seq_cst(&h->flusher_sleeping, wake_on);
     struct shm_ring_slot *sl = slot_of(s, next_wv);
     int rc = 0;
-    if (!(load_seq_cst(&sl->seq) == next_wv && load_seq_cst(&sl->rec) != RING_EMPTY))
+    if (!(load_seq_cst(&sl->seq) == next_wv && ring_kind(load_seq_cst(&sl->rec)) != RING_EMPTY_KIND))
         rc = futex_wait(&h->ring_futex, f, timeout_ns);
     store_seq_cst(&h->flusher_sleeping, FS_AWAKE);
     return rc == SHMSTM_EINTR ? rc : 0;
@@ -453,8 +480,8 @@ uint32_t shmstm_flusher_wait_sync(shmstm_seg *s, uint32_t target, int64_t timeou
     struct shm_header *h = s->h;
     uint64_t end = now_ns() + (uint64_t)(timeout_ns > 0 ? timeout_ns : 0);
     for (;;) {
+        uint32_t f = load_seq_cst(&h->ring_futex);      /* before the flag: see flusher_sleep */
         store_seq_cst(&h->flusher_sleeping, FS_SYNC);
-        uint32_t f = load_seq_cst(&h->ring_futex);
         uint32_t n = load_seq_cst(&h->sync_fills);
         uint64_t now = now_ns();
         if ((int32_t)(n - target) >= 0 || now >= end) {
@@ -506,7 +533,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             break;
         }
         uint64_t rec = load_acquire(&sl->rec);   /* pairs with the fill CAS */
-        if (rec == RING_EMPTY) {
+        if (ring_kind(rec) == RING_EMPTY_KIND) {
             why = 1;
             break;
         }
@@ -594,7 +621,7 @@ int shmstm_ring_void(shmstm_seg *s, uint64_t wv)
     struct shm_ring_slot *sl = slot_of(s, wv);
     if (load_acquire(&sl->seq) != wv)
         return 0;
-    uint64_t exp = RING_EMPTY;
+    uint64_t exp = ring_empty(wv);
     if (cas_acq_rel(&sl->rec, &exp, RING_VOID))
         return 1;
     return ring_kind(exp) == 1;
@@ -613,10 +640,12 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
         if (load_acquire(&sl->seq) != wv)
             continue;                      /* already recycled by a dead predecessor */
         /* Only ranges already in LMDB come here, so every slot was processed:
-         * EMPTY means a predecessor died between clearing and recycling it. */
+         * an empty value means a predecessor died between clearing and
+         * recycling it (it stored the next round's). */
         uint64_t rec = load_acquire(&sl->rec);
-        store_relaxed(&sl->rec, RING_EMPTY);   /* before the free: never freed twice */
-        if (rec != RING_EMPTY && ring_kind(rec) == 0)
+        /* Before the free (never freed twice); release: see ring_recover_decide. */
+        store_release(&sl->rec, ring_empty(wv + s->ring_slots));
+        if (ring_kind(rec) == 0)
             heap_free(s, NULL, rec);
         FAULT_POINT("ring.release_one");
         /* Pairs with the committer's load_acquire of seq in ring_fill(). */

@@ -142,7 +142,8 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
      * would first take (and then give back) all of it, i.e. all free RAM.
      * posix_fallocate stays the guarantee (others may fill it meanwhile). */
     struct statvfs vfs;
-    if (fstatvfs(fd, &vfs) == 0 && (uint64_t)vfs.f_bavail * vfs.f_frsize < g.seg_size) {
+    if (fstatvfs(fd, &vfs) == 0 && vfs.f_blocks != 0 &&       /* 0: a tmpfs without a size limit */
+        (uint64_t)vfs.f_bavail * vfs.f_frsize < g.seg_size) {
         errno = ENOSPC;
         return SHMSTM_ENOSPC;
     }

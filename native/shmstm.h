@@ -245,6 +245,7 @@ int shmstm_ring_collect(shmstm_seg *seg, uint64_t from_wv, uint32_t max_commits,
 int shmstm_ring_void(shmstm_seg *seg, uint64_t wv);
 int shmstm_ring_release(shmstm_seg *seg, uint64_t from_wv, uint64_t to_wv);
 int shmstm_ring_set_error(shmstm_seg *seg, int32_t code);
+int shmstm_ring_clear_error(shmstm_seg *seg);
 int shmstm_flusher_claim(shmstm_seg *seg);
 int shmstm_flusher_release(shmstm_seg *seg);
 int shmstm_flusher_alive(shmstm_seg *seg);

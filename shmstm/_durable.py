@@ -26,6 +26,7 @@ MAX_DBS = 2
 MODES = ("none", "async", "sync")
 READY_WAIT = 10.0             # seconds an attacher waits for the creator to load LMDB
 FLUSHER_START_TRIES = 3       # failed flusher starts in a row before committers get an error
+FLUSHER_START_WAIT = 10.0     # seconds a start in flight holds up the next one
 
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
@@ -74,9 +75,11 @@ def _dbs(env):
 
 def _forget_envs():
     # A fork child must never use its parent's environments (nor close them),
-    # and the parent's flusher children are not its own.
+    # and the parent's flusher children are not its own (nor its locks' state).
+    global _children_lock
     _envs.clear()
     _children.clear()
+    _children_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_envs)
@@ -191,6 +194,7 @@ def _flusher_env():
 
 
 _children = []               # Popen objects of flushers we started (reaped by poll)
+_children_lock = threading.Lock()   # committing threads may start flushers at once
 
 
 class Durable:
@@ -303,11 +307,19 @@ class Durable:
             self.start_failures = 0
             return False
         key = (self.rt.name, self.rt._params.created_ns)     # this segment, not a predecessor
+        with _children_lock:
+            return self._start_flusher(key)
+
+    def _start_flusher(self, key):
+        now = time.monotonic()
         for p in list(_children):
             rc = p.poll()
             if rc is None:
-                if p._shmstm_key == key:
-                    return False        # ours, still starting (or waiting for READY)
+                # Ours, still starting (or waiting for READY); one that has
+                # neither taken the lease nor exited in FLUSHER_START_WAIT s
+                # (stopped, say) no longer holds up a new start.
+                if p._shmstm_key == key and now - p._shmstm_t < FLUSHER_START_WAIT:
+                    return False
                 continue
             _children.remove(p)
             if p._shmstm_key == key:
@@ -331,6 +343,7 @@ class Durable:
             cwd=pkg_parent, start_new_session=True, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, close_fds=True)
         p._shmstm_key = key
+        p._shmstm_t = time.monotonic()
         _children.append(p)
         return True
 
@@ -353,6 +366,8 @@ class Durable:
         if rc == lib.SHMSTM_ENOFLUSHER:
             self.ensure_flusher()
             return True
+        if rc == lib.SHMSTM_EDURABLE:
+            self.ensure_flusher()       # a live flusher retries the write and clears it
         return rc == lib.SHMSTM_EINTR
 
     def finish_wait(self, ptr):

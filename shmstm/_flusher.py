@@ -157,15 +157,19 @@ class Flusher:
                 # shmstm_flusher_claim).  Two flushers must never write.
                 print("flusher: lost the lease of the segment; exiting", file=sys.stderr)
                 return 4
+            fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: see group()
             k = self.collect(nxt)
             if 0 < k and self.out[4] < sync_last and self.out[2] in (0, 1):
-                k = self.group(nxt, sync_last - self.out[4])
+                k = self.group(nxt, fills, sync_last - self.out[4])
             if k < 0:
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
             stop, used, why = self.out[0], self.out[1], self.out[2]
             if why != 2:
                 owner_waits = 0
+            if k == 0 and why == 3:           # one commit's record is larger than the buffer
+                self.grow()
+                continue
             if k > 0:
                 if not self.write(nxt, stop - 1, used, self.out[3]):
                     time.sleep(1.0)           # LMDB error: committers are refused meanwhile
@@ -208,17 +212,24 @@ class Flusher:
             lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000, lib.SHMSTM_FS_ANY)
 
     def collect(self, nxt):
-        return lib.shmstm_ring_collect(self.seg, nxt, MAX_COMMITS, self.buf, BUF, self.out)
+        return lib.shmstm_ring_collect(self.seg, nxt, MAX_COMMITS, self.buf, len(self.mv), self.out)
 
-    def group(self, nxt, missing):
+    def grow(self):
+        """Double the batch buffer (a transaction wrote more than it holds)."""
+        self.buf = ffi.new("char[]", 2 * len(self.mv))
+        self.mv = ffi.buffer(self.buf)
+
+    def group(self, nxt, fills, missing):
         """Group commit.  The sync commits of the last batch were woken
         together by its LMDB commit and come back about together; ``missing``
         of them have not filled their slots yet.  Wait for them (up to
         GROUP_WAIT_NS, woken only by sync fills), so that one fsync serves
         them all instead of each missing the LMDB commit just started and
         waiting a whole one.  Async-only loads never wait here.  Returns the
-        commits collected from nxt now."""
-        target = (lib.shmstm_ring_sync_fills(self.seg) + missing) & 0xFFFFFFFF
+        commits collected from nxt now.  ``fills`` is sync_fills read before
+        the collect: a sync commit that fills after it may be in the batch
+        already, and must not be waited for twice."""
+        target = (fills + missing) & 0xFFFFFFFF
         lib.shmstm_flusher_wait_sync(self.seg, target, GROUP_WAIT_NS)
         return self.collect(nxt)
 
@@ -267,9 +278,10 @@ class Flusher:
             self.failing = True
             lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
             return False
-        if self.failing:                 # the error was transient (disk full, ...)
-            self.failing = False
-            lib.shmstm_ring_set_error(self.seg, 0)
+        # The error was transient (disk full, ...): clear it, also when a
+        # predecessor set it and was killed before it could retry.
+        self.failing = False
+        lib.shmstm_ring_clear_error(self.seg)
         fault("after_commit")
         lib.shmstm_ring_release(self.seg, first, last)
         fault("after_advance")

@@ -585,13 +585,17 @@ def _open_durable(name, path, mode, ring_slots, limits):
     """open() with a path or a durability mode: a runtime of its own (not
     shared with plain open() calls in this process)."""
     lim = _check_limits(limits)
+    with _registry_lock:
+        old = _registry.get(name)
+        if old is not None and not old._closed and old._pid == os.getpid():
+            return _reopen_durable(old, path, mode, limits)
     if path is None:
         prep = None         # attach only: the segment knows its path
     else:
         lim2 = dict(lim, ring_slots=ring_slots)
         prep = _durable_mod().Durable.prepare(path, lim2)
     with _registry_lock:
-        old = _registry.get(name)
+        old = _registry.get(name)       # another thread may have opened it meanwhile
         if old is not None and not old._closed and old._pid == os.getpid():
             return _reopen_durable(old, path, mode, limits)
         rt = Runtime(name)
@@ -613,7 +617,9 @@ def _open_durable(name, path, mode, ring_slots, limits):
 
 def _reopen_durable(rt, path, mode, limits):
     """open() with durability of a runtime already open in this process (also
-    one inherited across fork): the same Runtime, if it agrees."""
+    one inherited across fork, or one unpickled but not attached yet): the
+    same Runtime, if it agrees."""
+    rt._ensure()                   # a lazy one attaches now (and adopts the ring)
     d = rt._durable
     if d is None:
         raise errors.DurabilityMismatchError(
@@ -625,8 +631,6 @@ def _reopen_durable(rt, path, mode, limits):
     if mode != d.mode:
         raise errors.Error("runtime %r is already open in this process with durability=%r, "
                            "not %r" % (rt.name, d.mode, mode))
-    if rt._seg is None:
-        rt._attach(limits, _creation_limits(limits), create=False)
     _check_same_limits(rt, limits)
     rt._ctx()                      # hold a slot while open: the flusher waits for us
     d.ensure_flusher()

@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -280,14 +281,20 @@ def _stopped(pid):
         return False
 
 
-def test_committer_stalled_past_grace_rolls_back_and_reruns(segname, dpath, flushers, debug_pkg):
+@pytest.mark.parametrize("point", ["commit.validated", "ring.before_fill"])
+def test_committer_stalled_past_grace_rolls_back_and_reruns(segname, dpath, flushers, debug_pkg,
+                                                            point):
     """Regression (liveness): a live committer stalled between taking its wv and
     its fill of ring slot wv (SIGSTOPped there by the debug fault point
     commit.validated) for longer than the grace period: the flusher voids and
     recycles the slot.  After SIGCONT the committer must roll back and re-run
     its transaction (it used to spin forever waiting for the slot's old round,
-    holding its locks).  Its write then appears once, in the segment and LMDB."""
-    rt, v, other, p = _victim(segname, dpath, flushers, debug_pkg, "commit.validated:1:stop")
+    holding its locks).  Stopped at ring.before_fill (after it saw the slot's
+    round, just before its fill CAS), it must not fill the recycled slot of a
+    later round (it did: the flusher then found a record of the wrong round and
+    stopped with ECORRUPT).  Its write then appears once, in the segment and
+    LMDB, and the flusher carries on."""
+    rt, v, other, p = _victim(segname, dpath, flushers, debug_pkg, point + ":1:stop")
     try:
         wait_for(lambda: _stopped(p.pid), 30, "the victim to stop inside its commit")
         other.value = 7                    # a later wv, while the victim's slot is empty
@@ -301,6 +308,11 @@ def test_committer_stalled_past_grace_rolls_back_and_reruns(segname, dpath, flus
     assert v.value == 999 and other.value == 7
     drain(rt)
     assert shmstm.read_durable(dpath)["values"]["victim"] == 999
+    st = rt.stats()["durability"]
+    assert st["error"] is None and st["flusher_alive"], st
+    other.value = 8                        # the ring keeps working past the recycled round
+    drain(rt)
+    assert shmstm.read_durable(dpath)["values"]["other"] == 8
     rt.close()
     shmstm.unlink(segname)
 
@@ -428,4 +440,30 @@ def test_reopen_in_process_and_fork_child(segname, dpath, flushers):
     assert shmstm.read_durable(dpath)["values"]["ctr"] == 50
     for _ in range(3):
         rt.close()
+    shmstm.unlink(segname)
+
+
+def test_open_with_path_after_unpickling_a_tvar(segname, dpath, flushers):
+    """A process that first met the runtime through a pickled TVar (a lazy,
+    not yet attached Runtime) may then open it with its path: the same runtime,
+    durable, and its commit reaches LMDB."""
+    import pickle
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    n = rt.tvar("n", 0)
+    code = ("import pickle, sys, shmstm\n"
+            "tv = pickle.loads(bytes.fromhex(sys.argv[1]))\n"
+            "rt = shmstm.open(sys.argv[2], path=sys.argv[3])\n"
+            "assert tv.runtime is rt, (tv.runtime, rt)\n"
+            "with shmstm.durability('sync'):\n"
+            "    tv.modify(lambda v: v + 41)\n"
+            "rt.close()\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code, pickle.dumps(n).hex(), segname, dpath],
+                       capture_output=True, text=True, timeout=60, cwd="/",
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+                           os.path.abspath(shmstm.__file__)))))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert n.value == 41 and shmstm.read_durable(dpath)["values"]["n"] == 41
+    rt.close()
     shmstm.unlink(segname)
