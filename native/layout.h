@@ -78,8 +78,9 @@ static inline uint64_t lk_make_locked(uint32_t owner)  { return ((uint64_t)owner
 #define PS_FREE       0u
 #define PS_ACTIVE     1u
 #define PS_RECOVERING 2u     /* start_time is the recoverer's */
-#define PS_CLAIMING   3u     /* a recoverer's claim, start_time not yet its own:
-                                liveness by pid alone for these few instructions */
+#define PS_CLAIMING   3u     /* a claim for recovery (or of the flusher lease):
+                                the start time is not yet the claimer's, so
+                                liveness is by pid alone for a few instructions */
 static inline uint32_t ps_state(uint64_t o) { return (uint32_t)(o & 0xffu); }
 static inline uint32_t ps_pid(uint64_t o)   { return (uint32_t)(o >> 32); }
 static inline uint64_t ps_make(uint32_t pid, uint32_t st) { return ((uint64_t)pid << 32) | st; }
@@ -286,13 +287,13 @@ struct shm_header {
                                     and sync wait, load_acquire (pairs with it).
                                     authoritative */
     a64 flusher_owner;       /* lease: ps_make(pid, PS_ACTIVE), ps_make(pid,
-                                PS_RECOVERING) while being claimed, or 0.  W: a
+                                PS_CLAIMING) while being claimed, or 0.  W: a
                                 flusher by CAS (acq_rel) from 0 or a dead holder to
-                                RECOVERING|pid, then store_release ACTIVE|pid after
+                                CLAIMING|pid, then store_release ACTIVE|pid after
                                 writing flusher_start; the holder CASes it to 0 on
                                 exit.  R: anyone (load_acquire), liveness by pid +
                                 flusher_start from /proc (pid alone while
-                                RECOVERING), never a timeout */
+                                CLAIMING), never a timeout */
     a64 flusher_start;       /* /proc starttime of the lease holder.  W: the
                                 claimer (relaxed) between its claim CAS and its
                                 release of ACTIVE, which publishes it */

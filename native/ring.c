@@ -48,9 +48,9 @@ static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
     return &s->ring[wv % s->ring_slots];
 }
 
-/* Is the lease word o held by a live process?  PS_RECOVERING marks a claim
- * in progress (flusher_start not yet written): the pid alone decides, as for
- * a process slot whose start time is not yet written (proc.c). */
+/* Is the lease word o held by a live process?  PS_CLAIMING marks a claim in
+ * progress (flusher_start not yet written): the pid alone decides, as for a
+ * process slot being claimed for recovery (proc.c). */
 static int lease_alive(struct shmstm_seg *s, uint64_t o)
 {
     if (!o)
@@ -372,11 +372,19 @@ int shmstm_ring_path(shmstm_seg *s, char *buf, uint32_t cap)
     return (int)(len - 1);
 }
 
+/* Wake everyone waiting on flush_futex (sync commits, ring-room waits):
+ * flushed_wv or durable_error changed.  seq_cst: pairs with the waiters'
+ * load of the word before they re-check. */
+static void wake_flush_waiters(struct shm_header *h)
+{
+    faa_seq_cst(&h->flush_futex, 1);
+    futex_wake(&h->flush_futex);
+}
+
 int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
 {
     store_relaxed(&s->h->durable_error, (uint32_t)code);
-    faa_seq_cst(&s->h->flush_futex, 1);
-    futex_wake(&s->h->flush_futex);
+    wake_flush_waiters(s->h);
     return 0;
 }
 
@@ -388,8 +396,7 @@ int shmstm_ring_clear_error(shmstm_seg *s)
     uint32_t e = (uint32_t)SHMSTM_EDURABLE;
     if (!cas_acq_rel(&s->h->durable_error, &e, 0u))
         return 0;
-    faa_seq_cst(&s->h->flush_futex, 1);
-    futex_wake(&s->h->flush_futex);
+    wake_flush_waiters(s->h);
     return 1;
 }
 
@@ -398,7 +405,7 @@ int shmstm_flusher_alive(shmstm_seg *s) { return s->ring_slots ? flusher_alive(s
 /* Take the lease: 1 taken, 0 a live flusher holds it.
  *
  * Two steps, because the lease is two words (owner, start time): CAS the
- * owner from 0 or a dead holder to RECOVERING|me (claiming), store my start
+ * owner from 0 or a dead holder to CLAIMING|me, store my start
  * time, then store_release ACTIVE|me.  A one-step claim (CAS to ACTIVE, then
  * the start time) let a second claimer read the new owner with the dead
  * predecessor's start time, judge the new holder dead and take the lease too:
@@ -414,7 +421,7 @@ int shmstm_flusher_claim(shmstm_seg *s)
     for (;;) {
         if (lease_alive(s, o))
             return ps_pid(o) == me ? 1 : 0;
-        if (cas_acq_rel(&h->flusher_owner, &o, ps_make(me, PS_RECOVERING)))
+        if (cas_acq_rel(&h->flusher_owner, &o, ps_make(me, PS_CLAIMING)))
             break;
     }
     FAULT_POINT("lease.claimed");           /* the window the two steps close */
@@ -654,7 +661,6 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
     uint64_t fl = load_relaxed(&h->flushed_wv);
     if (to_wv > fl)
         store_release(&h->flushed_wv, to_wv);    /* pairs with the room check and waits */
-    faa_seq_cst(&h->flush_futex, 1);
-    futex_wake(&h->flush_futex);
+    wake_flush_waiters(h);
     return 0;
 }

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 import shmstm
-from _helpers import LIMITS, unique_name
+from _helpers import LIMITS, as_other_user, unique_name
 
 pytestmark = pytest.mark.crash
 
@@ -132,36 +132,19 @@ def test_other_user_cannot_attach(segname):
     other = unique_name()
     with shmstm.open(other, **LIMITS) as mine:
         mine.tvar("x", 1)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                  # the other user
-        code = 1
+    def the_other_user():
+        rt = shmstm.open(segname, **LIMITS)
+        rt.tvar("x", 1)
+        rt.close()
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            rt = shmstm.open(segname, **LIMITS)
-            rt.tvar("x", 1)
-            rt.close()
-            try:
-                shmstm.open(other, **LIMITS)
-                verdict = b"ATTACHED"
-            except shmstm.PermissionDeniedError:
-                verdict = b"refused"
-            os.write(w, verdict)
-            code = 0
-        except BaseException as e:
-            os.write(w, ("ERROR %r" % e).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    verdict = os.read(r, 200).decode()
-    os.close(r)
-    _, st = os.waitpid(pid, 0)
+            shmstm.open(other, **LIMITS)
+            return "ATTACHED"
+        except shmstm.PermissionDeniedError:
+            return "refused"
+
     try:
+        verdict = as_other_user(the_other_user)     # fails on the child's error
         assert verdict == "refused", "other user's view of ours: %s" % verdict
-        assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
         st_ = os.stat("/dev/shm/shmstm." + segname)
         assert st_.st_uid == 65534 and (st_.st_mode & 0o777) == 0o600
         with pytest.raises(shmstm.PermissionDeniedError):

@@ -4,7 +4,6 @@
 not shmstm, corrupt, never initialised, bad name); 2: bad usage (argparse).
 The same conditions raise the named exceptions from ``StatsReader``.
 """
-import json
 import os
 import struct
 import sys
@@ -12,6 +11,7 @@ import sys
 import posix_ipc
 import pytest
 
+from _helpers import as_other_user
 from _tool import run_tool
 
 SHM = "/dev/shm/shmstm."
@@ -68,34 +68,6 @@ def test_permission_denied(runtime):
         os.chmod(SHM + runtime.name, 0o600)
 
 
-def _as_other_user(fn):
-    """``fn()`` in a forked child that switched to uid/gid 65534 (os.setuid, as
-    tests/crash/test_cleanup_and_users.py does); returns what it returned (a
-    JSON-able value), or fails with the child's error."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(w, json.dumps({"ok": fn()}).encode())
-            code = 0
-        except BaseException as e:
-            os.write(w, json.dumps({"error": repr(e)}).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        out = json.loads(f.read().decode() or '{"error": "no answer"}')
-    _, st = os.waitpid(pid, 0)
-    assert "error" not in out, out["error"]
-    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
-    return out["ok"]
-
-
 @pytest.mark.skipif(os.geteuid() != 0,
                     reason="needs root to act as a second user (os.setuid in a child)")
 def test_segment_not_readable_by_this_user(runtime):
@@ -119,7 +91,7 @@ def test_segment_not_readable_by_this_user(runtime):
                 "stderr": sys.stderr.getvalue()}
 
     assert os.stat(SHM + runtime.name).st_uid == 0
-    got = _as_other_user(other)
+    got = as_other_user(other)
     want = "runtime %r: cannot open /shmstm.%s for reading: " % (runtime.name, runtime.name)
     assert got["reader"].startswith("PermissionDeniedError: " + want), got
     assert (got["rc"], got["stdout"]) == (1, ""), got

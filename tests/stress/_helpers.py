@@ -7,6 +7,7 @@ parent never waits longer than a deadline for anything (a hang becomes a failure
 No sleep stands in for synchronisation: children signal "ready" and wait for "go".
 """
 
+import json
 import multiprocessing
 import os
 import queue as _queue
@@ -224,3 +225,31 @@ def wait_event(ev, timeout, what):
     """Wait for a multiprocessing Event with a bound; fail with a message otherwise."""
     if not ev.wait(timeout):
         raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+def as_other_user(fn):
+    """``fn()`` in a forked child that switched to uid/gid 65534 (os.setuid;
+    needs root); returns what it returned (a JSON-able value), or fails with
+    the child's error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, json.dumps({"ok": fn()}).encode())
+            code = 0
+        except BaseException as e:
+            os.write(w, json.dumps({"error": repr(e)}).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = json.loads(f.read().decode() or '{"error": "no answer"}')
+    _, st = os.waitpid(pid, 0)
+    assert "error" not in out, out["error"]
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+    return out["ok"]
