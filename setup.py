@@ -1,15 +1,32 @@
 """Build and install shmstm.  The C core in native/ is compiled by cffi in
-out-of-line API mode (native/build_shmstm.py) into ``shmstm._native``."""
+out-of-line API mode (native/build_shmstm.py) into ``shmstm._native``; the
+hot calls go through ``shmstm._fast`` (native/pyfast.c, a few CPython
+functions that call into the core through a table of pointers: fast.h)."""
+import importlib.util
 import os
 import re
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "shmstm", "__about__.py")) as f:
     VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 with open(os.path.join(HERE, "README.md")) as f:
     README = f.read()
+
+_spec = importlib.util.spec_from_file_location(
+    "_shmstm_build", os.path.join(HERE, "native", "build_shmstm.py"))
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+_cargs, _largs, _macros = _build.compile_flags()
+FAST = Extension(
+    "shmstm._fast",
+    sources=["native/pyfast.c"],
+    depends=["native/fast.h", "native/shmstm.h"],
+    include_dirs=["native"],
+    extra_compile_args=[a for a in _cargs if a != "-std=c11"] + ["-std=gnu11"],
+    extra_link_args=_largs,
+)
 
 setup(
     name="shmstm",
@@ -23,6 +40,7 @@ setup(
     package_data={"shmstm": ["py.typed"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["native/build_shmstm.py:ffibuilder"],
+    ext_modules=[FAST],
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16", "lmdb>=1.4"],

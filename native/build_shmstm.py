@@ -30,18 +30,27 @@ def read_cdef():
 ffibuilder = FFI()
 ffibuilder.cdef(read_cdef())
 
-extra_compile_args = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
-extra_link_args = []
-define_macros = [("SHMSTM_PKG_VERSION", '"%s"' % package_version())]
-if os.environ.get("SHMSTM_DEBUG"):
-    define_macros.append(("SHMSTM_DEBUG", "1"))
-    extra_compile_args = [a for a in extra_compile_args if a != "-O2"] + ["-O1", "-g"]
-if os.environ.get("SHMSTM_SANITIZE"):
-    san = os.environ["SHMSTM_SANITIZE"]
-    extra_compile_args += ["-fsanitize=" + san, "-fno-omit-frame-pointer", "-g"]
-    extra_link_args += ["-fsanitize=" + san]
-if os.environ.get("SHMSTM_WERROR"):
-    extra_compile_args.append("-Werror")
+
+def compile_flags():
+    """(extra_compile_args, extra_link_args, define_macros) for the core and
+    for shmstm._fast (setup.py), from SHMSTM_DEBUG / SHMSTM_SANITIZE /
+    SHMSTM_WERROR."""
+    cargs = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+    largs = []
+    macros = [("SHMSTM_PKG_VERSION", '"%s"' % package_version())]
+    if os.environ.get("SHMSTM_DEBUG"):
+        macros.append(("SHMSTM_DEBUG", "1"))
+        cargs = [a for a in cargs if a != "-O2"] + ["-O1", "-g"]
+    if os.environ.get("SHMSTM_SANITIZE"):
+        san = os.environ["SHMSTM_SANITIZE"]
+        cargs += ["-fsanitize=" + san, "-fno-omit-frame-pointer", "-g"]
+        largs += ["-fsanitize=" + san]
+    if os.environ.get("SHMSTM_WERROR"):
+        cargs.append("-Werror")
+    return cargs, largs, macros
+
+
+extra_compile_args, extra_link_args, define_macros = compile_flags()
 
 ffibuilder.set_source(
     "shmstm._native",

@@ -8,6 +8,7 @@
 #include <sys/types.h>
 #include "layout.h"
 #include "shmstm.h"
+#include "fast.h"
 
 /* Debug builds (-DSHMSTM_DEBUG) check states at entry points and offer fault
  * injection; release builds compile all of it away. */
@@ -65,7 +66,22 @@ struct shmstm_ctx {
     uint64_t bytes_staged;
     int dsync;               /* durable runtimes: commit waits for flushed_wv >= wv */
     uint64_t last_wv;        /* durable runtimes: wv of the last writer commit */
+    struct shmstm_gil *gil;  /* non-NULL for the length of a call from shmstm._fast,
+                              * which holds the GIL (fast.h); owning thread only */
 };
+
+/* Drop / re-take the caller's GIL around a wait that can block (fast.h).
+ * No-ops for calls through cffi, which released the GIL already. */
+static inline void ctx_gil_release(shmstm_ctx *c)
+{
+    if (c->gil)
+        c->gil->release(c->gil);
+}
+static inline void ctx_gil_acquire(shmstm_ctx *c)
+{
+    if (c->gil)
+        c->gil->acquire(c->gil);
+}
 
 /* proc.c */
 #define PROC_UNKNOWN UINT64_MAX                 /* /proc could not be read: not "dead" */

@@ -158,8 +158,11 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
             rc = SHMSTM_ENOFLUSHER;
         else if (load_relaxed(&h->durable_error))
             rc = SHMSTM_EDURABLE;
-        else
+        else {
+            ctx_gil_release(c);
             rc = futex_wait(&h->flush_futex, f, 10000000) == SHMSTM_EINTR ? SHMSTM_EINTR : 0;
+            ctx_gil_acquire(c);
+        }
         if (rc) {
             if (ring_kind(rec) == 0)
                 heap_free(s, NULL, rec);
@@ -261,14 +264,19 @@ int shmstm_ring_wait(shmstm_seg *s, uint64_t wv, int64_t timeout_ns)
 int ring_after_commit(shmstm_ctx *c, uint64_t wv)
 {
     struct shmstm_seg *s = c->seg;
+    int ret = SHMSTM_PENDING;
+    ctx_gil_release(c);
     for (uint32_t i = 0; i < 40; i++) {          /* 2 s, then Python takes over */
         int rc = shmstm_ring_wait(s, wv, 50000000);
-        if (rc == 0)
-            return 0;
+        if (rc == 0) {
+            ret = 0;
+            break;
+        }
         if (rc != SHMSTM_ETIMEOUT || load_relaxed(&s->h->durable_error) || !flusher_alive(s))
-            return SHMSTM_PENDING;
+            break;
     }
-    return SHMSTM_PENDING;
+    ctx_gil_acquire(c);
+    return ret;
 }
 
 /* Recovery of a dead owner in CR_VALIDATING: did it pass its commit point?

@@ -220,6 +220,8 @@ int64_t shmstm_tx_readv(shmstm_ctx *c, const shmstm_ref *r);
 int shmstm_tx_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n);
 int shmstm_tx_commit_1(shmstm_ctx *c, int64_t h, int64_t v);
 int shmstm_tx_commit_2(shmstm_ctx *c, int64_t h1, int64_t v1, int64_t h2, int64_t v2);
+/* The table of entry points shmstm._fast calls holding the GIL (fast.h). */
+const void *shmstm_fast_table(void);
 
 /* durability (native/ring.c) */
 typedef struct {

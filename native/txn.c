@@ -419,6 +419,29 @@ int shmstm_tx_commit_2(shmstm_ctx *c, int64_t h1, int64_t v1, int64_t h2, int64_
     return rc ? rc : shmstm_tx_commit(c);
 }
 
+/* ---- the GIL-holding entry points of shmstm._fast (fast.h) ---- */
+
+static int64_t fast_readv(shmstm_ctx *c, const shmstm_ref *r)
+{
+    return shmstm_tx_readv(c, r);        /* never blocks: bounded lock spins only */
+}
+
+static int fast_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n,
+                            struct shmstm_gil *g)
+{
+    c->gil = g;                          /* the blocking waits drop the GIL */
+    int rc = shmstm_tx_commit_ints(c, pairs, n);
+    c->gil = NULL;
+    return rc;
+}
+
+static const struct shmstm_fast_table fast_table = {
+    SHMSTM_FAST_ABI, sizeof(struct shmstm_fast_table),
+    shmstm_peek, fast_readv, fast_commit_ints,
+};
+
+const void *shmstm_fast_table(void) { return &fast_table; }
+
 int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen)
 {
     int rc = stage_check(c, idx);
@@ -505,7 +528,9 @@ static int wait_token(shmstm_ctx *c, int64_t timeout_ns)
         if (now >= deadline)
             return SHMSTM_ETIMEOUT;
         int64_t left = (int64_t)(deadline - now);
+        ctx_gil_release(c);
         int rc = futex_wait(&h->token_futex, f, left < 10000000 ? left : 10000000);
+        ctx_gil_acquire(c);
         if (rc == SHMSTM_EINTR)
             return rc;
     }

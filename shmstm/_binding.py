@@ -1,5 +1,6 @@
-"""The one module that imports the compiled core, and the table that maps its
-return codes to exceptions."""
+"""The one module that imports the compiled core (shmstm._native, and
+shmstm._fast for the hot calls), and the table that maps its return codes to
+exceptions."""
 import os
 
 from . import errors
@@ -13,12 +14,30 @@ except ImportError as e:  # pragma: no cover - a broken install
         "with 'pip install .' so that setup.py builds it (%s)" % e
     ) from e
 
+try:
+    from . import _fast
+except ImportError as e:  # pragma: no cover - a broken install
+    raise ImportError(
+        "shmstm's fast-call module (shmstm._fast) is missing: install the package "
+        "with 'pip install .' (%s)" % e
+    ) from e
+
 _build = ffi.string(lib.shmstm_build_info()).decode()
 if not _build.startswith(__version__ + " "):
     raise ImportError(
         "shmstm._native was built for %r but the Python package is %s: rebuild "
         "with 'pip install .'" % (_build, __version__)
     )
+
+# shmstm._fast calls the core through this table (native/fast.h); bind()
+# refuses a table of another ABI.
+_fast.bind(int(ffi.cast("uintptr_t", lib.shmstm_fast_table())))
+
+
+def address(cdata):
+    """A cffi pointer as the int that shmstm._fast takes."""
+    return int(ffi.cast("uintptr_t", cdata))
+
 
 _ERRORS = {
     lib.SHMSTM_ESTALE: (errors.StaleTVarError, "the TVar was freed; this handle is stale"),

@@ -10,7 +10,6 @@ process slot in the segment).  A transaction binds to one runtime at its first
 TVar access.
 """
 import atexit
-import itertools
 import os
 import pickle
 import random
@@ -21,7 +20,7 @@ import posix_ipc
 
 from . import errors
 from . import _segments
-from ._binding import check as _check_rc, error_for, ffi, lib
+from ._binding import _fast, address as _address, check as _check_rc, error_for, ffi, lib
 
 __all__ = [
     "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
@@ -54,20 +53,17 @@ PICKLE_PROTOCOL = 5
 # Conflicts before a transaction takes the irrevocable token.
 IRREVOCABLE_AFTER = 32
 
-_read = lib.shmstm_tx_read
 _read1 = lib.shmstm_read1
 _stage_i = lib.shmstm_tx_stage_i
 _stage_f = lib.shmstm_tx_stage_f
 _stage_b = lib.shmstm_tx_stage_b
-_commit = lib.shmstm_tx_commit
-_peek = lib.shmstm_peek
-_readv = lib.shmstm_tx_readv
-_commit_ints = lib.shmstm_tx_commit_ints
-_commit_1 = lib.shmstm_tx_commit_1
-_commit_2 = lib.shmstm_tx_commit_2
+# The hot calls keep the GIL (shmstm._fast; native/fast.h): they take the
+# addresses of the context and of the TVar's shmstm_ref as ints.
+_peek = _fast.peek
+_readv = _fast.readv
+_fcommit = _fast.commit
 MISS = lib.SHMSTM_READ_MISS       # "not answered by the fast path"
 _unpack = ffi.unpack
-_chain = itertools.chain.from_iterable
 _loads = pickle.loads
 _dumps = pickle.dumps
 
@@ -226,11 +222,12 @@ _FREED = _Enc(T_FREE, None, None)
 class _Ctx:
     """A thread's context on a runtime: the C context and its out-parameters,
     allocated once (never an ffi.new per operation)."""
-    __slots__ = ("ptr", "out", "outf", "rt", "__weakref__")
+    __slots__ = ("ptr", "addr", "out", "outf", "rt", "__weakref__")
 
     def __init__(self, rt, ptr):
         self.rt = rt
         self.ptr = ptr
+        self.addr = _address(ptr)   # for shmstm._fast; valid while ptr is not None
         self.out = ptr.out          # views of the context's own out-words
         self.outf = ffi.cast("double *", ptr.out)
 
@@ -715,7 +712,7 @@ os.register_at_fork(after_in_child=_after_fork_child)
 class TVar:
     """A transactional variable in a runtime's shared segment.  Holds an
     immutable snapshot of a Python value: read it and write it back."""
-    __slots__ = ("_rt", "_idx", "_gen", "_h", "_ref", "_name", "__weakref__")
+    __slots__ = ("_rt", "_idx", "_gen", "_h", "_ref", "_refa", "_name", "__weakref__")
 
     def __init__(self, rt, idx, gen, name):
         self._rt = rt
@@ -723,6 +720,7 @@ class TVar:
         self._gen = gen
         self._h = _handle(idx, gen)
         self._ref = ffi.new("shmstm_ref *", (rt._segbox, idx, gen))
+        self._refa = _address(self._ref)    # kept alive by _ref
         self._name = name
 
     # get() and set() are the measured hot path (tools/bench): each line
@@ -732,7 +730,7 @@ class TVar:
         """The value: a transactional read inside a transaction, an atomic
         snapshot read outside."""
         if not _active:                 # no transaction in this process
-            v = _peek(self._ref)
+            v = _peek(self._refa)
             if v != MISS:
                 return v
             return self._get_outside()
@@ -750,7 +748,7 @@ class TVar:
             w = writes.get(self._h)
             if w is not None:
                 return w if type(w) is int else w.read()
-        v = _readv(tx.ptr, self._ref)
+        v = _readv(tx.pa, self._refa)
         if v != MISS:
             return v
         return tx._read_miss()
@@ -853,13 +851,13 @@ class _Tx:
     buffered value: an int64 as itself, anything else as an _Enc (counted in
     nonint, an upper bound, so that an all-int write set is staged in one
     call)."""
-    __slots__ = ("rt", "brt", "ctx", "ptr", "writes", "undo", "depth", "created",
+    __slots__ = ("rt", "brt", "ctx", "ptr", "pa", "writes", "undo", "depth", "created",
                  "doomed", "nonint", "running", "deadline")
 
     def __init__(self):
         self.running = False            # inside atomically() now
         self.deadline = None            # set by @atomic(timeout=...) for its next run
-        self.rt = self.brt = self.ctx = self.ptr = None
+        self.rt = self.brt = self.ctx = self.ptr = self.pa = None
         self.writes = {}
         self.undo = []
         self.created = []
@@ -879,6 +877,7 @@ class _Tx:
             self.brt = rt
             self.ctx = ctx
             self.ptr = ctx.ptr
+            self.pa = ctx.addr
             # An asynchronous exception (KeyboardInterrupt from a signal
             # handler) can cut a transaction's cleanup short before its C
             # abort: staged writes would then stay in the thread's C context
@@ -933,30 +932,14 @@ class _Tx:
             return False
         ptr = self.ptr
         writes = self.writes
-        if not writes:
-            rc = _commit(ptr)
-        elif not self.nonint:
-            n = len(writes)
-            if n == 1:
-                (h, v), = writes.items()
-                rc = _commit_1(ptr, h, v)
-            elif n == 2:
-                (h, v), (h2, v2) = writes.items()
-                rc = _commit_2(ptr, h, v, h2, v2)
-            else:
-                rc = _commit_ints(ptr, list(_chain(writes.items())), n)
-        else:
-            pairs = []                      # the int writes, staged with the commit
-            for h, w in writes.items():
-                if type(w) is int:
-                    pairs.append(h)
-                    pairs.append(w)
-                else:
+        if self.nonint:
+            for h, w in writes.items():     # the ints go with the commit call
+                if type(w) is not int:
                     rc = w.stage(ptr, h)
                     if rc < 0:
                         self._end(AB_RESOURCE)
                         raise error_for(rc, "committing TVar %s" % _hstr(h))
-            rc = _commit_ints(ptr, pairs, len(pairs) >> 1)
+        rc = _fcommit(self.pa, writes)
         if rc == 0:
             writes.clear()
             if self.created:

@@ -4,7 +4,7 @@
   temporary directory, built once per test process (each xdist worker builds its own
   into its own basetemp: no lock needed, ~2 s).  The .py files are copied from the
   ``shmstm`` package this test run imports (the installed release package in CI),
-  the C core is compiled from this repository's ``native/`` with SHMSTM_DEBUG=1 by the
+  with its ``shmstm._fast``; the C core is compiled from this repository's ``native/`` with SHMSTM_DEBUG=1 by the
   project's one cffi builder, ``native/build_shmstm.py``.
 * ``run_driver(scenario, cfg, debug=True)``: runs ``_driver.py`` in a subprocess (with
   the debug build on PYTHONPATH when ``debug``) and returns its JSON observations.
@@ -64,7 +64,9 @@ def debug_pkg(tmp_path_factory):
     os.mkdir(pkg)
     src = os.path.dirname(shmstm.__file__)
     for fn in os.listdir(src):
-        if fn.endswith(".py") or fn == "py.typed":
+        # shmstm._fast holds no core code (native/fast.h): the installed one
+        # binds to the debug core's table like to the release one.
+        if fn.endswith(".py") or fn == "py.typed" or (fn.startswith("_fast.") and fn.endswith(".so")):
             shutil.copy2(os.path.join(src, fn), pkg)
     env = dict(os.environ)
     env.pop("SHMSTM_SANITIZE", None)

@@ -2,6 +2,7 @@
 
     python _dworker.py bank NAME PATH WORKER NACCTS LOG     sync transfers, ack log
     python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
+    python _dworker.py count_in_thread NAME PATH N          count() in a second thread (GIL check)
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
     python _dworker.py claim NAME                           attach as a flusher would, then on "go"
                                                             claim the lease and print 1 (won) or 0
@@ -9,6 +10,7 @@
 import os
 import random
 import sys
+import time
 
 import shmstm
 
@@ -59,6 +61,23 @@ def victim(name, path):
     print("survived", flush=True)
 
 
+def count_in_thread(name, path, n):
+    """count() in a second thread; the main thread reports each time it runs
+    while that thread waits for ring room inside its commit (shmstm._fast
+    must drop the GIL there, or the main thread never runs again)."""
+    import threading
+    rt = shmstm.open(name, path=path, **LIMITS)
+    ctr = rt.tvar("ctr", 0)
+    t = threading.Thread(target=lambda: [ctr.modify(lambda c: c + 1) for _ in range(n)])
+    t.start()
+    while t.is_alive() and not rt.stats()["durability"]["ring_full_waits"]:
+        time.sleep(0.002)
+    print("main thread runs while the committer waits: %s" % t.is_alive(), flush=True)
+    t.join()
+    print("done", flush=True)
+    rt.close()
+
+
 def claim(name):
     from shmstm import _flusher
     from shmstm._binding import lib
@@ -77,6 +96,8 @@ if __name__ == "__main__":
         count(args[0], args[1], int(args[2]))
     elif cmd == "victim":
         victim(args[0], args[1])
+    elif cmd == "count_in_thread":
+        count_in_thread(args[0], args[1], int(args[2]))
     elif cmd == "claim":
         claim(args[0])
     os._exit(0)

@@ -350,6 +350,37 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     shmstm.unlink(segname)
 
 
+def test_ring_room_wait_lets_the_processs_other_threads_run(segname, dpath, flushers):
+    """A commit waiting for ring room (flusher stopped) holds no lock and not
+    the GIL either: hot commits go through shmstm._fast, which keeps the GIL
+    except in the core's blocking waits.  Checked in a worker whose main
+    thread must run (poll the stats, print) while its second thread waits; if
+    that wait held the GIL, the main thread could never report."""
+    import select
+    rt = shmstm.open(segname, path=dpath, ring_slots=18, **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    ctr = rt.tvar("ctr", 0)
+    with shmstm.durability("sync"):
+        ctr.value = 0
+    os.kill(fpid, signal.SIGSTOP)
+    per = 60
+    w = spawn(["count_in_thread", segname, dpath, per], stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([w.stdout], [], [], 60)
+        line = w.stdout.readline() if ready else ""
+        assert rt.stats()["durability"]["ring_full_waits"] >= 1
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    assert line.strip() == "main thread runs while the committer waits: True", line
+    assert w.stdout.readline().strip() == "done"
+    assert w.wait(120) == 0
+    assert ctr.value == per
+    drain(rt)
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_flusher_that_cannot_start_is_an_error_not_a_hang(segname, dpath, flushers, monkeypatch):
     """Regression (a CI run hung for good): a flusher that exits with an error at
     start (here the interpreter is /bin/false) makes a sync commit raise

@@ -1,0 +1,44 @@
+/* fast.h -- the core entry points that native/pyfast.c (the shmstm._fast
+ * CPython module) calls while holding the GIL.
+ *
+ * Why a second module: a cffi call costs ~1,000 to 3,000 instructions (it
+ * unpacks an argument tuple and releases and re-takes the GIL), while the C
+ * work of a TVar read is ~30 ns.  The hot calls (peek, transactional read,
+ * commit) therefore go through a few METH_FASTCALL functions that keep the
+ * GIL.  The core itself is still compiled once, by cffi, into
+ * shmstm._native; shmstm._fast holds no core code, only this table of
+ * pointers into it (so there is one copy of every global of the core).
+ *
+ * Holding the GIL is safe only if the core never blocks with it: every wait
+ * that can block (irrevocable token, ring room, sync durability) calls
+ * c->gil->release before it sleeps and c->gil->acquire after
+ * (ctx_gil_release / ctx_gil_acquire in core.h).  The fast entry points set
+ * c->gil for the length of the call; cffi calls leave it NULL (cffi has
+ * released the GIL already).  Bounded spins (lock waits, ~ms at most) keep
+ * the GIL: another thread of this process cannot hold a TVar lock across a
+ * GIL-holding wait, because no wait happens while TVar locks are held.
+ */
+#ifndef SHMSTM_FAST_H
+#define SHMSTM_FAST_H
+#include "shmstm.h"
+
+/* Hooks that drop and re-take the caller's interpreter lock.  Process-local;
+ * owned by the thread that makes the call (lives on its stack). */
+struct shmstm_gil {
+    void (*release)(struct shmstm_gil *g);
+    void (*acquire)(struct shmstm_gil *g);
+    void *state;                /* pyfast.c: the saved PyThreadState */
+};
+
+#define SHMSTM_FAST_ABI 1
+
+struct shmstm_fast_table {
+    uint32_t abi;               /* SHMSTM_FAST_ABI */
+    uint32_t size;              /* sizeof(struct shmstm_fast_table) */
+    int64_t (*peek)(const shmstm_ref *r);
+    int64_t (*readv)(shmstm_ctx *c, const shmstm_ref *r);
+    /* Stage n (handle, value) int pairs, then commit (as shmstm_tx_commit_ints). */
+    int (*commit_ints)(shmstm_ctx *c, const int64_t *pairs, uint32_t n, struct shmstm_gil *g);
+};
+
+#endif

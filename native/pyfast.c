@@ -1,0 +1,158 @@
+/* pyfast.c -- shmstm._fast: the hot calls of shmstm/_stm.py, without cffi's
+ * per-call cost (fast.h says why and what keeps it safe).
+ *
+ * Private to shmstm.  The functions take the addresses of a C context and of
+ * a TVar's shmstm_ref as Python ints (shmstm/_stm.py takes them from its cffi
+ * objects, which keep the memory alive); a wrong address crashes the process,
+ * like any raw pointer, so nothing outside shmstm/_stm.py calls them.
+ *
+ *   bind(table)                 table: address of shmstm_fast_table(); once
+ *   peek(ref) -> int            shmstm_peek
+ *   readv(ctx, ref) -> int      shmstm_tx_readv
+ *   commit(ctx, writes) -> int  stage the int values of the dict writes
+ *                               ({handle: value}; other values were staged
+ *                               before) and commit: shmstm_tx_commit_ints
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "fast.h"
+
+static const struct shmstm_fast_table *T;   /* set once by bind() */
+
+static void *addr_arg(PyObject *o)
+{
+    void *p = PyLong_AsVoidPtr(o);
+    if (!p && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "shmstm._fast: null address");
+    return p;
+}
+
+static int bound(void)
+{
+    if (T)
+        return 1;
+    PyErr_SetString(PyExc_RuntimeError, "shmstm._fast: bind() was not called");
+    return 0;
+}
+
+static PyObject *fast_bind(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const struct shmstm_fast_table *t = addr_arg(arg);
+    if (!t)
+        return NULL;
+    if (t->abi != SHMSTM_FAST_ABI || t->size != sizeof *t) {
+        PyErr_Format(PyExc_ImportError,
+                     "shmstm._fast was built for fast ABI %d (%d bytes) but the core "
+                     "offers %u (%u bytes): rebuild with 'pip install .'",
+                     SHMSTM_FAST_ABI, (int)sizeof *t, t->abi, t->size);
+        return NULL;
+    }
+    T = t;
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_peek(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    const shmstm_ref *r = addr_arg(arg);
+    if (!r || !bound())
+        return NULL;
+    return PyLong_FromLongLong(T->peek(r));
+}
+
+static PyObject *fast_readv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "readv(ctx, ref) takes 2 arguments");
+        return NULL;
+    }
+    shmstm_ctx *c = addr_arg(args[0]);
+    if (!c)
+        return NULL;
+    const shmstm_ref *r = addr_arg(args[1]);
+    if (!r || !bound())
+        return NULL;
+    return PyLong_FromLongLong(T->readv(c, r));
+}
+
+static void gil_release(struct shmstm_gil *g)
+{
+    g->state = PyEval_SaveThread();
+}
+
+static void gil_acquire(struct shmstm_gil *g)
+{
+    PyEval_RestoreThread((PyThreadState *)g->state);
+}
+
+#define STACK_PAIRS 32
+
+static PyObject *fast_commit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2 || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "commit(ctx, writes) takes a context and a dict");
+        return NULL;
+    }
+    shmstm_ctx *c = addr_arg(args[0]);
+    if (!c || !bound())
+        return NULL;
+    PyObject *writes = args[1];
+    Py_ssize_t len = PyDict_GET_SIZE(writes);
+    if (len > (Py_ssize_t)(UINT32_MAX / 2)) {
+        PyErr_SetString(PyExc_OverflowError, "commit: too many writes");
+        return NULL;
+    }
+    int64_t stack[2 * STACK_PAIRS];
+    int64_t *pairs = stack;
+    if (len > STACK_PAIRS) {
+        pairs = PyMem_Malloc((size_t)len * 2 * sizeof *pairs);
+        if (!pairs)
+            return PyErr_NoMemory();
+    }
+    uint32_t n = 0;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(writes, &pos, &k, &v)) {
+        if (!PyLong_CheckExact(v))
+            continue;                    /* not an int: staged by the caller */
+        long long h = PyLong_AsLongLong(k);
+        long long x = h == -1 && PyErr_Occurred() ? 0 : PyLong_AsLongLong(v);
+        if (PyErr_Occurred()) {
+            if (pairs != stack)
+                PyMem_Free(pairs);
+            return NULL;                 /* nothing was staged: the caller aborts */
+        }
+        pairs[2 * n] = h;
+        pairs[2 * n + 1] = x;
+        n++;
+    }
+    struct shmstm_gil g = { gil_release, gil_acquire, NULL };
+    int rc = T->commit_ints(c, pairs, n, &g);
+    if (pairs != stack)
+        PyMem_Free(pairs);
+    return PyLong_FromLong(rc);
+}
+
+static PyMethodDef methods[] = {
+    {"bind", fast_bind, METH_O, "bind(table): the core's shmstm_fast_table() address"},
+    {"peek", fast_peek, METH_O, "peek(ref) -> int: shmstm_peek"},
+    {"readv", (PyCFunction)(void (*)(void))fast_readv, METH_FASTCALL,
+     "readv(ctx, ref) -> int: shmstm_tx_readv"},
+    {"commit", (PyCFunction)(void (*)(void))fast_commit, METH_FASTCALL,
+     "commit(ctx, writes) -> int: stage the dict's int writes and commit"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "shmstm._fast",
+    "shmstm's hot calls, holding the GIL (private; see native/fast.h).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fast(void)
+{
+    return PyModule_Create(&module);
+}
