@@ -21,7 +21,9 @@ import time
 from . import errors
 from ._binding import error_for, ffi, lib
 
-MAP_SIZE = 1 << 34            # sparse; set once, identical in every opener (pitfalls: LMDB)
+MAP_SIZE = 1 << 34            # default; sparse; stored in the data, identical in every opener
+MIN_MAP_SIZE = 1 << 16
+MAX_MAP_SIZE = 1 << 44
 MAX_DBS = 2
 MODES = ("none", "async", "sync")
 READY_WAIT = 10.0             # seconds an attacher waits for the creator to load LMDB
@@ -53,8 +55,9 @@ _envs = {}
 _envs_lock = threading.Lock()
 
 
-def open_env(path, create=True):
-    """This process's environment for ``path`` (opened once, reader_check at open)."""
+def open_env(path, create=True, map_size=None):
+    """This process's environment for ``path`` (opened once, reader_check at
+    open), sized with the data's stored map size (see lmdb_open)."""
     lmdb = _lmdb()
     real = os.path.realpath(path)
     with _envs_lock:
@@ -63,10 +66,79 @@ def open_env(path, create=True):
             if not create and not os.path.exists(os.path.join(real, "data.mdb")):
                 raise FileNotFoundError("no durable shmstm data at %r" % path)
             os.makedirs(real, mode=0o700, exist_ok=True)
-            env = lmdb.open(real, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
-            env.reader_check()          # readers left by SIGKILLed processes
+            env = lmdb_open(real, map_size if create else None)
             _envs[real] = env
+        elif map_size is not None:
+            adopt_map_size(env, map_size, real)
         return env
+
+
+def lmdb_open(real, map_size=None):
+    """Open the LMDB at ``real`` (reader_check at open) and size its map once:
+    the map size is stored in the data (meta ``map_size``) by its first
+    opener, ``map_size`` or MAP_SIZE, and every later opener (the flusher
+    too) uses the stored one.  ``map_size`` larger than the stored one
+    raises it (a full map's remedy: the flusher adopts the new size at its
+    next retry); smaller is refused."""
+    lmdb = _lmdb()
+    env = lmdb.open(real, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
+    try:
+        env.reader_check()              # readers left by SIGKILLed processes
+        adopt_map_size(env, map_size, real)
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
+def begin(env, **kw):
+    """env.begin(**kw), adopting a map size another process raised meanwhile
+    (LMDB then refuses this process's next transaction once the data grew
+    beyond its map: MDB_MAP_RESIZED; set_mapsize(0) takes the new size)."""
+    try:
+        return env.begin(**kw)
+    except _lmdb().MapResizedError:
+        env.set_mapsize(0)
+        return env.begin(**kw)
+
+
+def stored_map_size(env):
+    _, meta = _dbs(env)
+    with begin(env, db=meta) as txn:
+        v = txn.get(b"map_size")
+    return _U64.unpack(v)[0] if v else None
+
+
+def adopt_map_size(env, map_size, real):
+    """Size env's map with the stored map size, storing or raising it first
+    when ``map_size`` asks (see lmdb_open)."""
+    if map_size is not None:
+        _check_map_size(map_size)
+    stored = stored_map_size(env)
+    if map_size is not None and (stored is None or map_size > stored):
+        _, meta = _dbs(env)
+        with begin(env, write=True, db=meta) as txn:
+            cur = txn.get(b"map_size")
+            cur = _U64.unpack(cur)[0] if cur else None
+            if cur is None or map_size > cur:
+                txn.put(b"map_size", _U64.pack(map_size))
+                cur = map_size
+        stored = cur
+    elif map_size is not None and map_size < stored:
+        raise errors.DurabilityMismatchError(
+            "the durable data at %r has map_size %d; a map cannot shrink (asked for %d)"
+            % (real, stored, map_size))
+    size = stored or MAP_SIZE
+    if env.info()["map_size"] != size:
+        env.set_mapsize(size)
+
+
+def _check_map_size(map_size):
+    if not isinstance(map_size, int) or isinstance(map_size, bool):
+        raise TypeError("map_size must be an int, not %s" % type(map_size).__name__)
+    if not MIN_MAP_SIZE <= map_size <= MAX_MAP_SIZE or map_size % 4096:
+        raise ValueError("map_size must be a multiple of 4096 from %d to %d bytes, got %r"
+                         % (MIN_MAP_SIZE, MAX_MAP_SIZE, map_size))
 
 
 def _dbs(env):
@@ -87,7 +159,7 @@ os.register_at_fork(after_in_child=_forget_envs)
 
 def read_meta(env):
     _, meta = _dbs(env)
-    with env.begin(db=meta) as txn:
+    with begin(env, db=meta) as txn:
         fw = txn.get(b"flushed_wv")
         rid = txn.get(b"runtime_id")
     return (_U64.unpack(fw)[0] if fw else 0), (bytes(rid) if rid else None)
@@ -134,7 +206,7 @@ def read_durable(path):
     A consistent snapshot (one LMDB read transaction)."""
     env = open_env(path, create=False)
     vars_db, meta = _dbs(env)
-    with env.begin() as txn:
+    with begin(env) as txn:
         fw = txn.get(b"flushed_wv", db=meta)
         rid = txn.get(b"runtime_id", db=meta)
         values = {bytes(k).decode("utf-8", "surrogatepass"): decode_value(bytes(v))
@@ -211,10 +283,10 @@ class Durable:
     # -- open
 
     @staticmethod
-    def prepare(path, limits):
+    def prepare(path, limits, map_size=None):
         """Before create: the LMDB's runtime id and flushed_wv go into the new
         segment's parameters."""
-        env = open_env(path)
+        env = open_env(path, map_size=map_size)
         fw, rid = read_meta(env)
         return {"ring_slots": limits.get("ring_slots") or default_ring_slots(limits["max_procs"]),
                 "clock_start": fw, "runtime_id": rid}
@@ -270,7 +342,7 @@ class Durable:
         vars_db, _ = _dbs(env)
         ctx = rt._ctx()
         oi = ffi.new("uint32_t[2]")
-        with env.begin(db=vars_db) as txn:
+        with begin(env, db=vars_db) as txn:
             for k, v in txn.cursor():
                 tag, payload = decode_raw(bytes(v))
                 name = bytes(k)

@@ -30,7 +30,7 @@ import time
 import posix_ipc
 
 from ._binding import ffi, lib
-from ._durable import MAP_SIZE, MAX_DBS, _lmdb
+from ._durable import _lmdb, adopt_map_size, lmdb_open
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
@@ -107,8 +107,7 @@ class Flusher:
         self.path = ffi.string(buf).decode()
         lmdb = _lmdb()
         self.lmdb = lmdb
-        self.env = lmdb.open(self.path, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
-        self.env.reader_check()
+        self.env = lmdb_open(self.path)     # the stored map size; reader_check
         self.vars = self.env.open_db(b"vars")
         self.meta = self.env.open_db(b"meta")
         self.buf = ffi.new("char[]", BUF)
@@ -172,7 +171,17 @@ class Flusher:
                 continue
             if k > 0:
                 if not self.write(nxt, stop - 1, used, self.out[3]):
-                    time.sleep(1.0)           # LMDB error: committers are refused meanwhile
+                    # LMDB error: committers are refused meanwhile.  With
+                    # nobody attached, exit: the commits stay in the
+                    # segment's ring, and the next opener's flusher retries.
+                    if not self.anyone_attached():
+                        print("flusher: no process attached; exiting with commits %d..%d "
+                              "still in the segment's ring (not in LMDB)" % (nxt, self.seg_flushed()[1]),
+                              file=sys.stderr)
+                        return 0
+                    time.sleep(1.0)
+                    # A full map's remedy: an opener raised the stored map size.
+                    adopt_map_size(self.env, None, self.path)
                     continue
                 nxt = stop
                 sync_last = self.out[4]

@@ -530,7 +530,7 @@ def _adopt_durable(rt):
         d.after_attach(False)
 
 
-def open(name, path=None, *, durability=None, ring_slots=None, **limits):   # noqa: A001
+def open(name, path=None, *, durability=None, ring_slots=None, map_size=None, **limits):   # noqa: A001
     """Create the runtime ``name`` or attach to it if it exists.
 
     Limits (keyword arguments): ``max_tvars`` (65536), ``heap_size`` (64 MiB),
@@ -542,7 +542,10 @@ def open(name, path=None, *, durability=None, ring_slots=None, **limits):   # no
     flusher process keeps it up to date (docs/durability.md).  ``durability``:
     "async" (the default with a path) or "sync" (a commit returns once it is
     in LMDB); "none" without a path.  ``ring_slots``: commit ring size of a
-    new durable segment (default max(1024, 4 * (max_procs + 1))).
+    new durable segment (default max(8192, 4 * (max_procs + 1))).
+    ``map_size``: the LMDB map size in bytes, stored in the data by its first
+    opener (default 16 GiB, sparse); a larger value raises it (the remedy
+    for a full map), a smaller one is refused.
     """
     _check_name(name)
     if durability is None:
@@ -552,9 +555,13 @@ def open(name, path=None, *, durability=None, ring_slots=None, **limits):   # no
     if durability == "none" and path is not None:
         raise ValueError("durability='none' with a path: use 'async' or 'sync'")
     if path is not None or durability != "none":
-        return _open_durable(name, path, durability, ring_slots, limits)
+        if map_size is not None:
+            _durable_mod()._check_map_size(map_size)    # before anything is created
+        return _open_durable(name, path, durability, ring_slots, map_size, limits)
     if ring_slots is not None:
         raise ValueError("ring_slots needs a path (a durable runtime)")
+    if map_size is not None:
+        raise ValueError("map_size needs a path (a durable runtime)")
     return _open_plain(name, limits)
 
 
@@ -578,23 +585,25 @@ def _check_limits(limits):
     return lim
 
 
-def _open_durable(name, path, mode, ring_slots, limits):
+def _open_durable(name, path, mode, ring_slots, map_size, limits):
     """open() with a path or a durability mode: a runtime of its own (not
     shared with plain open() calls in this process)."""
     lim = _check_limits(limits)
     with _registry_lock:
         old = _registry.get(name)
         if old is not None and not old._closed and old._pid == os.getpid():
-            return _reopen_durable(old, path, mode, limits)
+            return _reopen_durable(old, path, mode, map_size, limits)
     if path is None:
+        if map_size is not None:
+            raise ValueError("map_size needs the path of the durable data")
         prep = None         # attach only: the segment knows its path
     else:
         lim2 = dict(lim, ring_slots=ring_slots)
-        prep = _durable_mod().Durable.prepare(path, lim2)
+        prep = _durable_mod().Durable.prepare(path, lim2, map_size)
     with _registry_lock:
         old = _registry.get(name)       # another thread may have opened it meanwhile
         if old is not None and not old._closed and old._pid == os.getpid():
-            return _reopen_durable(old, path, mode, limits)
+            return _reopen_durable(old, path, mode, map_size, limits)
         rt = Runtime(name)
         rt._attach(limits, lim, create=prep is not None, durable=prep)
         rt._durable = _durable_mod().Durable(rt, path, mode)
@@ -612,7 +621,7 @@ def _open_durable(name, path, mode, ring_slots, limits):
         return rt
 
 
-def _reopen_durable(rt, path, mode, limits):
+def _reopen_durable(rt, path, mode, map_size, limits):
     """open() with durability of a runtime already open in this process (also
     one inherited across fork, or one unpickled but not attached yet): the
     same Runtime, if it agrees."""
@@ -629,6 +638,8 @@ def _reopen_durable(rt, path, mode, limits):
         raise errors.Error("runtime %r is already open in this process with durability=%r, "
                            "not %r" % (rt.name, d.mode, mode))
     _check_same_limits(rt, limits)
+    if map_size is not None:
+        _durable_mod().open_env(d.path, map_size=map_size)
     rt._ctx()                      # hold a slot while open: the flusher waits for us
     d.ensure_flusher()
     rt._refs += 1

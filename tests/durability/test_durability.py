@@ -381,6 +381,58 @@ def test_ring_room_wait_lets_the_processs_other_threads_run(segname, dpath, flus
     shmstm.unlink(segname)
 
 
+def test_full_map_is_an_error_and_loses_nothing(segname, dpath, flushers):
+    """A full LMDB map (a real MDB_MAP_FULL: map_size 256 KiB): once the
+    flusher's write fails, commits are refused before their commit point
+    (DurabilityError) and change nothing; LMDB keeps the state after a prefix
+    of the commits and the ring keeps the rest; with nobody attached the
+    flusher exits instead of retrying forever; reopening with a larger
+    map_size lets a new flusher drain the ring, the error clears, and LMDB
+    then equals the segment."""
+    rt = shmstm.open(segname, path=dpath, map_size=1 << 18, **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    blobs = [rt.tvar("blob:%d" % i, b"") for i in range(8)]
+    states = []                     # (wv, {name: value}) after each acknowledged commit
+    cur = {}                        # the TVars written (LMDB holds those, not defaults)
+    refused = None
+    for i in range(64):
+        val = bytes([i]) * 30000
+        try:
+            blobs[i % 8].value = val
+        except shmstm.DurabilityError as e:
+            refused = (i, e)
+            break
+        cur["blob:%d" % (i % 8)] = val
+        states.append((rt.stats()["durability"]["committed_wv"], dict(cur)))
+        wait_for(lambda: (lambda d: d["error"] or d["flushed_wv"] == d["committed_wv"])(
+            rt.stats()["durability"]), 30, "the flusher to write or fail")
+    assert refused is not None, "256 KiB of map took 64 values of 30 kB"
+    i, err = refused
+    assert "LMDB" in str(err) or "durable" in str(err), err
+    assert blobs[i % 8].value == cur.get("blob:%d" % (i % 8), b"")  # the refused commit changed nothing
+    st = rt.stats()["durability"]
+    assert st["error"] and st["flushed_wv"] < st["committed_wv"]
+    disk = shmstm.read_durable(dpath)
+    prefix = [vals for wv, vals in states if wv <= disk["flushed_wv"]]
+    assert prefix and disk["values"] == prefix[-1]
+    rt.close()
+    assert wait_dead(fpid, 30), "a failing flusher with nobody attached must exit"
+    # The commits LMDB lacks are in the segment's ring: a larger map drains them.
+    rt = shmstm.open(segname, path=dpath, map_size=1 << 24, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    wait_for(lambda: rt.stats()["durability"]["error"] is None, 30, "the error to clear")
+    drain(rt)
+    assert shmstm.read_durable(dpath)["values"] == cur
+    rt.tvar("blob:0").value = b"after"      # commits are accepted again
+    drain(rt)
+    assert shmstm.read_durable(dpath)["values"]["blob:0"] == b"after"
+    with pytest.raises(shmstm.DurabilityMismatchError, match="cannot shrink"):
+        shmstm.open(segname, path=dpath, map_size=1 << 18, **LIMITS)
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_flusher_that_cannot_start_is_an_error_not_a_hang(segname, dpath, flushers, monkeypatch):
     """Regression (a CI run hung for good): a flusher that exits with an error at
     start (here the interpreter is /bin/false) makes a sync commit raise

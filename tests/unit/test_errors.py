@@ -4,6 +4,7 @@ import posix_ipc
 import pytest
 
 import shmstm
+from shmstm import _stm
 
 
 def _still_works(rt):
@@ -157,6 +158,21 @@ def test_durability_bad_mode(segname):
         shmstm.open(segname, durability="fsync")
     with pytest.raises(ValueError, match="durability"):
         shmstm.open(segname, path="/tmp/x", durability="none")
+
+
+def test_bad_map_size(segname, tmp_path):
+    """A bad map_size is refused before anything is created: no segment, no
+    LMDB data."""
+    d = str(tmp_path / "data")
+    with pytest.raises(ValueError, match="map_size needs a path"):
+        shmstm.open(segname, map_size=1 << 20)
+    with pytest.raises(TypeError, match="map_size must be an int"):
+        shmstm.open(segname, path=d, map_size="1G")
+    for bad in (1000, 1 << 12, (1 << 20) + 1, 1 << 50):
+        with pytest.raises(ValueError, match="map_size must be a multiple of 4096"):
+            shmstm.open(segname, path=d, map_size=bad)
+    assert not os.path.exists(os.path.join(d, "data.mdb"))
+    assert not os.path.exists("/dev/shm" + _stm._shm_name(segname))
 
 
 def test_full_dev_shm_is_a_clear_error_at_creation(segname):
