@@ -90,6 +90,41 @@ void ring_init(struct shmstm_seg *s, const shmstm_params *p)
     store_relaxed(&h->durable_state, DS_LOADING);
 }
 
+/* A heap block for a commit record.  A full heap may be full of the records
+ * of commits the flusher has not written yet (it frees them after the LMDB
+ * commit): then wait for it, as for ring room, holding no lock, until every
+ * commit made before the first failure is flushed; only a heap still full
+ * after that is SHMSTM_EHEAPFULL. */
+static int alloc_record(shmstm_ctx *c, size_t size, uint64_t *off)
+{
+    struct shmstm_seg *s = c->seg;
+    struct shm_header *h = s->h;
+    uint64_t until = 0;
+    for (uint32_t rounds = 0;; rounds++) {
+        int rc = heap_alloc_raw(s, NULL, size, off);
+        if (rc != SHMSTM_EHEAPFULL)
+            return rc;
+        uint32_t f = load_seq_cst(&h->flush_futex);
+        /* Pairs with the flusher's store_release of flushed_wv. */
+        uint64_t fl = load_acquire(&h->flushed_wv);
+        if (!until) {
+            until = load_acquire(&h->clock);
+            counter_add(&c->proc->ring_waits, 1);
+        }
+        if (fl >= until)
+            return rc;                   /* nothing of that time left to free */
+        if (rounds % ROOM_CHECK_ROUNDS == ROOM_CHECK_ROUNDS - 1 && !flusher_alive(s))
+            return SHMSTM_ENOFLUSHER;
+        if (load_relaxed(&h->durable_error))
+            return SHMSTM_EDURABLE;
+        ctx_gil_release(c);
+        rc = futex_wait(&h->flush_futex, f, 10000000);
+        ctx_gil_acquire(c);
+        if (rc == SHMSTM_EINTR)
+            return rc;
+    }
+}
+
 /* Before locking (commit step 2b): build the record of the durable (named)
  * TVars written and wait for room.  On error nothing is allocated. */
 int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp)
@@ -113,7 +148,7 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
     uint64_t rec = ring_noop(c->slot, c->dsync);
     if (m) {
         uint64_t off;
-        int rc = heap_alloc_raw(s, NULL, sizeof(struct ring_rec) + bytes, &off);
+        int rc = alloc_record(c, sizeof(struct ring_rec) + bytes, &off);
         if (rc)
             return rc;
         unsigned char *base = heap_payload(s, off);

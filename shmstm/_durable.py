@@ -255,7 +255,7 @@ class durability:
 # ---------------------------------------------------------------- the runtime's side
 
 def default_ring_slots(max_procs):
-    return max(8192, 4 * (max_procs + 1))
+    return max(65536, 4 * (max_procs + 1))
 
 
 def _flusher_env():

@@ -186,6 +186,14 @@ class Flusher:
                 nxt = stop
                 sync_last = self.out[4]
                 idle = 0
+                if not sync_last and why != 3:
+                    # An async-only batch: nap before the next one, so that
+                    # batches grow with the commit rate (each TVar is written
+                    # once per batch, however often it was committed) instead
+                    # of each LMDB write collecting the few commits made
+                    # during the one before; a sync commit ends the nap.
+                    nap_sync = (lib.shmstm_ring_sync_fills(self.seg) + 1) & 0xFFFFFFFF
+                    lib.shmstm_flusher_wait_sync(self.seg, nap_sync, NAP_NS)
                 continue
             if why == 1:                      # slot nxt still EMPTY
                 now = time.monotonic()

@@ -3,6 +3,7 @@
     python _dworker.py bank NAME PATH WORKER NACCTS LOG     sync transfers, ack log
     python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
     python _dworker.py count_in_thread NAME PATH N          count() in a second thread (GIL check)
+    python _dworker.py blobs NAME PATH N                    N commits of 16 kB values (heap-full waits)
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
     python _dworker.py claim NAME                           attach as a flusher would, then on "go"
                                                             claim the lease and print 1 (won) or 0
@@ -78,6 +79,15 @@ def count_in_thread(name, path, n):
     rt.close()
 
 
+def blobs(name, path, n):
+    """n commits of a 16 kB bytes value to blob:<i % 4> (async)."""
+    rt = shmstm.open(name, path=path, **LIMITS)
+    tvs = [rt.tvar("blob:%d" % i, b"") for i in range(4)]
+    for i in range(n):
+        tvs[i % 4].value = bytes([i % 256]) * 16000
+    rt.close()
+
+
 def claim(name):
     from shmstm import _flusher
     from shmstm._binding import lib
@@ -98,6 +108,8 @@ if __name__ == "__main__":
         victim(args[0], args[1])
     elif cmd == "count_in_thread":
         count_in_thread(args[0], args[1], int(args[2]))
+    elif cmd == "blobs":
+        blobs(args[0], args[1], int(args[2]))
     elif cmd == "claim":
         claim(args[0])
     os._exit(0)

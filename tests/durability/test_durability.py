@@ -350,6 +350,36 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     shmstm.unlink(segname)
 
 
+def test_heap_full_of_unflushed_records_waits_for_the_flusher(segname, dpath, flushers):
+    """A stopped flusher frees no commit records, so big values fill the heap
+    before the ring: the committer waits for the flusher (counted in
+    ring_full_waits) instead of failing with HeapFullError, and finishes with
+    nothing lost after SIGCONT."""
+    rt = shmstm.open(segname, path=dpath, ring_slots=4096, **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    with shmstm.durability("sync"):
+        rt.tvar("ctr", 0).value = 0
+    os.kill(fpid, signal.SIGSTOP)
+    n = 400                           # 400 x 16 kB of records > the 4 MiB heap
+    w = spawn(["blobs", segname, dpath, n], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: rt.stats()["durability"]["ring_full_waits"] >= 1 or w.poll() is not None,
+                 60, "a wait for the flusher")
+        assert w.poll() is None, w.stderr.read()
+        st = rt.stats()["durability"]
+        assert st["ring_fill"] < 4096 - 16          # the heap filled, not the ring
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    assert w.wait(120) == 0, w.stderr.read()
+    drain(rt)
+    last = {"blob:%d" % (i % 4): bytes([i % 256]) * 16000 for i in range(n)}
+    vals = shmstm.read_durable(dpath)["values"]
+    assert {k: vals[k] for k in last} == last
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_ring_room_wait_lets_the_processs_other_threads_run(segname, dpath, flushers):
     """A commit waiting for ring room (flusher stopped) holds no lock and not
     the GIL either: hot commits go through shmstm._fast, which keeps the GIL
