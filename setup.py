@@ -18,7 +18,7 @@ _spec = importlib.util.spec_from_file_location(
     "_shmstm_build", os.path.join(HERE, "native", "build_shmstm.py"))
 _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)
-_cargs, _largs, _macros = _build.compile_flags()
+_cargs, _largs, _ = _build.compile_flags()
 FAST = Extension(
     "shmstm._fast",
     sources=["native/pyfast.c"],

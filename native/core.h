@@ -70,17 +70,17 @@ struct shmstm_ctx {
                               * which holds the GIL (fast.h); owning thread only */
 };
 
-/* Drop / re-take the caller's GIL around a wait that can block (fast.h).
- * No-ops for calls through cffi, which released the GIL already. */
+/* Drop the caller's GIL before a wait that can block or take long (fast.h):
+ * once per call (sticky); the fast entry point re-takes it when the core
+ * returns, so no Python code ever runs in between.  A no-op for calls
+ * through cffi, which released the GIL already. */
 static inline void ctx_gil_release(shmstm_ctx *c)
 {
-    if (c->gil)
-        c->gil->release(c->gil);
-}
-static inline void ctx_gil_acquire(shmstm_ctx *c)
-{
-    if (c->gil)
-        c->gil->acquire(c->gil);
+    struct shmstm_gil *g = c->gil;
+    if (g && !g->released) {
+        g->release(g);
+        g->released = 1;
+    }
 }
 
 /* proc.c */

@@ -9,14 +9,16 @@
  * shmstm._native; shmstm._fast holds no core code, only this table of
  * pointers into it (so there is one copy of every global of the core).
  *
- * Holding the GIL is safe only if the core never blocks with it: every wait
- * that can block (irrevocable token, ring room, sync durability) calls
- * c->gil->release before it sleeps and c->gil->acquire after
- * (ctx_gil_release / ctx_gil_acquire in core.h).  The fast entry points set
- * c->gil for the length of the call; cffi calls leave it NULL (cffi has
- * released the GIL already).  Bounded spins (lock waits, ~ms at most) keep
- * the GIL: another thread of this process cannot hold a TVar lock across a
- * GIL-holding wait, because no wait happens while TVar locks are held.
+ * Holding the GIL is safe only if the core never waits with it: every wait
+ * that can block or take long (the irrevocable token, ring room, a heap full
+ * of unflushed records, sync durability, and lock waits once they start
+ * yielding: the holder may be another process that is stopped or
+ * descheduled) first calls ctx_gil_release (core.h), which drops the GIL
+ * through the hooks below, once per call (sticky); the entry point re-takes
+ * it when the core returns.  The fast entry points set c->gil for the length
+ * of the call; cffi calls leave it NULL (cffi has released the GIL already).
+ * What runs with the GIL held is bounded and short: the C work of a read or a
+ * commit and at most 64 cpu_relax spins per lock.
  */
 #ifndef SHMSTM_FAST_H
 #define SHMSTM_FAST_H
@@ -28,15 +30,17 @@ struct shmstm_gil {
     void (*release)(struct shmstm_gil *g);
     void (*acquire)(struct shmstm_gil *g);
     void *state;                /* pyfast.c: the saved PyThreadState */
+    int released;               /* the core dropped the GIL; the entry point re-takes it */
 };
 
-#define SHMSTM_FAST_ABI 1
+#define SHMSTM_FAST_ABI 2
 
 struct shmstm_fast_table {
     uint32_t abi;               /* SHMSTM_FAST_ABI */
     uint32_t size;              /* sizeof(struct shmstm_fast_table) */
+    uint32_t gil_size;          /* sizeof(struct shmstm_gil) */
     int64_t (*peek)(const shmstm_ref *r);
-    int64_t (*readv)(shmstm_ctx *c, const shmstm_ref *r);
+    int64_t (*readv)(shmstm_ctx *c, const shmstm_ref *r, struct shmstm_gil *g);
     /* Stage n (handle, value) int pairs, then commit (as shmstm_tx_commit_ints). */
     int (*commit_ints)(shmstm_ctx *c, const int64_t *pairs, uint32_t n, struct shmstm_gil *g);
 };

@@ -32,7 +32,7 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 2u    /* 2: header checksum (hdr_sum) */
+#define SHMSTM_LAYOUT_VERSION 3u    /* 2: header checksum (hdr_sum); 3: sync_target */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
@@ -303,9 +303,11 @@ struct shm_header {
                                 then futex_wake.  R: sync and ring-full waiters */
     a32 ring_futex;          /* W: committers faa_seq_cst after filling a slot when
                                 flusher_sleeping.  R: the flusher's futex_wait */
-    a32 flusher_sleeping;    /* FS_AWAKE, FS_ANY (asleep, any fill wakes it) or
+    a32 flusher_sleeping;    /* FS_AWAKE, FS_ANY (asleep, any fill wakes it),
                                 FS_SYNC (napping, only a sync commit's fill wakes
-                                it).  W: flusher store_seq_cst around its sleep; the
+                                it) or FS_GROUP (group commit: only the sync fill
+                                that brings sync_fills to sync_target wakes it).
+                                W: flusher store_seq_cst around its sleep; the
                                 committer that wakes it exchanges it to FS_AWAKE
                                 (seq_cst, one wake-up per sleep).  R:
                                 committers load_seq_cst after the fill (Dekker) */
@@ -321,7 +323,11 @@ struct shm_header {
                                 faa_seq_cst after its fill, before reading
                                 flusher_sleeping.  R: the flusher (group commit:
                                 shmstm_flusher_wait_sync), seq_cst.  advisory */
-    a64 durable_reserved_;
+    a32 sync_target;         /* the sync_fills count the flusher waits for while
+                                FS_GROUP.  W: flusher store_seq_cst before it
+                                stores FS_GROUP.  R: sync committers load_seq_cst
+                                after seeing FS_GROUP.  advisory */
+    a32 durable_reserved_;
 };
 
 /* ---- commit ring (durable runtimes; native/ring.c) ----
@@ -378,6 +384,7 @@ struct ring_ent {
 #define FS_AWAKE 0u          /* shm_header.flusher_sleeping */
 #define FS_ANY   1u
 #define FS_SYNC  2u
+#define FS_GROUP 3u
 
 #define DS_LOADING 0u
 #define DS_READY   1u

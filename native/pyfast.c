@@ -41,11 +41,13 @@ static PyObject *fast_bind(PyObject *self, PyObject *arg)
     const struct shmstm_fast_table *t = addr_arg(arg);
     if (!t)
         return NULL;
-    if (t->abi != SHMSTM_FAST_ABI || t->size != sizeof *t) {
+    if (t->abi != SHMSTM_FAST_ABI || t->size != sizeof *t ||
+        t->gil_size != sizeof(struct shmstm_gil)) {
         PyErr_Format(PyExc_ImportError,
-                     "shmstm._fast was built for fast ABI %d (%d bytes) but the core "
-                     "offers %u (%u bytes): rebuild with 'pip install .'",
-                     SHMSTM_FAST_ABI, (int)sizeof *t, t->abi, t->size);
+                     "shmstm._fast was built for fast ABI %d (%d/%d bytes) but the core "
+                     "offers %u (%u/%u bytes): rebuild with 'pip install .'",
+                     SHMSTM_FAST_ABI, (int)sizeof *t, (int)sizeof(struct shmstm_gil),
+                     t->abi, t->size, t->gil_size);
         return NULL;
     }
     T = t;
@@ -61,6 +63,16 @@ static PyObject *fast_peek(PyObject *self, PyObject *arg)
     return PyLong_FromLongLong(T->peek(r));
 }
 
+static void gil_release(struct shmstm_gil *g)
+{
+    g->state = PyEval_SaveThread();
+}
+
+static void gil_acquire(struct shmstm_gil *g)
+{
+    PyEval_RestoreThread((PyThreadState *)g->state);
+}
+
 static PyObject *fast_readv(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -74,17 +86,8 @@ static PyObject *fast_readv(PyObject *self, PyObject *const *args, Py_ssize_t na
     const shmstm_ref *r = addr_arg(args[1]);
     if (!r || !bound())
         return NULL;
-    return PyLong_FromLongLong(T->readv(c, r));
-}
-
-static void gil_release(struct shmstm_gil *g)
-{
-    g->state = PyEval_SaveThread();
-}
-
-static void gil_acquire(struct shmstm_gil *g)
-{
-    PyEval_RestoreThread((PyThreadState *)g->state);
+    struct shmstm_gil g = { gil_release, gil_acquire, NULL, 0 };
+    return PyLong_FromLongLong(T->readv(c, r, &g));
 }
 
 #define STACK_PAIRS 32
@@ -115,21 +118,27 @@ static PyObject *fast_commit(PyObject *self, PyObject *const *args, Py_ssize_t n
     uint32_t n = 0;
     Py_ssize_t pos = 0;
     PyObject *k, *v;
-    while (PyDict_Next(writes, &pos, &k, &v)) {
+    /* No Python code runs in this loop (exact ints only), so the dict cannot
+     * change under it; the bound check is belt and braces. */
+    while (PyDict_Next(writes, &pos, &k, &v) && (Py_ssize_t)n < len) {
         if (!PyLong_CheckExact(v))
             continue;                    /* not an int: staged by the caller */
-        long long h = PyLong_AsLongLong(k);
+        long long h = PyLong_CheckExact(k) ? PyLong_AsLongLong(k) : -1;
         long long x = h == -1 && PyErr_Occurred() ? 0 : PyLong_AsLongLong(v);
+        if (!PyLong_CheckExact(k) && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "commit: a write handle is not an int");
         if (PyErr_Occurred()) {
             if (pairs != stack)
                 PyMem_Free(pairs);
-            return NULL;                 /* nothing was staged: the caller aborts */
+            /* No int was staged; the caller's non-int writes were, and the
+             * caller's error path aborts the attempt (which drops them). */
+            return NULL;
         }
         pairs[2 * n] = h;
         pairs[2 * n + 1] = x;
         n++;
     }
-    struct shmstm_gil g = { gil_release, gil_acquire, NULL };
+    struct shmstm_gil g = { gil_release, gil_acquire, NULL, 0 };
     int rc = T->commit_ints(c, pairs, n, &g);
     if (pairs != stack)
         PyMem_Free(pairs);

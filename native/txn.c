@@ -67,7 +67,8 @@ void release_token(shmstm_ctx *c)
  * (two cores: the holder may need ours), and every 64 yields ask the kernel
  * whether the holder still exists; a dead holder is recovered here.
  * Returns 0 when the caller should give up (limit reached). */
-static int lock_wait(struct shmstm_seg *s, uint64_t w, uint32_t *spins, uint32_t limit)
+static int lock_wait(shmstm_ctx *c, struct shmstm_seg *s, uint64_t w, uint32_t *spins,
+                     uint32_t limit)
 {
     uint32_t n = (*spins)++;
     if (n < 64) {
@@ -76,6 +77,9 @@ static int lock_wait(struct shmstm_seg *s, uint64_t w, uint32_t *spins, uint32_t
     }
     if (limit && n >= limit)
         return 0;
+    /* A yield can give up a whole time slice (the holder may be stopped or
+     * descheduled): from here on without the GIL (fast.h). */
+    ctx_gil_release(c);
     sched_yield();
     if (n % 64 == 63 && lock_owner_gone(s, w))
         slot_recover(s, lk_owner(w));
@@ -172,7 +176,7 @@ static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, in
         /* Pairs with the store_release that unlocked it (commit step 8). */
         uint64_t v1 = load_acquire(&t->lock);
         if (lk_locked(v1)) {
-            if (!lock_wait(s, v1, &spins, record ? READ_SPIN_LIMIT : 0)) {
+            if (!lock_wait(c, s, v1, &spins, record ? READ_SPIN_LIMIT : 0)) {
                 c->doomed = 1;
                 c->failed_idx = idx;
                 note_abort(c, AB_LOCKED, idx);
@@ -421,22 +425,31 @@ int shmstm_tx_commit_2(shmstm_ctx *c, int64_t h1, int64_t v1, int64_t h2, int64_
 
 /* ---- the GIL-holding entry points of shmstm._fast (fast.h) ---- */
 
-static int64_t fast_readv(shmstm_ctx *c, const shmstm_ref *r)
+/* Each sets c->gil for the call: the core's waits drop the GIL through it
+ * (ctx_gil_release), and the GIL is taken back here, once, on the way out. */
+static int64_t fast_readv(shmstm_ctx *c, const shmstm_ref *r, struct shmstm_gil *g)
 {
-    return shmstm_tx_readv(c, r);        /* never blocks: bounded lock spins only */
+    c->gil = g;
+    int64_t v = shmstm_tx_readv(c, r);
+    c->gil = NULL;
+    if (g->released)
+        g->acquire(g);
+    return v;
 }
 
 static int fast_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n,
                             struct shmstm_gil *g)
 {
-    c->gil = g;                          /* the blocking waits drop the GIL */
+    c->gil = g;
     int rc = shmstm_tx_commit_ints(c, pairs, n);
     c->gil = NULL;
+    if (g->released)
+        g->acquire(g);
     return rc;
 }
 
 static const struct shmstm_fast_table fast_table = {
-    SHMSTM_FAST_ABI, sizeof(struct shmstm_fast_table),
+    SHMSTM_FAST_ABI, sizeof(struct shmstm_fast_table), sizeof(struct shmstm_gil),
     shmstm_peek, fast_readv, fast_commit_ints,
 };
 
@@ -530,7 +543,6 @@ static int wait_token(shmstm_ctx *c, int64_t timeout_ns)
         int64_t left = (int64_t)(deadline - now);
         ctx_gil_release(c);
         int rc = futex_wait(&h->token_futex, f, left < 10000000 ? left : 10000000);
-        ctx_gil_acquire(c);
         if (rc == SHMSTM_EINTR)
             return rc;
     }
@@ -679,7 +691,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
         uint32_t spins = 0;
         for (;;) {
             if (lk_locked(w)) {
-                if (!lock_wait(s, w, &spins, COMMIT_SPIN_LIMIT)) {
+                if (!lock_wait(c, s, w, &spins, COMMIT_SPIN_LIMIT)) {
                     bad = e[locked].idx;
                     goto fail;
                 }

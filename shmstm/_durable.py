@@ -58,7 +58,6 @@ _envs_lock = threading.Lock()
 def open_env(path, create=True, map_size=None):
     """This process's environment for ``path`` (opened once, reader_check at
     open), sized with the data's stored map size (see lmdb_open)."""
-    lmdb = _lmdb()
     real = os.path.realpath(path)
     with _envs_lock:
         env = _envs.get(real)

@@ -950,11 +950,17 @@ class _Tx:
                     if rc < 0:
                         self._end(AB_RESOURCE)
                         raise error_for(rc, "committing TVar %s" % _hstr(h))
+        # The TVars this attempt created leave self.created before the call:
+        # an interrupt (KeyboardInterrupt from a signal handler) landing just
+        # after a successful commit makes atomically() end the attempt, and
+        # that must not free TVars the commit published.  At worst, an
+        # interrupted failed commit leaks them.
+        created = self.created
+        if created:
+            self.created = []
         rc = _fcommit(self.pa, writes)
         if rc == 0:
             writes.clear()
-            if self.created:
-                del self.created[:]
             if self.undo:
                 del self.undo[:]
             self.nonint = 0
@@ -963,15 +969,16 @@ class _Tx:
         rt = self.rt
         if rc > 0:                          # durable sync commit: committed, not yet flushed
             writes.clear()
-            del self.created[:]
             del self.undo[:]
             self.nonint = 0
             self.rt = None
             rt._durable.finish_wait(ptr)
             return True
+        if created:
+            self.created = created + self.created
         self._end(AB_SILENT)               # the core counted the abort
-        if rc == E_CONFLICT:
-            return False
+        if rc == E_CONFLICT or rc == E_INTR:
+            return False                    # re-run (after E_INTR: signal handlers ran)
         if rt._durable is not None and rt._durable.retryable(rc):
             return False
         raise error_for(rc, "commit (TVar #%d)" % lib.shmstm_tx_failed_idx(ptr))

@@ -4,7 +4,7 @@
   temporary directory, built once per test process (each xdist worker builds its own
   into its own basetemp: no lock needed, ~2 s).  The .py files are copied from the
   ``shmstm`` package this test run imports (the installed release package in CI),
-  with its ``shmstm._fast``; the C core is compiled from this repository's ``native/`` with SHMSTM_DEBUG=1 by the
+  the C core (and ``shmstm._fast``, which must match its pointer table) is compiled from this repository's ``native/`` with SHMSTM_DEBUG=1 by the
   project's one cffi builder, ``native/build_shmstm.py``.
 * ``run_driver(scenario, cfg, debug=True)``: runs ``_driver.py`` in a subprocess (with
   the debug build on PYTHONPATH when ``debug``) and returns its JSON observations.
@@ -47,6 +47,17 @@ sys.path.insert(0, "native")
 os.environ["SHMSTM_DEBUG"] = "1"
 import build_shmstm
 print(build_shmstm.ffibuilder.compile(tmpdir="."))
+# shmstm._fast from the same sources (its ABI must match this core's table)
+from setuptools import Distribution, Extension
+from setuptools.command.build_ext import build_ext
+cargs, largs, _ = build_shmstm.compile_flags()
+ext = Extension("shmstm._fast", ["native/pyfast.c"], include_dirs=["native"],
+                extra_compile_args=[a for a in cargs if a != "-std=c11"] + ["-std=gnu11"],
+                extra_link_args=largs)
+cmd = build_ext(Distribution({"ext_modules": [ext]}))
+cmd.inplace = 1
+cmd.ensure_finalized()
+cmd.run()
 """
 
 
@@ -64,9 +75,7 @@ def debug_pkg(tmp_path_factory):
     os.mkdir(pkg)
     src = os.path.dirname(shmstm.__file__)
     for fn in os.listdir(src):
-        # shmstm._fast holds no core code (native/fast.h): the installed one
-        # binds to the debug core's table like to the release one.
-        if fn.endswith(".py") or fn == "py.typed" or (fn.startswith("_fast.") and fn.endswith(".so")):
+        if fn.endswith(".py") or fn == "py.typed":
             shutil.copy2(os.path.join(src, fn), pkg)
     env = dict(os.environ)
     env.pop("SHMSTM_SANITIZE", None)

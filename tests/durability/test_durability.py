@@ -580,3 +580,33 @@ def test_open_with_path_after_unpickling_a_tvar(segname, dpath, flushers):
     assert n.value == 41 and shmstm.read_durable(dpath)["values"]["n"] == 41
     rt.close()
     shmstm.unlink(segname)
+
+
+def test_interrupt_as_a_sync_commit_returns_keeps_its_new_tvars(segname, dpath, flushers):
+    """Property: a KeyboardInterrupt that lands while a committed transaction
+    is still in the core (a sync commit waiting for a stopped flusher) never
+    frees the TVars that transaction created: the committed value refers to
+    a live TVar (before the fix: StaleTVarError)."""
+    import threading
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    holder = rt.tvar("holder", None)
+    holder.value = 0
+    os.kill(fpid, signal.SIGSTOP)       # the sync wait lasts until SIGCONT
+
+    def body():
+        holder.value = rt.new_tvar(41)
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            shmstm.atomically(body)
+    finally:
+        timer.cancel()
+        os.kill(fpid, signal.SIGCONT)
+    created = holder.value
+    assert isinstance(created, shmstm.TVar) and created.value == 41
+    drain(rt)
+    rt.close()
+    shmstm.unlink(segname)

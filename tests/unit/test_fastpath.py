@@ -130,3 +130,36 @@ def test_read_outside_while_another_thread_is_in_a_transaction(runtime):
         release.set()
         t.join(10)
     assert tv.value == 2
+
+
+def test_signal_during_a_commit_wait_reruns_the_commit(runtime):
+    """Property: a signal whose Python handler returns, arriving while a
+    commit waits in the core (here for the irrevocable token another thread
+    holds), re-runs the transaction after the handler: the commit happens
+    once and raises nothing (it used to raise 'error -14' on a runtime
+    without durability)."""
+    import signal
+    from shmstm._binding import lib
+    tv = runtime.tvar("x", 0)
+    got, handled = threading.Event(), threading.Event()
+
+    def holder():
+        ctx = runtime._ctx()
+        assert lib.shmstm_tx_irrevocable(ctx.ptr, -1) == 0    # take the token
+        got.set()
+        handled.wait(30)                                       # until the signal was handled
+        lib.shmstm_tx_abort(ctx.ptr, 255)                      # release it
+
+    old = signal.signal(signal.SIGALRM, lambda *a: handled.set())
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        got.wait(30)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        tv.modify(lambda v: v + 1)          # waits for the token inside the commit
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        handled.set()
+        t.join(30)
+    assert handled.is_set() and tv.value == 1
