@@ -37,6 +37,7 @@ MAX_COMMITS = 65536
 NAP_NS = 1_000_000            # a busy flusher's nap between batches (async commits wait it out)
 IDLE_NAPS = 4                 # naps without a batch before it sleeps until woken
 GROUP_WAIT_NS = 300_000       # group commit: the longest wait for a batch's stragglers
+OWNER_YIELDS = 8              # yields for a preempted committer before a batch is cut at it
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -158,6 +159,14 @@ class Flusher:
                 return 4
             fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: see group()
             k = self.collect(nxt)
+            if 0 < k and self.out[2] == 2 and owner_waits < OWNER_YIELDS:
+                # A committer is between its fill and its COMMITTED store (a
+                # few instructions; it was preempted): let it finish rather
+                # than cut the batch there, which would cost the commits
+                # behind it, sync ones included, a whole LMDB write more.
+                owner_waits += 1
+                os.sched_yield()
+                continue
             if 0 < k and self.out[4] < sync_last and self.out[2] in (0, 1):
                 k = self.group(nxt, fills, sync_last - self.out[4])
             if k < 0:
