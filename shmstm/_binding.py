@@ -8,18 +8,11 @@ from .__about__ import __version__
 
 try:
     from ._native import ffi, lib
-except ImportError as e:  # pragma: no cover - a broken install
-    raise ImportError(
-        "shmstm's compiled core (shmstm._native) is missing: install the package "
-        "with 'pip install .' so that setup.py builds it (%s)" % e
-    ) from e
-
-try:
     from . import _fast
 except ImportError as e:  # pragma: no cover - a broken install
     raise ImportError(
-        "shmstm's fast-call module (shmstm._fast) is missing: install the package "
-        "with 'pip install .' (%s)" % e
+        "shmstm's compiled modules (shmstm._native, shmstm._fast) are missing: install "
+        "the package with 'pip install .' so that setup.py builds them (%s)" % e
     ) from e
 
 _build = ffi.string(lib.shmstm_build_info()).decode()
@@ -29,14 +22,15 @@ if not _build.startswith(__version__ + " "):
         "with 'pip install .'" % (_build, __version__)
     )
 
-# shmstm._fast calls the core through this table (native/fast.h); bind()
-# refuses a table of another ABI.
-_fast.bind(int(ffi.cast("uintptr_t", lib.shmstm_fast_table())))
-
 
 def address(cdata):
     """A cffi pointer as the int that shmstm._fast takes."""
     return int(ffi.cast("uintptr_t", cdata))
+
+
+# shmstm._fast calls the core through this table (native/fast.h); bind()
+# refuses a table of another ABI.
+_fast.bind(address(lib.shmstm_fast_table()))
 
 
 _ERRORS = {
