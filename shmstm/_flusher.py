@@ -35,6 +35,7 @@ from ._durable import _lmdb, adopt_map_size, lmdb_open
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
 NAP_NS = 1_000_000            # a busy flusher's nap between batches (async commits wait it out)
+ASYNC_NAP_NS = 5_000_000      # its nap after a batch without sync commits
 IDLE_NAPS = 4                 # naps without a batch before it sleeps until woken
 GROUP_WAIT_NS = 300_000       # group commit: the longest wait for a batch's stragglers
 OWNER_YIELDS = 8              # yields for a preempted committer before a batch is cut at it
@@ -202,7 +203,7 @@ class Flusher:
                     # of each LMDB write collecting the few commits made
                     # during the one before; a sync commit ends the nap.
                     nap_sync = (lib.shmstm_ring_sync_fills(self.seg) + 1) & 0xFFFFFFFF
-                    lib.shmstm_flusher_wait_sync(self.seg, nap_sync, NAP_NS)
+                    lib.shmstm_flusher_wait_sync(self.seg, nap_sync, ASYNC_NAP_NS)
                 continue
             if why == 1:                      # slot nxt still EMPTY
                 now = time.monotonic()
