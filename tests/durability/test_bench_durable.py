@@ -16,8 +16,8 @@ def test_bench_durable_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     res = doc["results"]
-    assert len(res) == 11 and all(v["ops_per_s"] > 0 for v in res.values())
+    assert len(res) == 12 and all(v["ops_per_s"] > 0 for v in res.values())
     assert set(doc["ratios"]) == {"async/none P=1", "async/none P=2", "sync/lmdb-sync P=2",
-                                  "sync x16/lmdb-sync P=2"}
-    assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 4
+                                  "sync x16/lmdb-sync P=2", "sync x16/lmdb-sync x16"}
+    assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 6
     assert res["shmstm async P=2"]["flusher_updates_per_cpu_s"] > 0
