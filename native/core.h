@@ -60,6 +60,10 @@ struct shmstm_ctx {
     int has_token;
     uint32_t failed_idx;     /* TVar that caused the last conflict (stats, errors) */
     uint64_t rv;
+    uint64_t rv_hint;        /* a clock value that was current once: the last extend's,
+                              * or this context's last wv.  A transaction starts from it
+                              * instead of reading the clock (a cache line every commit
+                              * writes); a read of a newer TVar extends, which reads it */
     struct rentry *rs;
     uint32_t rs_cap;
     uint32_t n_staged;

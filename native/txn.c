@@ -142,7 +142,7 @@ static int extend(shmstm_ctx *c)
     uint64_t now = load_acquire(&c->seg->h->clock);
     if (!validate_reads(c, NULL, 0))
         return 0;
-    c->rv = now;
+    c->rv = c->rv_hint = now;
     return 1;
 }
 
@@ -166,7 +166,13 @@ static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, in
         if (c->doomed)
             return SHMSTM_ECONFLICT;
         if (!c->active) {
-            c->rv = load_acquire(&s->h->clock);   /* begin; pairs with commits' faa */
+            /* Begin at a clock value that was current once, not the clock
+             * itself: any rv is safe (every read must have a version <= rv;
+             * a newer one extends, reading the clock then, and validates),
+             * and a commit's "rv + 1 == wv" still means nobody committed
+             * since the clock was rv.  Disjoint workloads then read the
+             * shared clock line only in their commit's fetch_add. */
+            c->rv = c->rv_hint;
             c->active = 1;
         }
     }
@@ -768,6 +774,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
     store_relaxed(&r->n, 0);
     store_release(&r->state, CR_IDLE);
     c->n_staged = 0;
+    c->rv_hint = wv;                    /* the clock was wv just after our fetch_add */
     counter_add(&p->commits, 1);
     counter_add(&p->bytes_committed, c->bytes_staged);
     c->bytes_staged = 0;
