@@ -725,6 +725,10 @@ int shmstm_tx_commit(shmstm_ctx *c)
     /* 4 */
     store_release(&r->state, CR_VALIDATING);
     wv = faa_acq_rel(&s->h->clock, 1) + 1;
+    /* rv (from rv_hint) is a clock value this thread saw on this segment, so
+     * it is below wv; a hint from anywhere else would break the shortcut of
+     * step 5 and the reads' version checks (contexts start at 0: calloc). */
+    DASSERT(!c->active || c->rv < wv);
     store_relaxed(&r->wv, wv);
     FAULT_POINT("commit.validating");
     /* 5 */

@@ -3,7 +3,8 @@
     shmstm-cleanup [--dry-run] [--json] [NAME ...]
 
 A segment is stale when no live process uses it: no process slot owned by a live
-process (the kernel's answer: pid and start time) and no process mapping it; a
+process (the kernel's answer: pid and start time), no process mapping it, and no
+durable commit that only its ring holds (open the runtime to flush those); a
 temporary name left by a creator killed during initialisation is stale once its
 creator is dead.  Another user's segments are listed, never opened or removed.
 """
@@ -25,6 +26,9 @@ def _human(segs, removed, dry_run):
             note = "initialising %s (creator pid %d %s) %s" % (
                 d["creating"]["runtime"], d["creating"]["pid"],
                 "alive" if d["creating"]["alive"] else "dead", note)
+        elif d.get("unflushed"):
+            note = "%d commit(s) not yet in LMDB: open the runtime to flush them %s" % (
+                d["unflushed"], note)
         elif d["dead_locks"]:
             note = "%d lock(s) of dead processes (recovered at next attach) %s" % (
                 d["dead_locks"], note)

@@ -74,11 +74,11 @@ def open_env(path, create=True, map_size=None):
 
 def lmdb_open(real, map_size=None):
     """Open the LMDB at ``real`` (reader_check at open) and size its map once:
-    the map size is stored in the data (meta ``map_size``) by its first
-    opener, ``map_size`` or MAP_SIZE, and every later opener (the flusher
-    too) uses the stored one.  ``map_size`` larger than the stored one
-    raises it (a full map's remedy: the flusher adopts the new size at its
-    next retry); smaller is refused."""
+    the map size is stored in the data (meta ``map_size``) by the first
+    opener that gives one, and every opener (the flusher too) uses the stored
+    one, or MAP_SIZE while none is stored.  ``map_size`` larger than the size
+    in use raises it (a full map's remedy: the flusher adopts the new size at
+    its next retry); smaller is refused, except for new, empty data."""
     lmdb = _lmdb()
     env = lmdb.open(real, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
     try:
@@ -114,7 +114,12 @@ def adopt_map_size(env, map_size, real):
     if map_size is not None:
         _check_map_size(map_size)
     stored = stored_map_size(env)
+    if stored is None and map_size is not None and read_meta(env) != (0, None):
+        stored = MAP_SIZE           # data made before map sizes were stored, or by an
+                                    # opener that gave none: it was sized with the default
     if map_size is not None and (stored is None or map_size > stored):
+        if env.info()["map_size"] < map_size:
+            env.set_mapsize(map_size)   # first: the write below needs room in a full map
         _, meta = _dbs(env)
         with begin(env, write=True, db=meta) as txn:
             cur = txn.get(b"map_size")

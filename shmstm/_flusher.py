@@ -196,14 +196,16 @@ class Flusher:
                 nxt = stop
                 sync_last = self.out[4]
                 idle = 0
-                if not sync_last and why != 3:
+                if not sync_last and why == 0:
                     # An async-only batch: nap before the next one, so that
                     # batches grow with the commit rate (each TVar is written
                     # once per batch, however often it was committed) instead
                     # of each LMDB write collecting the few commits made
                     # during the one before; a sync commit ends the nap.
-                    nap_sync = (lib.shmstm_ring_sync_fills(self.seg) + 1) & 0xFFFFFFFF
-                    lib.shmstm_flusher_wait_sync(self.seg, nap_sync, ASYNC_NAP_NS)
+                    # `fills` was read before the collect, which took every
+                    # commit up to the clock and no sync one: any sync fill
+                    # since (even one made during the write) ends the nap.
+                    lib.shmstm_flusher_wait_sync(self.seg, (fills + 1) & 0xFFFFFFFF, ASYNC_NAP_NS)
                 continue
             if why == 1:                      # slot nxt still EMPTY
                 now = time.monotonic()

@@ -171,7 +171,7 @@ def _describe(fn, maps):
         "name": fn[len(PREFIX):], "shm_path": path, "size": None, "uid": None, "mode": None,
         "layout_ok": False, "error": None, "processes": [], "live_processes": 0,
         "stale": False, "mapped_by": [], "locked_tvars": 0,
-        "dead_locks": 0, "creating": None,
+        "dead_locks": 0, "creating": None, "unflushed": 0,
     }
     try:
         st = os.lstat(path)
@@ -203,6 +203,12 @@ def _describe(fn, maps):
             locked, n = _locked(seg)
             d["locked_tvars"] = n
             d["dead_locks"] = sum(1 for _, slot in locked if not owners.get(slot, False))
+            ri = ffi.new("shmstm_ring_info *")
+            lib.shmstm_ring_info_get(seg, ri)
+            if ri.ring_slots and ri.committed_wv > ri.flushed_wv:
+                # Commits only this segment's ring holds (its flusher could not
+                # write them, or was killed with everyone): never stale.
+                d["unflushed"] = ri.committed_wv - ri.flushed_wv
         finally:
             lib.shmstm_seg_detach(seg)
     d["live_processes"] = sum(1 for p in d["processes"] if p["alive"])
@@ -212,7 +218,7 @@ def _describe(fn, maps):
         # is dead, whatever the slot table (shared with the real name) says.
         d["stale"] = not d["creating"]["alive"]
     else:
-        d["stale"] = not d["live_processes"] and not d["mapped_by"]
+        d["stale"] = not d["live_processes"] and not d["mapped_by"] and not d["unflushed"]
     return d
 
 
@@ -220,8 +226,10 @@ def list_segments():
     """Every shmstm segment in /dev/shm, as a list of dicts (see docs/api.md):
     ``name``, ``shm_path``, ``size``, ``uid``, ``mode``, ``layout_ok``, ``error``,
     ``processes`` (``[{slot, pid, alive}]``), ``live_processes``, ``stale``, plus
-    ``mapped_by`` (pids mapping it), ``locked_tvars``, ``dead_locks`` and
-    ``creating`` (for a temporary name: ``{runtime, pid, alive}`` of its creator).
+    ``mapped_by`` (pids mapping it), ``locked_tvars``, ``dead_locks``,
+    ``creating`` (for a temporary name: ``{runtime, pid, alive}`` of its creator)
+    and ``unflushed`` (commits of a durable runtime not yet in LMDB: such a
+    segment is never stale; opening the runtime lets its flusher write them).
 
     Reads each segment through a read-only mapping: takes no process slot and no
     TVar lock.  Another user's segments are listed but never opened."""
@@ -235,8 +243,9 @@ def list_segments():
 
 def cleanup_segments(dry_run=False, names=None):
     """Remove every segment of this user that no live process uses: no slot owned
-    by a live process (the kernel's answer: pid + start time) and no process
-    mapping it; a temporary name only once its creator is dead.  ``names``
+    by a live process (the kernel's answer: pid + start time), no process
+    mapping it, and no durable commit that only its ring holds; a temporary
+    name only once its creator is dead.  ``names``
     (iterable of runtime names) limits it to those runtimes (and their temporary
     names).  Returns the names removed (or, with ``dry_run``, that would be).
 

@@ -416,9 +416,10 @@ def test_full_map_is_an_error_and_loses_nothing(segname, dpath, flushers):
     flusher's write fails, commits are refused before their commit point
     (DurabilityError) and change nothing; LMDB keeps the state after a prefix
     of the commits and the ring keeps the rest; with nobody attached the
-    flusher exits instead of retrying forever; reopening with a larger
-    map_size lets a new flusher drain the ring, the error clears, and LMDB
-    then equals the segment."""
+    flusher exits instead of retrying forever, and shmstm-cleanup keeps the
+    segment (its ring holds the only copy of those commits); reopening with a
+    larger map_size lets a new flusher drain the ring, the error clears, and
+    LMDB then equals the segment."""
     rt = shmstm.open(segname, path=dpath, map_size=1 << 18, **LIMITS)
     fpid = flusher_pid(rt)
     flushers.append(fpid)
@@ -448,7 +449,13 @@ def test_full_map_is_an_error_and_loses_nothing(segname, dpath, flushers):
     assert prefix and disk["values"] == prefix[-1]
     rt.close()
     assert wait_dead(fpid, 30), "a failing flusher with nobody attached must exit"
-    # The commits LMDB lacks are in the segment's ring: a larger map drains them.
+    # The commits LMDB lacks are in the segment's ring: cleanup must keep it...
+    from shmstm._segments import cleanup_segments, list_segments
+    assert cleanup_segments(names=[segname]) == []
+    listed = [d for d in list_segments() if d["name"] == segname]
+    assert listed and listed[0]["unflushed"] == st["committed_wv"] - st["flushed_wv"] > 0
+    assert not listed[0]["stale"]
+    # ... and a larger map drains them.
     rt = shmstm.open(segname, path=dpath, map_size=1 << 24, **LIMITS)
     flushers.append(flusher_pid(rt))
     wait_for(lambda: rt.stats()["durability"]["error"] is None, 30, "the error to clear")
@@ -459,6 +466,22 @@ def test_full_map_is_an_error_and_loses_nothing(segname, dpath, flushers):
     assert shmstm.read_durable(dpath)["values"]["blob:0"] == b"after"
     with pytest.raises(shmstm.DurabilityMismatchError, match="cannot shrink"):
         shmstm.open(segname, path=dpath, map_size=1 << 18, **LIMITS)
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def test_map_size_cannot_shrink_below_the_default_it_was_made_with(segname, dpath, flushers):
+    """Data first opened without map_size was sized with the default (16 GiB):
+    a later, smaller map_size is refused, not stored (it would fill at once)."""
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    with shmstm.durability("sync"):
+        rt.tvar("x", 0).value = 1
+    rt.close()
+    with pytest.raises(shmstm.DurabilityMismatchError, match="cannot shrink"):
+        shmstm.open(segname, path=dpath, map_size=1 << 18, **LIMITS)
+    rt = shmstm.open(segname, path=dpath, map_size=1 << 35, **LIMITS)   # raising it is fine
+    assert rt.tvar("x", 0).value == 1
     rt.close()
     shmstm.unlink(segname)
 
