@@ -934,7 +934,8 @@ class _Tx:
 
     def _commit(self):
         """Stage the write buffer and commit.  True on success (the attempt
-        is over), False on a conflict (the attempt was ended); raises on
+        is over), False on a conflict and None for a re-run that is not one
+        (an interrupted wait; the attempt was ended either way); raises on
         errors (after ending the attempt)."""
         if self.rt is None:
             return True                     # touched no TVar
@@ -977,10 +978,11 @@ class _Tx:
         if created:
             self.created = created + self.created
         self._end(AB_SILENT)               # the core counted the abort
-        if rc == E_CONFLICT or rc == E_INTR:
-            return False                    # re-run (after E_INTR: signal handlers ran)
-        if rt._durable is not None and rt._durable.retryable(rc):
-            return False
+        if rc == E_CONFLICT:
+            return False                    # re-run, counted as a conflict
+        if rc == E_INTR or (rt._durable is not None and rt._durable.retryable(rc)):
+            return None                     # re-run, not a conflict (signal handlers ran,
+                                            # or the flusher was restarted)
         raise error_for(rc, "commit (TVar #%d)" % lib.shmstm_tx_failed_idx(ptr))
 
     def _block(self, deadline):
@@ -1067,8 +1069,11 @@ def atomically(fn, *args, **kwargs):
                     tx._end(AB_USER)
                     raise
             else:
-                if tx._commit():
+                done = tx._commit()
+                if done:
                     return result
+                if done is None:
+                    continue            # interrupted wait, not a conflict: no backoff
             conflicts += 1
             _backoff(conflicts)
             if conflicts == IRREVOCABLE_AFTER and tx.ctx is not None and tx.ctx.ptr is not None:
