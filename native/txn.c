@@ -249,13 +249,14 @@ int shmstm_read1(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out)
 
 /* ---- fast paths (the Python hot path) ----
  *
- * A cffi call costs about 70 ns with one argument and about 130 ns with two
- * (the second argument switches cffi to tuple unpacking), plus the reading
- * back of every out-parameter in Python: most of a read's cost.  So the fast
- * reads take the TVar as one pointer to a process-local shmstm_ref and return
- * an int value directly.  Anything else returns SHMSTM_READ_MISS and Python
- * falls back to the general functions above; a miss is never an answer, so
- * the fast paths add no behaviour of their own. */
+ * Python calls these through shmstm._fast (fast.h: without cffi's per-call
+ * cost, holding the GIL).  Reading back an out-parameter costs Python as
+ * much as a call, so the fast reads take the TVar as one pointer to a
+ * process-local shmstm_ref and return an int value directly.  Anything else
+ * returns SHMSTM_READ_MISS and Python falls back to the general functions
+ * above; a miss is never an answer, so the fast paths add no behaviour of
+ * their own.  commit_1 and commit_2 are kept for tools/bench_c.c (the C
+ * core's own cost) and callers without shmstm._fast. */
 
 static inline uint32_t h_idx(int64_t h) { return (uint32_t)((uint64_t)h & 0xffffffffu); }
 static inline uint32_t h_gen(int64_t h) { return (uint32_t)((uint64_t)h >> 32); }
@@ -402,9 +403,8 @@ static int stage_int(shmstm_ctx *c, int64_t h, int64_t v)
 }
 
 /* Stage n int writes given as (handle, value) pairs, then commit: the common
- * write set in one call.  Other values are staged before, one call each.
- * commit_1 and commit_2 take one and two pairs as arguments, which saves
- * Python building and cffi converting a list for the most common sizes. */
+ * write set in one call (shmstm._fast.commit builds the pairs from the write
+ * dict).  Other values are staged before, one call each. */
 int shmstm_tx_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {

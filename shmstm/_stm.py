@@ -543,9 +543,9 @@ def open(name, path=None, *, durability=None, ring_slots=None, map_size=None, **
     "async" (the default with a path) or "sync" (a commit returns once it is
     in LMDB); "none" without a path.  ``ring_slots``: commit ring size of a
     new durable segment (default max(65536, 4 * (max_procs + 1))).
-    ``map_size``: the LMDB map size in bytes, stored in the data by its first
-    opener (default 16 GiB, sparse); a larger value raises it (the remedy
-    for a full map), a smaller one is refused.
+    ``map_size``: the LMDB map size in bytes, stored in the data by the first
+    opener that gives one (until then 16 GiB, sparse); a larger value raises
+    it (the remedy for a full map), a smaller one is refused.
     """
     _check_name(name)
     if durability is None:
