@@ -12,6 +12,10 @@
  *   commit(ctx, writes) -> int  stage the int values of the dict writes
  *                               ({handle: value}; other values were staged
  *                               before) and commit: shmstm_tx_commit_ints
+ *   tx() -> obj or None         this thread's transaction object
+ *   set_tx(obj or None)         (in the thread state's dict, which CPython
+ *                               clears when the thread ends: a lookup there
+ *                               costs a fraction of a threading.local's)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -145,6 +149,41 @@ static PyObject *fast_commit(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(rc);
 }
 
+static PyObject *tx_key;                     /* "shmstm._fast.tx", interned */
+
+static PyObject *fast_tx(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    PyObject *d = PyThreadState_GetDict();   /* borrowed; this thread's */
+    PyObject *v = d ? PyDict_GetItemWithError(d, tx_key) : NULL;
+    if (v) {
+        Py_INCREF(v);
+        return v;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *fast_set_tx(PyObject *self, PyObject *v)
+{
+    (void)self;
+    PyObject *d = PyThreadState_GetDict();
+    if (!d) {
+        PyErr_SetString(PyExc_RuntimeError, "shmstm._fast: no thread state dict");
+        return NULL;
+    }
+    if (v != Py_None)
+        return PyDict_SetItem(d, tx_key, v) < 0 ? NULL : (Py_INCREF(Py_None), Py_None);
+    if (PyDict_DelItem(d, tx_key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError))
+            return NULL;
+        PyErr_Clear();
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"bind", fast_bind, METH_O, "bind(table): the core's shmstm_fast_table() address"},
     {"peek", fast_peek, METH_O, "peek(ref) -> int: shmstm_peek"},
@@ -152,6 +191,8 @@ static PyMethodDef methods[] = {
      "readv(ctx, ref) -> int: shmstm_tx_readv"},
     {"commit", (PyCFunction)(void (*)(void))fast_commit, METH_FASTCALL,
      "commit(ctx, writes) -> int: stage the dict's int writes and commit"},
+    {"tx", fast_tx, METH_NOARGS, "tx() -> this thread's transaction object, or None"},
+    {"set_tx", fast_set_tx, METH_O, "set_tx(obj or None): set or clear it"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -163,5 +204,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fast(void)
 {
+    tx_key = PyUnicode_InternFromString("shmstm._fast.tx");
+    if (!tx_key)
+        return NULL;
     return PyModule_Create(&module);
 }

@@ -86,25 +86,22 @@ class _RetrySignal(BaseException):
     """Internal: retry() was called."""
 
 
-class _TLS(threading.local):
-    # This thread's _Tx, reused by every transaction the thread runs; tx.running
-    # says whether one is running now.  One attribute, read once per TVar
-    # access and once per transaction: a threading.local access costs about as
-    # much as a whole cffi call, so the hot path makes as few as it can.
-    tx = None
-
-
-_tls = _TLS()
+# This thread's _Tx, reused by every transaction the thread runs (tx.running
+# says whether one is running now), kept in the thread state's dict by
+# shmstm._fast: read once per TVar access and once per transaction, it costs
+# ~150 instructions where a threading.local attribute cost ~600.
+_get_tx = _fast.tx
+_set_tx = _fast.set_tx
 
 
 def _current():
     """This thread's running transaction, or None (off the hot path)."""
-    tx = _tls.tx
+    tx = _get_tx()
     return tx if tx is not None and tx.running else None
 
 # Every transaction in flight in this process, in any thread.  While it is
 # empty (the common case for a read outside a transaction) TVar.get() knows
-# without a threading.local lookup that no transaction is running in this
+# without a thread-state lookup that no transaction is running in this
 # thread.  set.add/discard are atomic.
 _active = set()
 
@@ -699,8 +696,8 @@ atexit.register(_close_all)
 def _after_fork_child():
     """In a fork child: the parent's contexts (and slots) are not ours.  Forget
     them without releasing the slots; the child claims its own lazily."""
-    global _tls, _registry_lock
-    _tls = _TLS()
+    global _registry_lock
+    _set_tx(None)                   # the forking thread's transaction object
     _active.clear()
     _registry_lock = threading.RLock()
     for rt in list(_registry.values()):
@@ -745,7 +742,7 @@ class TVar:
             if v != MISS:
                 return v
             return self._get_outside()
-        tx = _tls.tx
+        tx = _get_tx()
         if tx is None or not tx.running:
             return self._get_outside()
         rt = self._rt
@@ -775,7 +772,7 @@ class TVar:
 
     def set(self, value):
         """Write: buffered inside a transaction, a one-TVar transaction outside."""
-        tx = _tls.tx
+        tx = _get_tx()
         if tx is None or not tx.running:
             atomically(self.set, value)
             return
@@ -1035,12 +1032,12 @@ def atomically(fn, *args, **kwargs):
     The function is re-run if it conflicts with another commit, so it must
     not have side effects outside TVars.  Inside a transaction, a nested
     ``atomically`` joins the outer transaction."""
-    # The hot path of every transaction: one threading.local read, no extra
+    # The hot path of every transaction: one thread-state read, no extra
     # call frame (tools/bench measures it).
-    tls = _tls
-    tx = tls.tx
+    tx = _get_tx()
     if tx is None:
-        tx = tls.tx = _Tx()
+        tx = _Tx()
+        _set_tx(tx)
     elif tx.running:
         return fn(*args, **kwargs)      # nested: joins the outer transaction
     if not callable(fn):
@@ -1082,7 +1079,7 @@ def atomically(fn, *args, **kwargs):
         # Never reuse a _Tx whose transaction ended by an exception: an
         # asynchronous one may cut the cleanup below short.  Dropped first, so
         # the next transaction's new _Tx clears the C context (_bind).
-        tls.tx = None
+        _set_tx(None)
         tx._end(AB_SILENT)
         raise
     finally:
@@ -1091,10 +1088,10 @@ def atomically(fn, *args, **kwargs):
 
 
 def _run_with_timeout(f, args, kwargs, timeout):
-    tls = _tls
-    tx = tls.tx
+    tx = _get_tx()
     if tx is None:
-        tx = tls.tx = _Tx()
+        tx = _Tx()
+        _set_tx(tx)
     elif tx.running:
         return f(*args, **kwargs)       # nested: the outer transaction's timeout rules
     tx.deadline = time.monotonic() + timeout

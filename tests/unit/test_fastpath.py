@@ -163,3 +163,30 @@ def test_signal_during_a_commit_wait_reruns_the_commit(runtime):
         handled.set()
         t.join(30)
     assert handled.is_set() and tv.value == 1
+
+
+def test_threads_transaction_objects_die_with_their_threads(runtime):
+    """Property: each thread's transaction object lives in its thread state
+    (shmstm._fast.tx) and is freed when the thread ends: 50 threads that each
+    ran a transaction leave no _Tx behind, and a thread never sees another's."""
+    import gc
+    tv = runtime.new_tvar(0)
+
+    def count():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is _stm._Tx)
+
+    atomically(lambda: tv.value)            # this thread's own, kept
+    before = count()
+    seen = []
+
+    def body():
+        assert _stm._fast.tx() is None       # a new thread starts without one
+        tv.modify(lambda v: v + 1)
+        seen.append(id(_stm._fast.tx()))
+    for _ in range(50):
+        t = threading.Thread(target=body)
+        t.start()
+        t.join()
+    assert tv.value == 50 and len(seen) == 50
+    assert count() == before
