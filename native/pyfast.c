@@ -174,8 +174,11 @@ static PyObject *fast_set_tx(PyObject *self, PyObject *v)
         PyErr_SetString(PyExc_RuntimeError, "shmstm._fast: no thread state dict");
         return NULL;
     }
-    if (v != Py_None)
-        return PyDict_SetItem(d, tx_key, v) < 0 ? NULL : (Py_INCREF(Py_None), Py_None);
+    if (v != Py_None) {
+        if (PyDict_SetItem(d, tx_key, v) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
     if (PyDict_DelItem(d, tx_key) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_KeyError))
             return NULL;
