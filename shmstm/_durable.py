@@ -101,37 +101,40 @@ def begin(env, **kw):
         return env.begin(**kw)
 
 
+def _u64(v):
+    return _U64.unpack(v)[0] if v else None
+
+
 def stored_map_size(env):
     _, meta = _dbs(env)
     with begin(env, db=meta) as txn:
-        v = txn.get(b"map_size")
-    return _U64.unpack(v)[0] if v else None
+        return _u64(txn.get(b"map_size"))
 
 
 def adopt_map_size(env, map_size, real):
     """Size env's map with the stored map size, storing or raising it first
     when ``map_size`` asks (see lmdb_open)."""
+    stored = stored_map_size(env)
     if map_size is not None:
         _check_map_size(map_size)
-    stored = stored_map_size(env)
-    if stored is None and map_size is not None and read_meta(env) != (0, None):
-        stored = MAP_SIZE           # data made before map sizes were stored, or by an
-                                    # opener that gave none: it was sized with the default
-    if map_size is not None and (stored is None or map_size > stored):
-        if env.info()["map_size"] < map_size:
-            env.set_mapsize(map_size)   # first: the write below needs room in a full map
-        _, meta = _dbs(env)
-        with begin(env, write=True, db=meta) as txn:
-            cur = txn.get(b"map_size")
-            cur = _U64.unpack(cur)[0] if cur else None
-            if cur is None or map_size > cur:
-                txn.put(b"map_size", _U64.pack(map_size))
-                cur = map_size
-        stored = cur
-    elif map_size is not None and map_size < stored:
-        raise errors.DurabilityMismatchError(
-            "the durable data at %r has map_size %d; a map cannot shrink (asked for %d)"
-            % (real, stored, map_size))
+        # Data made without a stored size was sized with the default; only new,
+        # empty data takes any size.
+        in_use = stored if stored is not None else (
+            MAP_SIZE if read_meta(env) != (0, None) else None)
+        if in_use is not None and map_size < in_use:
+            raise errors.DurabilityMismatchError(
+                "the durable data at %r has map_size %d; a map cannot shrink (asked for %d)"
+                % (real, in_use, map_size))
+        if in_use is None or map_size > in_use:
+            if env.info()["map_size"] < map_size:
+                env.set_mapsize(map_size)   # first: the write below needs room in a full map
+            _, meta = _dbs(env)
+            with begin(env, write=True, db=meta) as txn:
+                cur = _u64(txn.get(b"map_size"))      # another opener may have raised it
+                if cur is None or map_size > cur:
+                    txn.put(b"map_size", _U64.pack(map_size))
+                    cur = map_size
+            stored = cur
     size = stored or MAP_SIZE
     if env.info()["map_size"] != size:
         env.set_mapsize(size)

@@ -199,12 +199,10 @@ class Flusher:
                 if not sync_last and why == 0:
                     # An async-only batch: nap before the next one, so that
                     # batches grow with the commit rate (each TVar is written
-                    # once per batch, however often it was committed) instead
-                    # of each LMDB write collecting the few commits made
-                    # during the one before; a sync commit ends the nap.
-                    # `fills` was read before the collect, which took every
-                    # commit up to the clock and no sync one: any sync fill
-                    # since (even one made during the write) ends the nap.
+                    # once per batch, however often it was committed).  Any
+                    # sync fill since `fills` (read before this collect, which
+                    # took every commit up to the clock and no sync one) ends
+                    # the nap, also one made during the write.
                     lib.shmstm_flusher_wait_sync(self.seg, (fills + 1) & 0xFFFFFFFF, ASYNC_NAP_NS)
                 continue
             if why == 1:                      # slot nxt still EMPTY
