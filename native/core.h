@@ -115,6 +115,8 @@ pid_t    my_tid(void);
 int      heap_alloc(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off);
 int      heap_alloc_raw(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off);
 void     heap_free(struct shmstm_seg *s, struct shm_proc *p, uint64_t off);
+int      heap_alloc_rec(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off);
+void     heap_free_records(struct shmstm_seg *s, uint64_t *offs, const uint32_t *owners, uint32_t n);
 int      heap_block_ok(struct shmstm_seg *s, uint64_t off, uint32_t *len);
 static inline struct shm_block *heap_block(struct shmstm_seg *s, uint64_t off)
 {

@@ -9,10 +9,18 @@
  *    stale offset reads mapped memory, and its seqlock re-check rejects it.
  *    So every length read from a block is bounds-checked before use.
  *  - No coalescing: a freed block serves only its own class.  Heap full means
- *    the bump pointer is exhausted and the class's list is empty.
+ *    the bump pointer is exhausted and the class's lists are empty: the
+ *    shared one and, for classes below REC_CLASSES, every slot's record list.
  *
  * Concurrency: alloc and free may run concurrently in any processes.
- * A process killed inside alloc or free leaks at most the block in hand.
+ * A process killed inside alloc or free leaks at most the block in hand (a
+ * flusher killed inside a release, at most one chunk of records: ring.c).
+ *
+ * Commit-ring records (durable runtimes) have lists of their own per process
+ * slot (shm_proc.rec_free): the flusher frees a released range's records to
+ * their committers' slots, one chain per slot and class, and a committer
+ * allocates from its own slot's list first.  The shared class heads are then
+ * not a line that every durable commit of every process writes.
  */
 #include <string.h>
 #include "core.h"
@@ -27,10 +35,11 @@ static int size_class(size_t total, uint32_t *cls)
     return SHMSTM_ETOOLARGE;
 }
 
-static int pop_free(struct shmstm_seg *s, uint32_t c, uint64_t *off)
+/* Pop a block from the free list at head (a shared class list or a slot's
+ * record list: same format). */
+static int pop_list(struct shmstm_seg *s, a64 *head, uint64_t *off)
 {
-    a64 *head = &s->h->heap_free[c];
-    uint64_t h = load_acquire(head);     /* pairs with the release in push_free */
+    uint64_t h = load_acquire(head);     /* pairs with the release in push_chain */
     for (;;) {
         uint64_t unit = h & 0xffffffffull;
         if (unit == 0)
@@ -49,18 +58,31 @@ static int pop_free(struct shmstm_seg *s, uint32_t c, uint64_t *off)
     }
 }
 
-static void push_free(struct shmstm_seg *s, uint32_t c, uint64_t off)
+/* Push the chain first..last (linked through their next fields, relaxed
+ * stores by the caller) onto the list at head with one CAS. */
+static void push_chain(struct shmstm_seg *s, a64 *head, uint64_t first, uint64_t last)
 {
-    a64 *head = &s->h->heap_free[c];
-    struct shm_block *b = heap_block(s, off);
+    struct shm_block *b = heap_block(s, last);
     uint64_t h = load_relaxed(head);
     for (;;) {
         store_relaxed(&b->next, h & 0xffffffffull);
-        uint64_t nh = (((h >> 32) + 1) << 32) | (off / SHMSTM_UNIT);
-        /* release: the link above is visible to the popper's acquire */
+        uint64_t nh = (((h >> 32) + 1) << 32) | (first / SHMSTM_UNIT);
+        /* release: the links of the chain are visible to the popper's acquire */
         if (cas_acq_rel(head, &h, nh))
             return;
     }
+}
+
+/* A block just taken from a list or the bump pointer becomes class c, len. */
+static void block_init(struct shmstm_seg *s, uint64_t o, uint32_t c, size_t len)
+{
+    struct shm_block *blk = heap_block(s, o);
+    /* A reader with a stale offset may be reading this block: order our
+     * writes after the pop/bump so its seqlock re-check sees the change that
+     * made the block free (see txn.c, read). */
+    fence_release();
+    store_relaxed(&blk->cls, c);
+    store_relaxed(&blk->len, (uint32_t)len);
 }
 
 int heap_alloc(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off)
@@ -79,22 +101,27 @@ int heap_alloc_raw(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_
     if (size_class(len + sizeof(struct shm_block), &c))
         return SHMSTM_ETOOLARGE;
     uint64_t o;
-    if (!pop_free(s, c, &o)) {
+    if (!pop_list(s, &s->h->heap_free[c], &o)) {
         uint64_t sz = heap_class_size(c);
         uint64_t b = load_relaxed(&s->h->heap_bump);
-        do {
-            if (b > s->heap_size || sz > s->heap_size - b)
-                return SHMSTM_EHEAPFULL;
-        } while (!cas_acq_rel(&s->h->heap_bump, &b, b + sz));
-        o = b;
+        for (;;) {
+            if (b > s->heap_size || sz > s->heap_size - b) {
+                /* Fresh memory is used up: the free record blocks that the
+                 * slots hold (see heap_alloc_rec) serve any allocation. */
+                uint32_t i = 0;
+                while (c < REC_CLASSES && i < s->max_procs && !pop_list(s, &s->procs[i].rec_free[c], &o))
+                    i++;
+                if (c >= REC_CLASSES || i == s->max_procs)
+                    return SHMSTM_EHEAPFULL;
+                break;
+            }
+            if (cas_acq_rel(&s->h->heap_bump, &b, b + sz)) {
+                o = b;
+                break;
+            }
+        }
     }
-    struct shm_block *blk = heap_block(s, o);
-    /* A reader with a stale offset may be reading this block: order our
-     * writes after the pop/bump so its seqlock re-check sees the change that
-     * made the block free (see txn.c, read). */
-    fence_release();
-    store_relaxed(&blk->cls, c);
-    store_relaxed(&blk->len, (uint32_t)len);
+    block_init(s, o, c, len);
     if (p)
         counter_add(&p->heap_allocs[c], 1);
     *off = o;
@@ -109,7 +136,52 @@ void heap_free(struct shmstm_seg *s, struct shm_proc *p, uint64_t off)
     uint32_t c = load_relaxed(&heap_block(s, off)->cls);
     if (p)
         counter_add(&p->heap_frees[c], 1);
-    push_free(s, c, off);
+    push_chain(s, &s->h->heap_free[c], off, off);
+}
+
+/* A block for a commit-ring record of slot p: from p's record list first,
+ * else as heap_alloc_raw (which, with the heap used up, also takes the free
+ * record blocks of any slot). */
+int heap_alloc_rec(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off)
+{
+    uint32_t c;
+    uint64_t o;
+    if (len > s->heap_size || size_class(len + sizeof(struct shm_block), &c) ||
+        c >= REC_CLASSES || !pop_list(s, &p->rec_free[c], &o))
+        return heap_alloc_raw(s, NULL, len, off);
+    block_init(s, o, c, len);
+    *off = o;
+    return 0;
+}
+
+/* Free n record blocks, offs[i] made by slot owners[i] (the flusher, after a
+ * range is in LMDB): one chain per (slot, class) onto that slot's record
+ * list, one CAS each instead of one per block on a head every committer
+ * uses.  Bad offsets leak (as heap_free); bad owners and large classes go to
+ * the shared lists.  Overwrites offs. */
+void heap_free_records(struct shmstm_seg *s, uint64_t *offs, const uint32_t *owners, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t len;
+        if (!offs[i] || !heap_block_ok(s, offs[i], &len))
+            continue;
+        uint32_t c = load_relaxed(&heap_block(s, offs[i])->cls);
+        uint32_t who = owners[i];
+        if (c >= REC_CLASSES || who >= s->max_procs) {
+            push_chain(s, &s->h->heap_free[c], offs[i], offs[i]);
+            continue;
+        }
+        uint64_t first = offs[i], last = first;
+        for (uint32_t j = i + 1; j < n; j++) {
+            if (!offs[j] || owners[j] != who || !heap_block_ok(s, offs[j], &len) ||
+                load_relaxed(&heap_block(s, offs[j])->cls) != c)
+                continue;
+            store_relaxed(&heap_block(s, last)->next, offs[j] / SHMSTM_UNIT);
+            last = offs[j];
+            offs[j] = 0;
+        }
+        push_chain(s, &s->procs[who].rec_free[c], first, last);
+    }
 }
 
 /* Bounds check of a block at `off`: header and payload inside the heap and

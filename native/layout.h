@@ -32,7 +32,8 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 3u    /* 2: header checksum (hdr_sum); 3: sync_target */
+#define SHMSTM_LAYOUT_VERSION 4u    /* 2: header checksum (hdr_sum); 3: sync_target;
+                                       4: per-slot free lists of ring records */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
@@ -104,6 +105,7 @@ static inline uint64_t ps_make(uint32_t pid, uint32_t st) { return ((uint64_t)pi
 #define REC_INLINE    48u    /* write-set entries kept in the slot; more spill to the heap */
 #define LAT_BUCKETS   32u    /* log2(ns) commit latency histogram */
 #define HEAP_CLASSES  28u    /* block sizes 32 << c bytes, c < HEAP_CLASSES */
+#define REC_CLASSES   8u     /* ring records up to 32 << 7 bytes use per-slot free lists */
 
 /* One write-set entry of a commit record.
  * W: the owner only.  idx, gen, new_* and flags are written while staging
@@ -176,6 +178,17 @@ struct shm_proc {
     a64 heap_allocs[HEAP_CLASSES]; /* blocks allocated / freed by this slot */
     a64 heap_frees[HEAP_CLASSES];
     a64 lat_hist[LAT_BUCKETS];     /* commit-call latency, bucket = floor(log2(ns)) */
+    /* next line: free blocks for this slot's commit-ring records (durable
+     * runtimes), one list per size class below REC_CLASSES, heads in the
+     * heap's tagged format (heap.c).  A record's block comes back to its
+     * committer's slot instead of the shared lists, so that committers in
+     * different processes do not contend on one list head per commit.
+     * W: the flusher pushes the blocks of a released range as one chain per
+     * class (CAS acq_rel: the chain's links are visible to the popper);
+     * the slot's threads pop (CAS acq_rel), and so does a committer of any
+     * slot that finds the rest of the heap full.  Kept across owners (the
+     * blocks are free; whoever holds the slot next uses them). */
+    _Alignas(64) a64 rec_free[REC_CLASSES];
     /* the commit record, written only by the owner (or its recoverer) */
     _Alignas(64) struct shm_commit_rec rec;
 };
@@ -416,7 +429,7 @@ static inline uint64_t layout_signature(void)
         sizeof(struct shm_header), sizeof(struct shm_proc),
         sizeof(struct shm_tvar), sizeof(struct shm_dirent),
         sizeof(struct shm_wentry), sizeof(struct shm_commit_rec),
-        REC_INLINE, HEAP_CLASSES, AB_NREASONS, LAT_BUCKETS, TAG_MAX,
+        REC_INLINE, HEAP_CLASSES, REC_CLASSES, AB_NREASONS, LAT_BUCKETS, TAG_MAX,
         sizeof(struct shm_ring_slot), sizeof(struct ring_rec),
     };
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {

@@ -42,6 +42,7 @@ _Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
                "durable_state names differ between shmstm.h and layout.h");
 
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
+#define RELEASE_CHUNK 64u            /* records freed per chain push (shmstm_ring_release) */
 
 static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
 {
@@ -101,7 +102,7 @@ static int alloc_record(shmstm_ctx *c, size_t size, uint64_t *off)
     struct shm_header *h = s->h;
     uint64_t until = 0;
     for (uint32_t rounds = 0;; rounds++) {
-        int rc = heap_alloc_raw(s, NULL, size, off);
+        int rc = heap_alloc_rec(s, c->proc, size, off);
         if (rc != SHMSTM_EHEAPFULL)
             return rc;
         uint32_t f = load_seq_cst(&h->flush_futex);
@@ -690,21 +691,47 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
     if (!s->ring_slots)
         return SHMSTM_EINVAL;
     struct shm_header *h = s->h;
-    for (uint64_t wv = from_wv; wv <= to_wv; wv++) {
-        struct shm_ring_slot *sl = slot_of(s, wv);
-        if (load_acquire(&sl->seq) != wv)
-            continue;                      /* already recycled by a dead predecessor */
-        /* Only ranges already in LMDB come here, so every slot was processed:
-         * an empty value means a predecessor died between clearing and
-         * recycling it (it stored the next round's). */
-        uint64_t rec = load_acquire(&sl->rec);
-        /* Before the free (never freed twice); release: see ring_recover_decide. */
-        store_release(&sl->rec, ring_empty(wv + s->ring_slots));
-        if (ring_kind(rec) == 0)
-            heap_free(s, NULL, rec);
+    uint64_t offs[RELEASE_CHUNK];
+    uint32_t owners[RELEASE_CHUNK];
+    for (uint64_t wv = from_wv; wv <= to_wv;) {
+        /* In chunks: take up to RELEASE_CHUNK records, free them (one chain
+         * per owner and class, heap.c), then recycle their slots.  A flusher
+         * killed between the take and the free leaks at most that chunk. */
+        uint64_t first = wv;
+        uint32_t n = 0;
+        for (; wv <= to_wv && n < RELEASE_CHUNK; wv++) {
+            struct shm_ring_slot *sl = slot_of(s, wv);
+            if (load_acquire(&sl->seq) != wv)
+                continue;                  /* already recycled by a dead predecessor */
+            /* Only ranges already in LMDB come here, so every slot was
+             * processed: an empty value means a predecessor died between
+             * clearing and recycling it (it stored the next round's). */
+            uint64_t rec = load_acquire(&sl->rec);
+            /* Before the free (never freed twice); release: see
+             * ring_recover_decide. */
+            store_release(&sl->rec, ring_empty(wv + s->ring_slots));
+            if (ring_kind(rec) == 0) {
+                /* The collect checked the record (a restarted flusher's
+                 * predecessor did); still bounds-checked before its owner is
+                 * read, and a bad owner only sends it to the shared lists. */
+                uint32_t len, who = UINT32_MAX;
+                if (heap_block_ok(s, rec, &len) && len >= sizeof(struct ring_rec))
+                    who = ((struct ring_rec *)heap_payload(s, rec))->owner & ~RING_OWNER_SYNC;
+                offs[n] = rec;
+                owners[n++] = who;
+            }
+        }
+        heap_free_records(s, offs, owners, n);
         FAULT_POINT("ring.release_one");
-        /* Pairs with the committer's load_acquire of seq in ring_fill(). */
-        store_release(&sl->seq, wv + s->ring_slots);
+        /* No committer waits for these slots' next round yet: the room check
+         * keeps every wv taken within ring_slots of flushed_wv, which moves
+         * only below. */
+        for (uint64_t w = first; w < wv; w++) {
+            struct shm_ring_slot *sl = slot_of(s, w);
+            /* Pairs with the committer's load_acquire of seq in ring_fill(). */
+            if (load_relaxed(&sl->seq) == w)
+                store_release(&sl->seq, w + s->ring_slots);
+        }
     }
     uint64_t fl = load_relaxed(&h->flushed_wv);
     if (to_wv > fl)

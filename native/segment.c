@@ -37,6 +37,10 @@
 #include <sys/statvfs.h>
 #include "core.h"
 
+/* Python reads the layout version through shmstm.h (stats, error messages). */
+_Static_assert(SHMSTM_LAYOUT_VERSION_ == SHMSTM_LAYOUT_VERSION,
+               "SHMSTM_LAYOUT_VERSION_ (shmstm.h) differs from layout.h");
+
 #define MIN_HEAP (64u * 1024u)
 #define MAX_HEAP (1ull << 36)            /* 32-bit unit offsets in free-list heads */
 #define MAX_TVARS (1u << 24)

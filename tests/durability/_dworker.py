@@ -4,6 +4,8 @@
     python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
     python _dworker.py count_in_thread NAME PATH N          count() in a second thread (GIL check)
     python _dworker.py blobs NAME PATH N                    N commits of 16 kB values (heap-full waits)
+    python _dworker.py fill NAME PATH N                     N async commits of fill += 1, then print
+                                                            "done" and stay attached until a line on stdin
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
     python _dworker.py claim NAME                           attach as a flusher would, then on "go"
                                                             claim the lease and print 1 (won) or 0
@@ -50,6 +52,19 @@ def count(name, path, n):
         slots[c % 8].value = c
     for _ in range(n):
         shmstm.atomically(tx)
+    rt.close()
+
+
+def fill(name, path, n):
+    rt = shmstm.open(name, path=path, durability="async", **LIMITS)
+    tv = rt.tvar("fill", 0)
+
+    def tx():
+        tv.value += 1
+    for _ in range(n):
+        shmstm.atomically(tx)
+    print("done", flush=True)
+    sys.stdin.readline()
     rt.close()
 
 
@@ -104,6 +119,8 @@ if __name__ == "__main__":
         bank(args[0], args[1], args[2], int(args[3]), args[4])
     elif cmd == "count":
         count(args[0], args[1], int(args[2]))
+    elif cmd == "fill":
+        fill(args[0], args[1], int(args[2]))
     elif cmd == "victim":
         victim(args[0], args[1])
     elif cmd == "count_in_thread":

@@ -380,6 +380,51 @@ def test_heap_full_of_unflushed_records_waits_for_the_flusher(segname, dpath, fl
     shmstm.unlink(segname)
 
 
+def test_record_blocks_of_one_process_serve_another_when_the_heap_is_full(segname, dpath, flushers):
+    """The flusher returns a commit record's heap block to its committer's
+    process slot.  When one process holds every free record block that way
+    (its commits filled the heap while the flusher was stopped) and the rest
+    of the heap is used up, another process's durable commits take blocks
+    from that slot instead of failing with HeapFullError."""
+    rt = shmstm.open(segname, path=dpath, ring_slots=65536, **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    # The TVars of both workers exist before the heap fills (their names are
+    # heap blocks of another class, and the heap does not coalesce).
+    for k in ["fill", "ctr"] + ["slot:%d" % i for i in range(8)]:
+        rt.tvar(k, 0)
+    with shmstm.durability("sync"):
+        rt.tvar("ctr").value = 0
+    os.kill(fpid, signal.SIGSTOP)
+    # 40,000 records of 128 B (one int each) > the 4 MiB heap < the ring.
+    n = 40000
+    a = spawn(["fill", segname, dpath, n], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        try:
+            wait_for(lambda: rt.stats()["durability"]["ring_full_waits"] >= 1 or a.poll() is not None,
+                     60, "the filler to wait for the flusher")
+            assert a.poll() is None
+            heap = rt.stats()["heap"]
+            assert heap["size"] - heap["bump"] < 4096           # the bump pointer is used up
+        finally:
+            os.kill(fpid, signal.SIGCONT)
+        assert a.stdout.readline().strip() == "done"
+        drain(rt)
+        # Every record block is now free on the filler's slot (it stays
+        # attached, so the next process gets another slot).
+        b = spawn(["count", segname, dpath, 2000], stderr=subprocess.PIPE, text=True)
+        assert b.wait(120) == 0, b.stderr.read()
+    finally:
+        a.stdin.write("\n")
+        a.stdin.flush()
+        a.wait(60)
+    drain(rt)
+    vals = shmstm.read_durable(dpath)["values"]
+    assert (vals["fill"], vals["ctr"]) == (n, 2000)
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_ring_room_wait_lets_the_processs_other_threads_run(segname, dpath, flushers):
     """A commit waiting for ring room (flusher stopped) holds no lock and not
     the GIL either: hot commits go through shmstm._fast, which keeps the GIL
