@@ -2,7 +2,8 @@
  * lock-free free list per class, and a bump pointer for fresh memory.
  *
  * Invariants:
- *  - Offsets are bytes from the heap start, multiples of SHMSTM_UNIT; a
+ *  - Offsets are bytes from the heap start, multiples of SHMSTM_UNIT (of the
+ *    line width for blocks of 64 bytes and more); a
  *    free-list head packs (ABA tag << 32 | offset / UNIT), 0 meaning empty,
  *    so a pop that raced with pop+push of the same block fails its CAS.
  *  - Blocks are never unmapped or returned to the system: a reader holding a
@@ -105,7 +106,11 @@ int heap_alloc_raw(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_
         uint64_t sz = heap_class_size(c);
         uint64_t b = load_relaxed(&s->h->heap_bump);
         for (;;) {
-            if (b > s->heap_size || sz > s->heap_size - b) {
+            /* Blocks of a line or more start on a line (the heap starts on
+             * one): a 64-byte block, such as a ring record of one inline
+             * value, is one cache line, not two.  The gap is never used. */
+            uint64_t a = sz >= SHMSTM_CACHELINE ? (b + SHMSTM_CACHELINE - 1) & ~(uint64_t)(SHMSTM_CACHELINE - 1) : b;
+            if (a < b || a > s->heap_size || sz > s->heap_size - a) {
                 /* Fresh memory is used up: the free record blocks that the
                  * slots hold (see heap_alloc_rec) serve any allocation. */
                 uint32_t i = 0;
@@ -115,8 +120,8 @@ int heap_alloc_raw(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_
                     return SHMSTM_EHEAPFULL;
                 break;
             }
-            if (cas_acq_rel(&s->h->heap_bump, &b, b + sz)) {
-                o = b;
+            if (cas_acq_rel(&s->h->heap_bump, &b, a + sz)) {
+                o = a;
                 break;
             }
         }

@@ -384,8 +384,8 @@ struct ring_rec {
     uint64_t wv;        /* written after wv is taken, before the publishing CAS */
     uint32_t n;         /* entries */
     uint32_t owner;     /* committer's process slot | RING_OWNER_SYNC for sync */
-    uint64_t bytes;     /* entry bytes after this header */
-    uint64_t sum;       /* FNV-1a over the entry bytes */
+    uint32_t bytes;     /* entry bytes after this header (ring_prepare: < 4 GiB) */
+    uint32_t sum;       /* FNV-1a over the entry bytes, folded to 32 bits */
 };
 struct ring_ent {
     uint32_t idx;
@@ -415,7 +415,10 @@ _Static_assert(offsetof(struct shm_proc, rec) % 64 == 0, "record on its own line
 _Static_assert(sizeof(struct shm_proc) % 64 == 0, "proc slot is whole lines");
 _Static_assert(sizeof(struct shm_header) % 64 == 0, "header is whole lines");
 _Static_assert(sizeof(struct shm_ring_slot) == 64, "ring slot is one cache line");
-_Static_assert(sizeof(struct ring_rec) == 32 && sizeof(struct ring_ent) == 16, "ring record");
+/* 24 + 16: a record of one inline value fills a 64-byte block with its
+ * block header, one cache line (heap blocks of 64 bytes and more are
+ * line-aligned: heap.c). */
+_Static_assert(sizeof(struct ring_rec) == 24 && sizeof(struct ring_ent) == 16, "ring record");
 _Static_assert(sizeof(a64) == 8 && sizeof(a32) == 4, "lock-free atomics");
 
 /* The layout signature folds the layout version and every struct size and the

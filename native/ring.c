@@ -44,6 +44,13 @@ _Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
 #define RELEASE_CHUNK 64u            /* records freed per chain push (shmstm_ring_release) */
 
+/* ring_rec.sum: FNV-1a of the entries, folded to 32 bits. */
+static inline uint32_t rec_sum(const unsigned char *p, size_t n)
+{
+    uint64_t x = fnv1a(p, n);
+    return (uint32_t)(x ^ (x >> 32));
+}
+
 static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
 {
     return &s->ring[wv % s->ring_slots];
@@ -145,6 +152,8 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
         bytes += sizeof(struct ring_ent) + ((len + 7u) & ~7u);
         m++;
     }
+    if (bytes > UINT32_MAX - sizeof(struct ring_rec))
+        return SHMSTM_ETOOLARGE;           /* ring_rec.bytes; nothing allocated yet */
     uint64_t rec = ring_noop(c->slot, c->dsync);
     if (m) {
         uint64_t off;
@@ -169,8 +178,8 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
             q += sizeof en + padded;
         }
         struct ring_rec rh = {.wv = 0, .n = m,
-                              .owner = c->slot | (c->dsync ? RING_OWNER_SYNC : 0), .bytes = bytes,
-                              .sum = fnv1a(base + sizeof(struct ring_rec), bytes)};
+                              .owner = c->slot | (c->dsync ? RING_OWNER_SYNC : 0), .bytes = (uint32_t)bytes,
+                              .sum = rec_sum(base + sizeof(struct ring_rec), bytes)};
         memcpy(base, &rh, sizeof rh);
         rec = off;
     }
@@ -604,7 +613,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 return SHMSTM_ECORRUPT;
             rh = (const struct ring_rec *)heap_payload(s, rec);
             if (rh->wv != wv || rh->bytes > blen - sizeof *rh ||
-                fnv1a((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
+                rec_sum((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
                 return SHMSTM_ECORRUPT;
             owner = rh->owner & ~RING_OWNER_SYNC;
             syncs += (rh->owner & RING_OWNER_SYNC) != 0;

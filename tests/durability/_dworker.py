@@ -4,7 +4,7 @@
     python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
     python _dworker.py count_in_thread NAME PATH N          count() in a second thread (GIL check)
     python _dworker.py blobs NAME PATH N                    N commits of 16 kB values (heap-full waits)
-    python _dworker.py fill NAME PATH N                     N async commits of fill += 1, then print
+    python _dworker.py fill NAME PATH N                     N async commits of fill += 1, fill:b = fill, then print
                                                             "done" and stay attached until a line on stdin
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
     python _dworker.py claim NAME                           attach as a flusher would, then on "go"
@@ -57,10 +57,11 @@ def count(name, path, n):
 
 def fill(name, path, n):
     rt = shmstm.open(name, path=path, durability="async", **LIMITS)
-    tv = rt.tvar("fill", 0)
+    tv, tw = rt.tvar("fill", 0), rt.tvar("fill:b", 0)
 
-    def tx():
+    def tx():                           # two ints: a 128-byte record, as count's
         tv.value += 1
+        tw.value = tv.value
     for _ in range(n):
         shmstm.atomically(tx)
     print("done", flush=True)
