@@ -1,0 +1,38 @@
+"""Machine-wide CPU times from /proc/stat, for the benchmark tools.
+
+On a virtual machine the hypervisor can run other guests on our vCPUs:
+that time is "steal", and it skews every rate measured meanwhile, so the
+tools report its share next to their numbers."""
+import os
+
+
+def cpu_times():
+    """(busy, steal) CPU-seconds of the whole machine (all CPUs), or None.
+    busy = user + nice + system + irq + softirq."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        # cpu  user nice system idle iowait irq softirq steal ...
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+        hz = os.sysconf("SC_CLK_TCK")
+        return (user + nice + system + irq + softirq) / hz, steal / hz
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Steal:
+    """The share of the vCPUs' time that the hypervisor took between
+    construction and share() (0..1), or None where /proc/stat says nothing."""
+
+    def __init__(self):
+        import time
+        self._time = time.monotonic
+        self.t0 = self._time()
+        self.c0 = cpu_times()
+
+    def share(self):
+        c1 = cpu_times()
+        if self.c0 is None or c1 is None:
+            return None
+        cap = (self._time() - self.t0) * (os.cpu_count() or 1)
+        return (c1[1] - self.c0[1]) / cap if cap > 0 else None
