@@ -85,3 +85,18 @@ def test_bench_c_builds_warning_free_and_runs(tmp_path):
     assert len(lines) == 4, stdout
     assert all(float(ln.split()[-2]) > 0 for ln in lines)
     assert not os.path.exists("/dev/shm/shmstm-bench-c-%d" % proc.pid)
+
+
+def test_machine_check_prints_rates_and_the_scaling():
+    """tools/machine_check (the control for P=2 figures) runs and reports a
+    positive P2/P1 and the CPU time it got, per round."""
+    tool = os.path.join(REPO, "tools", "machine_check")
+    out = subprocess.run([sys.executable, tool, "--seconds", "0.3", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("round 1 P=1: ") and lines[1].startswith("round 1 P=2: ")
+    assert float(lines[2].rsplit("=", 1)[1]) > 0
+    for line in lines[:2]:
+        cpu = float(line.split("CPU ")[1].split(" s")[0])
+        assert 0 < cpu <= 1.05
