@@ -374,15 +374,7 @@ static inline uint64_t ring_empty(uint64_t wv)   { return (wv << 4) | RING_EMPTY
 struct shm_ring_slot {
     a64 seq;
     a64 rec;
-    a64 done;   /* a hint: wv once the slot's filler stored COMMITTED for wv (so
-                   its commit record no longer says VALIDATING for it).  W: that
-                   committer, store_release after its COMMITTED store (txn.c
-                   step 6); nobody resets it (the value names its round, and a
-                   stale one only fails to match).  R: the flusher's collect,
-                   load_acquire; on a match it skips reading the owner's commit
-                   record (a line the owner writes on every commit), otherwise
-                   it reads it as before. */
-    uint8_t pad_[40];
+    uint8_t pad_[48];
 };
 
 /* A ring record, in a heap block (payload).  Written by its committer only

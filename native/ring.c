@@ -270,14 +270,6 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     return 1;
 }
 
-/* After the COMMITTED store of a filled slot (txn.c step 6): tell the
- * flusher, in the slot's own line (ours since the fill), that our commit
- * record is past VALIDATING for wv. */
-void ring_committed(shmstm_ctx *c, uint64_t wv)
-{
-    store_release(&slot_of(c->seg, wv)->done, wv);
-}
-
 /* A failed commit: void slot wv if we took one, free the record. */
 void ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec)
 {
@@ -628,8 +620,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         } else if (ring_kind(rec) != 1) {
             return SHMSTM_ECORRUPT;
         }
-        /* Pairs with ring_committed's release: the owner is past VALIDATING. */
-        if (owner < s->max_procs && load_acquire(&sl->done) != wv) {
+        if (owner < s->max_procs) {
             /* Do not let the slot be recycled while its owner still says
              * VALIDATING for this wv (read wv first, then state). */
             struct shm_commit_rec *r = &s->procs[owner].rec;

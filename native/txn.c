@@ -748,8 +748,6 @@ int shmstm_tx_commit(shmstm_ctx *c)
         goto fail;
     }
     store_release(&r->state, CR_COMMITTED);
-    if (s->ring_slots)
-        ring_committed(c, wv);
     FAULT_POINT("commit.committed");
     /* 7, 8 */
     for (uint32_t i = 0; i < n; i++) {
