@@ -34,7 +34,7 @@
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
 #define SHMSTM_LAYOUT_VERSION 4u    /* 2: header checksum (hdr_sum); 3: sync_target;
                                        4: per-slot free lists of ring records, 24-byte
-                                          ring records, the ring slot's done word */
+                                          ring records */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
