@@ -211,7 +211,8 @@ struct shm_tvar {
                        recoverer fetch_and its own bit out (acq_rel, only when
                        max_procs <= 64).  See wait.c. */
     a32 flags;      /* TV_NAMED.  W: creator before the handle escapes. advisory */
-    a32 conflicts;  /* aborts caused by this TVar (relaxed faa; advisory, stats) */
+    a32 conflicts;  /* aborts caused by this TVar (relaxed faa, saturating just below
+                       UINT32_MAX: txn.c; advisory, stats) */
     a64 next_free;  /* free-list link (index + 1) while the slot is free.
                        W: freer before the push CAS (release) */
     uint8_t pad_[16];

@@ -146,11 +146,19 @@ static int extend(shmstm_ctx *c)
     return 1;
 }
 
+#define CONFLICTS_MAX (UINT32_MAX - (1u << 24))   /* margin: one increment per thread */
+
 static void note_abort(shmstm_ctx *c, uint32_t reason, uint32_t idx)
 {
     counter_add(&c->proc->aborts[reason], 1);
-    if (idx < c->seg->max_tvars && (reason == AB_LOCKED || reason == AB_VALIDATE))
-        faa_relaxed(&c->seg->tvars[idx].conflicts, 1);   /* advisory */
+    if (idx >= c->seg->max_tvars || (reason != AB_LOCKED && reason != AB_VALIDATE))
+        return;
+    /* Advisory; saturates instead of wrapping (a wrapped count would make the
+     * stats tool's conflicts per second negative).  Concurrent increments
+     * overshoot the test by at most one per thread. */
+    a32 *n = &c->seg->tvars[idx].conflicts;
+    if (load_relaxed(n) < CONFLICTS_MAX)
+        faa_relaxed(n, 1);
 }
 
 /* The seqlock read shared by transactional and snapshot reads.

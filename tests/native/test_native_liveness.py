@@ -1,5 +1,6 @@
 """C-level cases of the core that need forged or exhausted shared state:
-liveness decisions with forged slot states (liveness_cases.c) and the heap's
+liveness decisions with forged slot states (liveness_cases.c), the conflict
+counter (txn_cases.c) and the heap's
 alignment, per-slot record lists and full-heap behaviour (heap_cases.c).
 Each program is built with -Wall -Wextra -Werror against native/, run, and
 every case must report ok."""
@@ -29,3 +30,7 @@ def test_liveness_cases(tmp_path):
 
 def test_heap_cases(tmp_path):
     _run_cases(tmp_path, "heap_cases", ("line_aligned", "owner_lists", "full_heap_steals"))
+
+
+def test_txn_cases(tmp_path):
+    _run_cases(tmp_path, "txn_cases", ("conflicts_saturate",))
