@@ -12,24 +12,7 @@
  *                    slot 2, a plain value) takes the free record blocks of
  *                    another slot; only then is the heap full */
 #define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include "core.h"
-
-static char name[64];
-
-static void fail(const char *what)
-{
-    fprintf(stderr, "FAIL %s\n", what);
-    shm_unlink(name);
-    exit(1);
-}
-
-#define CHECK(c, what) do { if (!(c)) fail(what); } while (0)
+#include "cases.h"
 
 /* A free-list head packs (ABA tag << 32 | unit offset): empty is offset 0. */
 static int list_empty(a64 *head) { return (load_relaxed(head) & 0xffffffffull) == 0; }
@@ -39,14 +22,7 @@ static size_t payload_for(size_t block) { return block - sizeof(struct shm_block
 
 int main(void)
 {
-    snprintf(name, sizeof name, "/shmstm-heapcases-%d", (int)getpid());
-    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
-    CHECK(fd >= 0, "shm_open");
-    shmstm_params p = {0};
-    p.max_tvars = 64; p.max_procs = 4; p.max_value_size = 1024; p.heap_size = 1 << 16;
-    shmstm_seg *s;
-    CHECK(shmstm_seg_create(fd, &p, &s) == 0, "create");
-    close(fd);
+    shmstm_seg *s = case_segment("heapcases");
     struct shm_proc *p1 = &s->procs[1], *p2 = &s->procs[2];
 
     /* line_aligned */
@@ -98,7 +74,6 @@ int main(void)
     CHECK(heap_alloc_raw(s, NULL, payload_for(64), &none) == SHMSTM_EHEAPFULL, "then the heap is full");
     printf("ok full_heap_steals\n");
 
-    shmstm_seg_detach(s);
-    shm_unlink(name);
+    case_done(s);
     return 0;
 }

@@ -14,38 +14,15 @@
  *  gone_is_death          a reaped child's pid is dead */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
-#include "core.h"
-
-static char name[64];
-
-static void fail(const char *what)
-{
-    fprintf(stderr, "FAIL %s\n", what);
-    shm_unlink(name);
-    exit(1);
-}
-
-#define CHECK(c, what) do { if (!(c)) fail(what); } while (0)
+#include "cases.h"
 
 int main(void)
 {
-    snprintf(name, sizeof name, "/shmstm-liveness-%d", (int)getpid());
-    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
-    CHECK(fd >= 0, "shm_open");
-    shmstm_params p = {0};
-    p.max_tvars = 64; p.max_procs = 4; p.max_value_size = 1024; p.heap_size = 1 << 16;
-    shmstm_seg *s;
+    shmstm_seg *s = case_segment("liveness");
     shmstm_ctx *c;
-    CHECK(shmstm_seg_create(fd, &p, &s) == 0, "create");
-    close(fd);
     CHECK(shmstm_ctx_new(s, &c) == 0, "ctx");
     uint32_t idx, gen;
     CHECK(shmstm_tvar_new(c, SHMSTM_TAG_INT, 5, 0, NULL, 0, &idx, &gen) == 0, "tvar");
@@ -121,7 +98,6 @@ int main(void)
     printf("ok gone_is_death\n");
 
     shmstm_ctx_free(c);
-    shmstm_seg_detach(s);
-    shm_unlink(name);
+    case_done(s);
     return 0;
 }

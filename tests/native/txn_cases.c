@@ -6,24 +6,7 @@
  *                      abort, and one forged near UINT32_MAX stops below it
  *                      instead of wrapping to a small number */
 #define _GNU_SOURCE
-#include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include "core.h"
-
-static char name[64];
-
-static void fail(const char *what)
-{
-    fprintf(stderr, "FAIL %s\n", what);
-    shm_unlink(name);
-    exit(1);
-}
-
-#define CHECK(c, what) do { if (!(c)) fail(what); } while (0)
+#include "cases.h"
 
 /* ctx a reads the TVar, ctx b commits to it, then a's commit fails validation. */
 static void one_conflict(shmstm_ctx *a, shmstm_ctx *b, uint32_t idx, uint32_t gen)
@@ -39,15 +22,8 @@ static void one_conflict(shmstm_ctx *a, shmstm_ctx *b, uint32_t idx, uint32_t ge
 
 int main(void)
 {
-    snprintf(name, sizeof name, "/shmstm-txncases-%d", (int)getpid());
-    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
-    CHECK(fd >= 0, "shm_open");
-    shmstm_params p = {0};
-    p.max_tvars = 64; p.max_procs = 4; p.max_value_size = 1024; p.heap_size = 1 << 16;
-    shmstm_seg *s;
+    shmstm_seg *s = case_segment("txncases");
     shmstm_ctx *a, *b;
-    CHECK(shmstm_seg_create(fd, &p, &s) == 0, "create");
-    close(fd);
     CHECK(shmstm_ctx_new(s, &a) == 0 && shmstm_ctx_new(s, &b) == 0, "contexts");
     uint32_t idx, gen;
     CHECK(shmstm_tvar_new(a, SHMSTM_TAG_INT, 0, 0, NULL, 0, &idx, &gen) == 0, "tvar");
@@ -63,7 +39,6 @@ int main(void)
 
     shmstm_ctx_free(a);
     shmstm_ctx_free(b);
-    shmstm_seg_detach(s);
-    shm_unlink(name);
+    case_done(s);
     return 0;
 }
