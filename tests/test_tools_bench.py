@@ -66,6 +66,17 @@ def test_bench_quick_json(tmp_path):
     assert text.count("<!-- bench:core:start -->") == 1
     assert "| bank | shmstm |" in text
 
+    # --from-json measures nothing and records the saved run as it was: the
+    # same report and the same section (its command and date, not the replay's)
+    md2 = tmp_path / "replay.md"
+    md2.write_text("# Bench\n\nkept above\n\n<!-- bench:core:start -->\nOLD-SECTION-SENTINEL\n"
+                   "<!-- bench:core:end -->\n\nkept below\n")
+    replay = subprocess.run([sys.executable, BENCH, "--from-json", str(out), "--markdown", str(md2)],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout.strip() == stdout.strip()
+    assert md2.read_text() == text
+
 
 def test_bench_c_builds_warning_free_and_runs(tmp_path):
     """tools/bench_c.c (the C core's own cost) builds with -Wall -Wextra -Werror
