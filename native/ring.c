@@ -31,6 +31,7 @@
  */
 #define _GNU_SOURCE
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 #include "core.h"
@@ -523,6 +524,31 @@ int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns, ui
         rc = futex_wait(&h->ring_futex, f, timeout_ns);
     store_seq_cst(&h->flusher_sleeping, FS_AWAKE);
     return rc == SHMSTM_EINTR ? rc : 0;
+}
+
+/* Poll slot next_wv for up to poll_ns without sleeping: 1 once it is filled
+ * (or voided), 0 at the deadline.  Reads only; flusher_sleeping stays
+ * FS_AWAKE, so committers make no wake-up call meanwhile.  For the flusher
+ * after a batch of few sync commits (_flusher.py): their committers come back
+ * within microseconds, and a flusher asleep on an idle vCPU takes far longer
+ * than that to be woken on some hosts (docs/durability.md).  It yields the CPU
+ * every 64 rounds, so a committer waiting for this vCPU gets it. */
+int shmstm_flusher_poll(shmstm_seg *s, uint64_t next_wv, int64_t poll_ns)
+{
+    struct shm_ring_slot *sl = slot_of(s, next_wv);
+    uint64_t end = now_ns() + (uint64_t)(poll_ns > 0 ? poll_ns : 0);
+    for (uint32_t i = 1;; i++) {
+        /* Pairs with the fill's CAS (acq_rel) in ring_fill. */
+        if (load_acquire(&sl->seq) == next_wv && ring_kind(load_acquire(&sl->rec)) != RING_EMPTY_KIND)
+            return 1;
+        if (i % 64 == 0) {
+            if (now_ns() >= end)
+                return 0;
+            sched_yield();
+        } else {
+            cpu_relax();
+        }
+    }
 }
 
 uint32_t shmstm_ring_sync_fills(shmstm_seg *s)

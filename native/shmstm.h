@@ -255,6 +255,8 @@ int shmstm_flusher_holds(shmstm_seg *seg);
 #define SHMSTM_FS_ANY  1    /* flusher_sleep: any commit wakes the flusher */
 #define SHMSTM_FS_SYNC 2    /* only sync commits do (async ones wait for the nap) */
 int shmstm_flusher_sleep(shmstm_seg *seg, uint64_t next_wv, int64_t timeout_ns, uint32_t wake_on);
+/* Poll slot next_wv up to poll_ns without sleeping: 1 filled, 0 not (ring.c). */
+int shmstm_flusher_poll(shmstm_seg *seg, uint64_t next_wv, int64_t poll_ns);
 uint32_t shmstm_ring_sync_fills(shmstm_seg *seg);
 uint32_t shmstm_flusher_wait_sync(shmstm_seg *seg, uint32_t target, int64_t timeout_ns);
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);

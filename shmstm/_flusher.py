@@ -39,6 +39,8 @@ ASYNC_NAP_NS = 5_000_000      # its nap after a batch without sync commits
 IDLE_NAPS = 4                 # naps without a batch before it sleeps until woken
 GROUP_WAIT_NS = 300_000       # group commit: the longest wait for a batch's stragglers
 OWNER_YIELDS = 8              # yields for a preempted committer before a batch is cut at it
+POLL_NS = int(os.environ.get("SHMSTM_FLUSH_POLL_NS", "1000000"))
+POLL_MAX_SYNC = 2             # poll (not sleep) after a batch of at most this many sync commits
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -231,6 +233,14 @@ class Flusher:
             # here); sync commits still wake us at once.  Idle: sleep until
             # any commit wakes us.
             idle += 1
+            if idle == 1 and 0 < sync_last <= POLL_MAX_SYNC and POLL_NS > 0 and \
+                    lib.shmstm_flusher_poll(self.seg, nxt, POLL_NS):
+                # The last batch served one or two sync committers, which come
+                # back within microseconds.  Waking a flusher asleep on an idle
+                # vCPU can take far longer on a VM, and their vCPUs are idle
+                # while they wait, so polling costs them nothing.  More sync
+                # committers keep the flusher busy without it (group commit).
+                continue
             if idle < IDLE_NAPS:
                 lib.shmstm_flusher_sleep(self.seg, nxt, NAP_NS, lib.SHMSTM_FS_SYNC)
                 continue

@@ -350,6 +350,44 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     shmstm.unlink(segname)
 
 
+def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flushers):
+    """shmstm_flusher_poll (the flusher's wait after a batch of few sync
+    commits) returns 1 for a filled slot, also one filled by another thread
+    while it polls, and 0 only once its deadline has passed.  The flusher is
+    stopped so that nothing recycles the slots meanwhile."""
+    from shmstm._binding import lib
+
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    ctr = rt.tvar("ctr", 0)
+    with shmstm.durability("sync"):
+        ctr.value = 0
+    os.kill(fpid, signal.SIGSTOP)
+    try:
+        ctr.value = 1                               # async: returns at its commit point
+        wv = rt.stats()["clock"]
+        assert lib.shmstm_flusher_poll(rt._seg, wv, 10_000_000_000) == 1
+        t0 = time.monotonic()
+        assert lib.shmstm_flusher_poll(rt._seg, wv + 1, 50_000_000) == 0
+        assert time.monotonic() - t0 >= 0.05
+        # A commit from another thread fills slot wv + 1 while we poll.
+        import threading
+        go = threading.Event()
+        th = threading.Thread(target=lambda: (go.wait(), ctr.set(2)))
+        th.start()
+        go.set()
+        assert lib.shmstm_flusher_poll(rt._seg, wv + 1, 30_000_000_000) == 1
+        th.join(30)
+        assert rt.stats()["clock"] == wv + 1
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    drain(rt)
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 2
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_heap_full_of_unflushed_records_waits_for_the_flusher(segname, dpath, flushers):
     """A stopped flusher frees no commit records, so big values fill the heap
     before the ring: the committer waits for the flusher (counted in
