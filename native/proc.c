@@ -26,6 +26,10 @@
  *        then release the lock with wv, push a freed TVar slot, wake waiters
  *      record LOCKING/VALIDATING (roll back): restore old_lock
  *                                                         recover.entry (both)
+ *      (R2b) a record that cannot name all its entries (corrupt spill block
+ *      or index), LOCKING/VALIDATING: every lock word still naming the dead
+ *      slot is released at the current clock, value untouched
+ *                                                         recover.entry
  *  R3. release the irrevocable token if the dead slot held it
  *                                                         recover.token
  *  R4. clear the record (n, spill, state IDLE), sleeping, the slot's waiter
@@ -193,11 +197,16 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     uint32_t n = load_relaxed(&r->n);
     struct shm_wentry *e = rec_entries(s, r);
     uint64_t mine = lk_make_locked(slot);
+    int lost = 0;                               /* entries the record cannot name */
+    if (n && !e)
+        lost = 1;                               /* its spill block is not a block */
     if (e && n && (rst == CR_LOCKING || rst == CR_VALIDATING || rst == CR_COMMITTED)) {
         uint64_t wv = load_relaxed(&r->wv);
         for (uint32_t i = 0; i < n; i++) {
-            if (e[i].idx >= s->max_tvars)
-                continue;                       /* corrupt entry: skip, never write */
+            if (e[i].idx >= s->max_tvars) {
+                lost = 1;                       /* corrupt entry: skip, never write */
+                continue;
+            }
             struct shm_tvar *t = &s->tvars[e[i].idx];
             if (load_acquire(&t->lock) != mine)
                 continue;                       /* not (or no longer) held by the dead slot */
@@ -220,6 +229,24 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
                 store_release(&t->lock, e[i].old_lock);
             }
             FAULT_POINT("recover.entry");
+        }
+    }
+    /* R2b.  Locks the record could not name (its spill block or an entry is
+     * corrupt) would stay with this slot, and so with its next owner, for
+     * good.  Before the commit point no value was published, so each such
+     * lock is released with its value as it is, at the clock's current value:
+     * no lower than the version it replaced (that came from the clock), and a
+     * new version on an unchanged value only makes readers validate.  A commit
+     * that passed its commit point cannot be finished without its record, and
+     * is never half undone: its locks stay (docs/reliability.md). */
+    if (lost && (rst == CR_LOCKING || rst == CR_VALIDATING)) {
+        uint64_t ver = load_acquire(&s->h->clock);
+        for (uint32_t i = 0; i < s->max_tvars; i++) {
+            struct shm_tvar *t = &s->tvars[i];
+            if (load_relaxed(&t->lock) == mine) {
+                store_release(&t->lock, lk_make_unlocked(ver));
+                FAULT_POINT("recover.entry");
+            }
         }
     }
     /* R3. release the irrevocable token if the dead slot held it */

@@ -11,7 +11,17 @@
  *                         time) is left alone
  *  emfile_is_not_death    with no file descriptor left, /proc cannot be read:
  *                         a live owner is not taken for dead
- *  gone_is_death          a reaped child's pid is dead */
+ *  gone_is_death          a reaped child's pid is dead
+ *  corrupt_spill_rolls_back   a dead slot's record whose spill block is not a
+ *                         block, before its commit point: every lock still
+ *                         naming the slot is released, values as they were,
+ *                         versions not lower (they used to stay locked, and
+ *                         go to the slot's next owner)
+ *  corrupt_index_rolls_back   one entry's index is out of range: the others
+ *                         roll back from the record, the lock it stood for is
+ *                         released by the sweep
+ *  committed_corrupt_keeps_locks  past the commit point, a record that cannot
+ *                         be read is never half undone: the locks stay */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sys/resource.h>
@@ -96,6 +106,80 @@ int main(void)
     CHECK(waitpid(kid, NULL, 0) == kid, "waitpid");
     CHECK(!proc_alive((uint32_t)kid, kid_start), "gone_is_death: a reaped pid taken for alive");
     printf("ok gone_is_death\n");
+
+    /* The reaped child is a dead owner from here on.  Two TVars with
+     * versions and a clock above them: t = 7 (wv 1), t2 = 8 (wv 2), clock 3. */
+    uint32_t idx2, gen2;
+    CHECK(shmstm_tvar_new(c, SHMSTM_TAG_INT, 6, 0, NULL, 0, &idx2, &gen2) == 0, "tvar 2");
+    struct shm_tvar *t2 = &s->tvars[idx2];
+    CHECK(shmstm_tx_commit_1(c, ((int64_t)gen << 32) | idx, 7) == 0, "commit t");
+    CHECK(shmstm_tx_commit_1(c, ((int64_t)gen2 << 32) | idx2, 8) == 0, "commit t2");
+    CHECK(shmstm_tx_commit_1(c, ((int64_t)gen2 << 32) | idx2, 8) == 0, "commit t2 again");
+    uint64_t w1 = load_relaxed(&t->lock), w2 = load_relaxed(&t2->lock);
+    CHECK(!lk_locked(w1) && !lk_locked(w2) && lk_version(w2) == 3, "versions");
+    uint32_t dv = 2;
+    struct shm_proc *dp = &s->procs[dv];
+    struct shm_commit_rec *dr = &dp->rec;
+
+    /* corrupt_spill_rolls_back: a spilled write set, its spill offset not a
+     * block (not a multiple of the heap unit), VALIDATING, both TVars locked. */
+    store_relaxed(&dr->n, REC_INLINE + 1);
+    store_relaxed(&dr->spill_off, 8);
+    store_relaxed(&dr->spill_cap, REC_INLINE + 1);
+    store_relaxed(&dr->state, CR_VALIDATING);
+    store_relaxed(&t->lock, lk_make_locked(dv));
+    store_relaxed(&t2->lock, lk_make_locked(dv));
+    store_relaxed(&dp->start_time, kid_start);
+    store_release(&dp->owner, ps_make((uint32_t)kid, PS_ACTIVE));
+    CHECK(rec_entries(s, dr) == NULL, "corrupt_spill: the spill offset passes as a block");
+    CHECK(slot_owner_dead(s, dv), "corrupt_spill: owner taken for alive");
+    CHECK(slot_recover(s, dv) == 1, "corrupt_spill: not recovered");
+    uint64_t a = load_relaxed(&t->lock), b = load_relaxed(&t2->lock);
+    CHECK(!lk_locked(a) && !lk_locked(b), "corrupt_spill_rolls_back: a lock stays held");
+    CHECK(lk_version(a) >= lk_version(w1) && lk_version(b) >= lk_version(w2),
+          "corrupt_spill_rolls_back: a version went down");
+    CHECK(load_relaxed(&t->value) == 7 && load_relaxed(&t2->value) == 8,
+          "corrupt_spill_rolls_back: a value changed");
+    CHECK(ps_state(load_relaxed(&dp->owner)) == PS_FREE, "corrupt_spill_rolls_back: slot not freed");
+    printf("ok corrupt_spill_rolls_back\n");
+
+    /* corrupt_index_rolls_back: two inline entries, the second's index out of
+     * range; the first restores its old word exactly. */
+    w1 = load_relaxed(&t->lock);
+    w2 = load_relaxed(&t2->lock);
+    struct shm_wentry *de = rec_entries(s, dr);
+    CHECK(de == dr->e, "corrupt_index: inline entries");
+    de[0].idx = idx;
+    de[0].gen = gen;
+    de[0].old_lock = w1;
+    de[1].idx = 1000;                       /* max_tvars is 64 */
+    de[1].gen = gen2;
+    de[1].old_lock = w2;
+    store_relaxed(&dr->n, 2);
+    store_relaxed(&dr->state, CR_LOCKING);
+    store_relaxed(&t->lock, lk_make_locked(dv));
+    store_relaxed(&t2->lock, lk_make_locked(dv));
+    store_relaxed(&dp->start_time, kid_start);
+    store_release(&dp->owner, ps_make((uint32_t)kid, PS_ACTIVE));
+    CHECK(slot_recover(s, dv) == 1, "corrupt_index: not recovered");
+    CHECK(load_relaxed(&t->lock) == w1, "corrupt_index_rolls_back: entry 0 not restored from the record");
+    b = load_relaxed(&t2->lock);
+    CHECK(!lk_locked(b) && lk_version(b) >= lk_version(w2) && load_relaxed(&t2->value) == 8,
+          "corrupt_index_rolls_back: the unnamed lock not released as it was");
+    printf("ok corrupt_index_rolls_back\n");
+
+    /* committed_corrupt_keeps_locks: as the first, but COMMITTED. */
+    store_relaxed(&dr->n, REC_INLINE + 1);
+    store_relaxed(&dr->spill_off, 8);
+    store_relaxed(&dr->spill_cap, REC_INLINE + 1);
+    store_relaxed(&dr->state, CR_COMMITTED);
+    store_relaxed(&t->lock, lk_make_locked(dv));
+    store_relaxed(&dp->start_time, kid_start);
+    store_release(&dp->owner, ps_make((uint32_t)kid, PS_ACTIVE));
+    CHECK(slot_recover(s, dv) == 1, "committed_corrupt: not recovered");
+    CHECK(load_relaxed(&t->lock) == lk_make_locked(dv),
+          "committed_corrupt_keeps_locks: a lock of a commit past its point released");
+    printf("ok committed_corrupt_keeps_locks\n");
 
     shmstm_ctx_free(c);
     case_done(s);
