@@ -21,3 +21,21 @@ def test_bench_durable_quick(tmp_path):
                                   "sync x16/lmdb-sync P=2", "sync x16/lmdb-sync x16"}
     assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 6
     assert res["shmstm async P=2"]["flusher_updates_per_cpu_s"] > 0
+
+
+def test_ab_sync_one_round(tmp_path):
+    """tools/ab_sync (through bench_durable --row) runs a round with the same
+    interpreter on both sides and summarises every sync row with positive
+    rates."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ab_sync"), sys.executable,
+                        sys.executable, "--rounds", "1", "--seconds", "0.3"],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("round 1: lmdb sync=True P=2 ")
+    summary = {ln.split(":")[0]: ln for ln in lines[1:]}
+    assert set(summary) == {"sync P=1", "sync P=2", "sync x16"}
+    for ln in summary.values():
+        a = int(ln.split("A median ")[1].split(",")[0])
+        b = int(ln.split("B median ")[1].split(";")[0])
+        assert a > 0 and b > 0 and "B faster in" in ln
