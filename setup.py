@@ -41,10 +41,12 @@ setup(
     setup_requires=["cffi>=1.15"],
     cffi_modules=["native/build_shmstm.py:ffibuilder"],
     ext_modules=[FAST],
-    install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9"],
+    # lmdb is a dependency, not an extra: open(name, path=...) must work after
+    # a plain install.  The "durable" extra stays (empty) for old requirements.
+    install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9", "lmdb>=1.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16", "lmdb>=1.4"],
-        "durable": ["lmdb>=1.4"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16"],
+        "durable": [],
     },
     entry_points={"console_scripts": [
         "shmstm-demo=shmstm.demo:main",

@@ -43,9 +43,10 @@ T_BYTES, T_STR, T_PICKLE = lib.SHMSTM_TAG_BYTES, lib.SHMSTM_TAG_STR, lib.SHMSTM_
 def _lmdb():
     try:
         import lmdb
-    except ImportError:  # pragma: no cover - optional dependency
+    except ImportError:  # pragma: no cover - a dependency (setup.py); removed by hand
         raise errors.DurabilityError(
-            "durable runtimes need the 'lmdb' package: pip install 'shmstm[durable]'") from None
+            "durable runtimes need the 'lmdb' package (a dependency of shmstm): "
+            "pip install lmdb") from None
     return lmdb
 
 
