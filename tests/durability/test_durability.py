@@ -23,6 +23,19 @@ def flusher_pid(rt):
     return rt.stats()["durability"]["flusher_pid"]
 
 
+def stopped_flusher(segname, dpath, flushers, **kw):
+    """A durable runtime with a TVar "ctr" (0, in LMDB) whose flusher is
+    SIGSTOPped past its start-up (its LMDB reader table): (rt, flusher pid, ctr)."""
+    rt = shmstm.open(segname, path=dpath, **kw, **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    ctr = rt.tvar("ctr", 0)
+    with shmstm.durability("sync"):
+        ctr.value = 0
+    os.kill(fpid, signal.SIGSTOP)
+    return rt, fpid, ctr
+
+
 def drain(rt, timeout=30):
     wait_for(lambda: (lambda d: d["flushed_wv"] == d["committed_wv"])(rt.stats()["durability"]),
              timeout, "the flusher to drain the ring")
@@ -321,13 +334,7 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     """A SIGSTOPped flusher fills a small ring: committers wait (counted in
     ring_full_waits) holding no locks, nothing is lost, and they finish after
     SIGCONT."""
-    rt = shmstm.open(segname, path=dpath, ring_slots=18, **LIMITS)
-    fpid = flusher_pid(rt)
-    flushers.append(fpid)
-    ctr = rt.tvar("ctr", 0)
-    with shmstm.durability("sync"):
-        ctr.value = 0     # the flusher is past its start-up (LMDB reader table) when stopped
-    os.kill(fpid, signal.SIGSTOP)
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers, ring_slots=18)
     per = 100
     workers = [spawn(["count", segname, dpath, per]) for _ in range(2)]
     try:
@@ -357,13 +364,7 @@ def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flush
     stopped so that nothing recycles the slots meanwhile."""
     from shmstm._binding import lib
 
-    rt = shmstm.open(segname, path=dpath, **LIMITS)
-    fpid = flusher_pid(rt)
-    flushers.append(fpid)
-    ctr = rt.tvar("ctr", 0)
-    with shmstm.durability("sync"):
-        ctr.value = 0
-    os.kill(fpid, signal.SIGSTOP)
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
     try:
         ctr.value = 1                               # async: returns at its commit point
         wv = rt.stats()["clock"]
@@ -470,13 +471,7 @@ def test_ring_room_wait_lets_the_processs_other_threads_run(segname, dpath, flus
     thread must run (poll the stats, print) while its second thread waits; if
     that wait held the GIL, the main thread could never report."""
     import select
-    rt = shmstm.open(segname, path=dpath, ring_slots=18, **LIMITS)
-    fpid = flusher_pid(rt)
-    flushers.append(fpid)
-    ctr = rt.tvar("ctr", 0)
-    with shmstm.durability("sync"):
-        ctr.value = 0
-    os.kill(fpid, signal.SIGSTOP)
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers, ring_slots=18)
     per = 60
     w = spawn(["count_in_thread", segname, dpath, per], stdout=subprocess.PIPE, text=True)
     try:
