@@ -243,6 +243,9 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
         uint64_t ver = load_acquire(&s->h->clock);
         for (uint32_t i = 0; i < s->max_tvars; i++) {
             struct shm_tvar *t = &s->tvars[i];
+            /* relaxed: only compared with the dead slot's lock word; no
+             * process but a recoverer of this slot can change such a word.
+             * The release pairs with readers' load_acquire of it, as in R2. */
             if (load_relaxed(&t->lock) == mine) {
                 store_release(&t->lock, lk_make_unlocked(ver));
                 FAULT_POINT("recover.entry");
