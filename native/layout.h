@@ -32,9 +32,9 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 4u    /* 2: header checksum (hdr_sum); 3: sync_target;
+#define SHMSTM_LAYOUT_VERSION 5u    /* 2: header checksum (hdr_sum); 3: sync_target;
                                        4: per-slot free lists of ring records, 24-byte
-                                          ring records */
+                                          ring records; 5: a tag in owner words */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
@@ -72,10 +72,15 @@ static inline uint64_t lk_make_locked(uint32_t owner)  { return ((uint64_t)owner
 #define TAG_PICKLE   8u      /* pickle protocol 5 */
 #define TAG_MAX      8u
 
-/* ---- process slot owner word (shm_proc.owner) ----
- *   | pid (32 bits) | 0...0 | state (8 bits) |
+/* ---- process slot owner word (shm_proc.owner; also the flusher lease) ----
+ *   | pid (32 bits) | tag (24 bits) | state (8 bits) |
  * Packing pid with state lets a claimer take a FREE slot and publish its pid
  * in one CAS, so no slot is ever ACTIVE without a pid to check liveness by.
+ * The tag goes up by one at every change of the word (ps_next): a CAS from a
+ * value read before someone else recovered and freed the slot, and a process
+ * with the same (reused) pid claimed it again, fails instead of taking the
+ * look-alike (ABA).  It wraps after 2^24 changes, far more than any window
+ * between a read and its CAS can hold.
  */
 #define PS_FREE       0u
 #define PS_ACTIVE     1u
@@ -85,7 +90,13 @@ static inline uint64_t lk_make_locked(uint32_t owner)  { return ((uint64_t)owner
                                 liveness is by pid alone for a few instructions */
 static inline uint32_t ps_state(uint64_t o) { return (uint32_t)(o & 0xffu); }
 static inline uint32_t ps_pid(uint64_t o)   { return (uint32_t)(o >> 32); }
+static inline uint32_t ps_tag(uint64_t o)   { return (uint32_t)(o >> 8) & 0xffffffu; }
 static inline uint64_t ps_make(uint32_t pid, uint32_t st) { return ((uint64_t)pid << 32) | st; }
+/* The word after o: pid and state given, the tag one up. */
+static inline uint64_t ps_next(uint64_t o, uint32_t pid, uint32_t st)
+{
+    return ps_make(pid, st) | ((uint64_t)((ps_tag(o) + 1u) & 0xffffffu) << 8);
+}
 
 /* ---- commit record state (shm_commit_rec.state) ---- */
 #define CR_IDLE       0u     /* no locks held; entries may be staged */
@@ -150,7 +161,7 @@ struct shm_proc {
      * (CAS ACTIVE or dead RECOVERING -> CLAIMING|pid, store start_time, then
      * store_release RECOVERING|pid; finally store_release FREE).  R: anyone
      * checking liveness (load_acquire, pairs with those releases). */
-    _Alignas(64) a64 owner;  /* ps_make(pid, state): authoritative */
+    _Alignas(64) a64 owner;  /* owner word (pid, tag, state; ps_*): authoritative */
     a64 start_time;          /* /proc/pid/stat starttime of the owner (ACTIVE) or of
                                 the recoverer (RECOVERING); 0 until the claimer
                                 writes it right after its CAS, and 0 means "trust
@@ -301,11 +312,11 @@ struct shm_header {
                                     slots (ring_release).  R: committers' room check
                                     and sync wait, load_acquire (pairs with it).
                                     authoritative */
-    a64 flusher_owner;       /* lease: ps_make(pid, PS_ACTIVE), ps_make(pid,
-                                PS_CLAIMING) while being claimed, or 0.  W: a
-                                flusher by CAS (acq_rel) from 0 or a dead holder to
+    a64 flusher_owner;       /* lease, an owner word (ps_*, tag included): ACTIVE|pid,
+                                CLAIMING|pid while being claimed, or FREE.  W: a
+                                flusher by CAS (acq_rel) from FREE or a dead holder to
                                 CLAIMING|pid, then store_release ACTIVE|pid after
-                                writing flusher_start; the holder CASes it to 0 on
+                                writing flusher_start; the holder CASes it to FREE on
                                 exit.  R: anyone (load_acquire), liveness by pid +
                                 flusher_start from /proc (pid alone while
                                 CLAIMING), never a timeout */

@@ -181,12 +181,13 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
          * dead recoverer whose pid was reused for a live one, and the slot
          * (and its locks) would never be recovered.  acq_rel: the dead
          * owner's record (visible since it exited) is read after the claim. */
-        if (cas_acq_rel(&p->owner, &o, ps_make(me, PS_CLAIMING)))
+        if (cas_acq_rel(&p->owner, &o, ps_next(o, me, PS_CLAIMING)))
             break;
     }
+    uint64_t claimed = ps_next(o, me, PS_CLAIMING);   /* ours until we free it */
     store_relaxed(&p->start_time, mystart);
     /* Pairs with the load_acquire of owner in slot_owner_dead(). */
-    store_release(&p->owner, ps_make(me, PS_RECOVERING));
+    store_release(&p->owner, ps_next(claimed, me, PS_RECOVERING));
     FAULT_POINT("recover.claimed");
 
     /* R2 */
@@ -271,7 +272,7 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     FAULT_POINT("recover.before_free");
     /* R5. Pairs with the load_acquire in claimers: all repairs above happen-before
      * anyone reuses the slot. */
-    store_release(&p->owner, ps_make(0, PS_FREE));
+    store_release(&p->owner, ps_next(ps_next(claimed, me, PS_RECOVERING), 0, PS_FREE));
     return 1;
 }
 

@@ -62,7 +62,7 @@ static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
  * process slot being claimed for recovery (proc.c). */
 static int lease_alive(struct shmstm_seg *s, uint64_t o)
 {
-    if (!o)
+    if (ps_state(o) == PS_FREE)
         return 0;
     if (ps_state(o) != PS_ACTIVE)
         return proc_alive(ps_pid(o), 0);
@@ -475,13 +475,13 @@ int shmstm_flusher_claim(shmstm_seg *s)
     for (;;) {
         if (lease_alive(s, o))
             return ps_pid(o) == me ? 1 : 0;
-        if (cas_acq_rel(&h->flusher_owner, &o, ps_make(me, PS_CLAIMING)))
+        if (cas_acq_rel(&h->flusher_owner, &o, ps_next(o, me, PS_CLAIMING)))
             break;
     }
     FAULT_POINT("lease.claimed");           /* the window the two steps close */
     store_relaxed(&h->flusher_start, mystart);
     /* Pairs with the load_acquire in lease_alive()'s callers. */
-    store_release(&h->flusher_owner, ps_make(me, PS_ACTIVE));
+    store_release(&h->flusher_owner, ps_next(ps_next(o, me, PS_CLAIMING), me, PS_ACTIVE));
     return 1;
 }
 
@@ -491,14 +491,16 @@ int shmstm_flusher_holds(shmstm_seg *s)
 {
     if (!s->ring_slots)
         return 0;
-    return load_acquire(&s->h->flusher_owner) == ps_make((uint32_t)getpid(), PS_ACTIVE);
+    uint64_t o = load_acquire(&s->h->flusher_owner);
+    return ps_state(o) == PS_ACTIVE && ps_pid(o) == (uint32_t)getpid();
 }
 
 int shmstm_flusher_release(shmstm_seg *s)
 {
     struct shm_header *h = s->h;
-    uint64_t o = ps_make((uint32_t)getpid(), PS_ACTIVE);
-    if (!cas_acq_rel(&h->flusher_owner, &o, 0))
+    uint64_t o = load_acquire(&h->flusher_owner);
+    if (ps_state(o) != PS_ACTIVE || ps_pid(o) != (uint32_t)getpid() ||
+        !cas_acq_rel(&h->flusher_owner, &o, ps_next(o, 0, PS_FREE)))
         return SHMSTM_EINVAL;
     fence_seq_cst();        /* see flusher_alive(): the flusher then re-reads the slots */
     return 0;

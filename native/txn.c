@@ -841,7 +841,7 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
             uint64_t o = load_acquire(&p->owner);   /* pairs with the FREE release */
             if (ps_state(o) != PS_FREE)
                 continue;
-            if (!cas_acq_rel(&p->owner, &o, ps_make(pid, PS_ACTIVE)))
+            if (!cas_acq_rel(&p->owner, &o, ps_next(o, pid, PS_ACTIVE)))
                 continue;
             store_relaxed(&p->start_time, proc_self_start());
             store_relaxed(&p->tid, (uint64_t)my_tid());
@@ -886,8 +886,9 @@ int shmstm_ctx_free(shmstm_ctx *c)
         store_relaxed(&p->sleeping, 0);
         clear_waiter_bits(c->seg, c->slot);
         store_relaxed(&p->start_time, 0);
-        /* Pairs with claimers' load_acquire of owner. */
-        store_release(&p->owner, ps_make(0, PS_FREE));
+        /* Pairs with claimers' load_acquire of owner.  Relaxed load: only
+         * this owner changes an ACTIVE word of a live process. */
+        store_release(&p->owner, ps_next(load_relaxed(&p->owner), 0, PS_FREE));
     }
     free(c->rs);
     free(c->buf);

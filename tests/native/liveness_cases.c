@@ -21,7 +21,11 @@
  *                         roll back from the record, the lock it stood for is
  *                         released by the sweep
  *  committed_corrupt_keeps_locks  past the commit point, a record that cannot
- *                         be read is never half undone: the locks stay */
+ *                         be read is never half undone: the locks stay
+ *  reclaimed_slot_aba     a recoverer's CAS from an owner word read before the
+ *                         slot was recovered, freed and claimed again by the
+ *                         same pid fails (the tag moved): it used to succeed on
+ *                         the look-alike word and take a live owner's slot */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sys/resource.h>
@@ -180,6 +184,28 @@ int main(void)
     CHECK(load_relaxed(&t->lock) == lk_make_locked(dv),
           "committed_corrupt_keeps_locks: a lock of a commit past its point released");
     printf("ok committed_corrupt_keeps_locks\n");
+
+    /* reclaimed_slot_aba: slot 1 is ACTIVE by the dead pid; a recoverer reads
+     * that word, and before its CAS another recovers and frees the slot and a
+     * process with the same pid (reused) claims it. */
+    uint32_t av = 1;
+    struct shm_proc *ap = &s->procs[av];
+    store_relaxed(&ap->start_time, kid_start);
+    store_release(&ap->owner, ps_make((uint32_t)kid, PS_ACTIVE));
+    uint64_t stale = load_acquire(&ap->owner);
+    CHECK(slot_recover(s, av) == 1, "aba: not recovered");
+    uint64_t fw = load_acquire(&ap->owner);
+    CHECK(ps_state(fw) == PS_FREE, "aba: not freed");
+    CHECK(cas_acq_rel(&ap->owner, &fw, ps_next(fw, (uint32_t)kid, PS_ACTIVE)), "aba: reclaim");
+    uint64_t now_w = load_acquire(&ap->owner);
+    CHECK(ps_pid(now_w) == ps_pid(stale) && ps_state(now_w) == ps_state(stale),
+          "aba: the reclaim is not a look-alike");
+    uint64_t expect = stale;
+    CHECK(!cas_acq_rel(&ap->owner, &expect, ps_next(stale, (uint32_t)getpid(), PS_CLAIMING)),
+          "reclaimed_slot_aba: a CAS from the stale word took the reclaimed slot");
+    CHECK(load_acquire(&ap->owner) == now_w, "reclaimed_slot_aba: owner word changed");
+    store_release(&ap->owner, ps_next(now_w, 0, PS_FREE));
+    printf("ok reclaimed_slot_aba\n");
 
     shmstm_ctx_free(c);
     case_done(s);
