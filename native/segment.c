@@ -460,9 +460,11 @@ const char *shmstm_build_info(void)
 #ifndef SHMSTM_PKG_VERSION
 #define SHMSTM_PKG_VERSION "unknown"
 #endif
+#define STR_(x) #x
+#define STR(x) STR_(x)
 #ifdef SHMSTM_DEBUG
-    return SHMSTM_PKG_VERSION " layout=1 debug";
+    return SHMSTM_PKG_VERSION " layout=" STR(SHMSTM_LAYOUT_VERSION_) " debug";
 #else
-    return SHMSTM_PKG_VERSION " layout=1 release";
+    return SHMSTM_PKG_VERSION " layout=" STR(SHMSTM_LAYOUT_VERSION_) " release";
 #endif
 }

@@ -203,3 +203,14 @@ def test_fault_injection_is_compiled_out_of_release_builds():
         assert rc == 0 and lib.shmstm_fault_set(ffi.NULL, 0, 0, 0, 0) == 0
     else:
         assert rc == lib.SHMSTM_EINVAL
+
+
+def test_build_info_names_the_version_and_the_layout():
+    """The compiled core says which package version and segment layout it is
+    (a stale build is refused at import by that version)."""
+    from shmstm._binding import ffi, lib
+
+    info = ffi.string(lib.shmstm_build_info()).decode().split()
+    assert info[0] == shmstm.__version__
+    assert info[1] == "layout=%d" % lib.SHMSTM_LAYOUT_VERSION_
+    assert info[2] in ("debug", "release")
