@@ -58,6 +58,10 @@ static inline uint32_t lk_owner(uint64_t w)            { return (uint32_t)((w >>
 static inline uint64_t lk_make_unlocked(uint64_t ver)  { return ver << 1; }
 static inline uint64_t lk_make_locked(uint32_t owner)  { return ((uint64_t)owner << 1) | LOCK_BIT; }
 #define SHMSTM_MAX_VERSION  ((1ull << 62) - 1)
+/* The owner of a lock whose commit died past its commit point with a record
+ * recovery cannot read (proc.c, R2b): held for good, never by a real slot
+ * (max_procs <= 4096).  Readers and committers meeting it get SHMSTM_ELOST. */
+#define LK_LOST_OWNER       0xffffu
 
 /* ---- value tags (shm_tvar.tag) ----  tags >= TAG_HEAP_MIN: value is a heap offset */
 #define TAG_EMPTY    0u      /* free slot */

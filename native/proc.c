@@ -28,7 +28,8 @@
  *                                                         recover.entry (both)
  *      (R2b) a record that cannot name all its entries (corrupt spill block
  *      or index), LOCKING/VALIDATING: every lock word still naming the dead
- *      slot is released at the current clock, value untouched
+ *      slot is released at the current clock, value untouched; COMMITTED:
+ *      handed to LK_LOST_OWNER (held for good, SHMSTM_ELOST to its users)
  *                                                         recover.entry
  *  R3. release the irrevocable token if the dead slot held it
  *                                                         recover.token
@@ -239,16 +240,19 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
      * no lower than the version it replaced (that came from the clock), and a
      * new version on an unchanged value only makes readers validate.  A commit
      * that passed its commit point cannot be finished without its record, and
-     * is never half undone: its locks stay (docs/reliability.md). */
-    if (lost && (rst == CR_LOCKING || rst == CR_VALIDATING)) {
+     * is never half undone: its locks stay held, by LK_LOST_OWNER rather than
+     * this slot (whose next owner must not find them its own), so that readers
+     * and committers get SHMSTM_ELOST instead of waiting (docs/reliability.md). */
+    if (lost && (rst == CR_LOCKING || rst == CR_VALIDATING || rst == CR_COMMITTED)) {
         uint64_t ver = load_acquire(&s->h->clock);
+        uint64_t to = rst == CR_COMMITTED ? lk_make_locked(LK_LOST_OWNER) : lk_make_unlocked(ver);
         for (uint32_t i = 0; i < s->max_tvars; i++) {
             struct shm_tvar *t = &s->tvars[i];
             /* relaxed: only compared with the dead slot's lock word; no
              * process but a recoverer of this slot can change such a word.
              * The release pairs with readers' load_acquire of it, as in R2. */
             if (load_relaxed(&t->lock) == mine) {
-                store_release(&t->lock, lk_make_unlocked(ver));
+                store_release(&t->lock, to);
                 FAULT_POINT("recover.entry");
             }
         }

@@ -44,6 +44,8 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_EDUP         -21  /* a TVar staged twice in one commit */
 #define SHMSTM_ENOFLUSHER   -22  /* durable: ring full and the flusher is dead (restart it) */
 #define SHMSTM_EDURABLE     -23  /* durable: the flusher cannot write LMDB; commit refused */
+#define SHMSTM_ELOST        -24  /* the TVar is locked for good: its commit died past its
+                                    commit point with an unreadable record (proc.c R2b) */
 #define SHMSTM_PENDING       1   /* durable sync commit: committed, durability wait unfinished */
 
 #define SHMSTM_TAG_EMPTY   0

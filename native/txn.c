@@ -190,6 +190,12 @@ static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, in
         /* Pairs with the store_release that unlocked it (commit step 8). */
         uint64_t v1 = load_acquire(&t->lock);
         if (lk_locked(v1)) {
+            if (lk_owner(v1) == LK_LOST_OWNER) {     /* never released: proc.c R2b */
+                if (record)
+                    c->doomed = 1;
+                c->failed_idx = idx;
+                return SHMSTM_ELOST;
+            }
             if (!lock_wait(c, s, v1, &spins, record ? READ_SPIN_LIMIT : 0)) {
                 c->doomed = 1;
                 c->failed_idx = idx;
@@ -698,13 +704,18 @@ int shmstm_tx_commit(shmstm_ctx *c)
     store_release(&r->state, CR_LOCKING);
     FAULT_POINT("commit.locking");
     uint64_t mine = lk_make_locked(c->slot);
-    uint32_t locked = 0, reason = AB_LOCKED, bad = 0;
+    uint32_t locked = 0, reason = AB_LOCKED, bad = 0, lost = 0;
     for (; locked < n; locked++) {
         struct shm_tvar *t = &s->tvars[e[locked].idx];
         uint64_t w = load_relaxed(&t->lock);
         uint32_t spins = 0;
         for (;;) {
             if (lk_locked(w)) {
+                if (lk_owner(w) == LK_LOST_OWNER) {  /* never released: proc.c R2b */
+                    lost = 1;
+                    bad = e[locked].idx;
+                    goto fail;
+                }
                 if (!lock_wait(c, s, w, &spins, COMMIT_SPIN_LIMIT)) {
                     bad = e[locked].idx;
                     goto fail;
@@ -807,6 +818,8 @@ fail:
     c->failed_idx = bad;
     note_abort(c, reason, bad);
     drop_staged(c);
+    if (lost)
+        return SHMSTM_ELOST;
     return reason == AB_STALE ? SHMSTM_ESTALE : SHMSTM_ECONFLICT;
 }
 

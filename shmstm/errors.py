@@ -38,7 +38,9 @@ class LayoutMismatchError(Error):
 
 
 class CorruptSegmentError(Error):
-    """The segment header or a structure in it is inconsistent."""
+    """The segment header or a structure in it is inconsistent; also raised on
+    reading or writing a TVar that a dead commit with a corrupt record left
+    locked for good (docs/reliability.md)."""
 
 
 class SegmentInitError(Error):

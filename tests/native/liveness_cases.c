@@ -20,8 +20,11 @@
  *  corrupt_index_rolls_back   one entry's index is out of range: the others
  *                         roll back from the record, the lock it stood for is
  *                         released by the sweep
- *  committed_corrupt_keeps_locks  past the commit point, a record that cannot
- *                         be read is never half undone: the locks stay
+ *  committed_corrupt_is_lost  past the commit point, a record that cannot be
+ *                         read is never half undone: its locks stay held, by
+ *                         LK_LOST_OWNER instead of the slot (whose next owner
+ *                         took them for its own), and a read or a commit of
+ *                         such a TVar is SHMSTM_ELOST, not an endless wait
  *  reclaimed_slot_aba     a recoverer's CAS from an owner word read before the
  *                         slot was recovered, freed and claimed again by the
  *                         same pid fails (the tag moved): it used to succeed on
@@ -172,7 +175,7 @@ int main(void)
           "corrupt_index_rolls_back: the unnamed lock not released as it was");
     printf("ok corrupt_index_rolls_back\n");
 
-    /* committed_corrupt_keeps_locks: as the first, but COMMITTED. */
+    /* committed_corrupt_is_lost: as the first, but COMMITTED. */
     store_relaxed(&dr->n, REC_INLINE + 1);
     store_relaxed(&dr->spill_off, 8);
     store_relaxed(&dr->spill_cap, REC_INLINE + 1);
@@ -181,9 +184,18 @@ int main(void)
     store_relaxed(&dp->start_time, kid_start);
     store_release(&dp->owner, ps_make((uint32_t)kid, PS_ACTIVE));
     CHECK(slot_recover(s, dv) == 1, "committed_corrupt: not recovered");
-    CHECK(load_relaxed(&t->lock) == lk_make_locked(dv),
-          "committed_corrupt_keeps_locks: a lock of a commit past its point released");
-    printf("ok committed_corrupt_keeps_locks\n");
+    CHECK(load_relaxed(&t->lock) == lk_make_locked(LK_LOST_OWNER),
+          "committed_corrupt_is_lost: the lock not handed to LK_LOST_OWNER");
+    CHECK(load_relaxed(&t->value) == 7, "committed_corrupt_is_lost: the value changed");
+    int64_t got[2];
+    CHECK(shmstm_read1(c, idx, gen, got) == SHMSTM_ELOST, "committed_corrupt_is_lost: read");
+    CHECK(shmstm_tx_commit_1(c, ((int64_t)gen << 32) | idx, 9) == SHMSTM_ELOST,
+          "committed_corrupt_is_lost: commit");
+    CHECK(load_relaxed(&t->lock) == lk_make_locked(LK_LOST_OWNER) && load_relaxed(&t->value) == 7,
+          "committed_corrupt_is_lost: the refused commit changed the TVar");
+    CHECK(shmstm_tx_commit_1(c, ((int64_t)gen2 << 32) | idx2, 10) == 0,
+          "committed_corrupt_is_lost: another TVar's commit");
+    printf("ok committed_corrupt_is_lost\n");
 
     /* reclaimed_slot_aba: slot 1 is ACTIVE by the dead pid; a recoverer reads
      * that word, and before its CAS another recovers and frees the slot and a

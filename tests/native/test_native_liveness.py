@@ -26,7 +26,7 @@ def _run_cases(tmp_path, program, cases):
 def test_liveness_cases(tmp_path):
     _run_cases(tmp_path, "liveness_cases",
                ("recovering_live", "recovering_reused_pid", "emfile_is_not_death", "gone_is_death",
-                "corrupt_spill_rolls_back", "corrupt_index_rolls_back", "committed_corrupt_keeps_locks",
+                "corrupt_spill_rolls_back", "corrupt_index_rolls_back", "committed_corrupt_is_lost",
                 "reclaimed_slot_aba"))
 
 
