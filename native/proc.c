@@ -161,7 +161,7 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     struct shm_proc *p = &s->procs[slot];
     uint32_t me = (uint32_t)getpid();
     uint64_t mystart = proc_self_start();
-    uint64_t o = load_acquire(&p->owner);
+    uint64_t o = load_acquire(&p->owner), claimed;
     for (;;) {
         uint32_t st = ps_state(o);
         if (st == PS_FREE)
@@ -182,13 +182,15 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
          * dead recoverer whose pid was reused for a live one, and the slot
          * (and its locks) would never be recovered.  acq_rel: the dead
          * owner's record (visible since it exited) is read after the claim. */
-        if (cas_acq_rel(&p->owner, &o, ps_next(o, me, PS_CLAIMING)))
+        claimed = ps_next(o, me, PS_CLAIMING);
+        if (cas_acq_rel(&p->owner, &o, claimed))
             break;
     }
-    uint64_t claimed = ps_next(o, me, PS_CLAIMING);   /* ours until we free it */
+    /* The word is ours from here until we free it: nobody else changes it. */
+    uint64_t recovering = ps_next(claimed, me, PS_RECOVERING);
     store_relaxed(&p->start_time, mystart);
     /* Pairs with the load_acquire of owner in slot_owner_dead(). */
-    store_release(&p->owner, ps_next(claimed, me, PS_RECOVERING));
+    store_release(&p->owner, recovering);
     FAULT_POINT("recover.claimed");
 
     /* R2 */
@@ -276,7 +278,7 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     FAULT_POINT("recover.before_free");
     /* R5. Pairs with the load_acquire in claimers: all repairs above happen-before
      * anyone reuses the slot. */
-    store_release(&p->owner, ps_next(ps_next(claimed, me, PS_RECOVERING), 0, PS_FREE));
+    store_release(&p->owner, ps_next(recovering, 0, PS_FREE));
     return 1;
 }
 

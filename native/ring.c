@@ -471,17 +471,18 @@ int shmstm_flusher_claim(shmstm_seg *s)
     struct shm_header *h = s->h;
     uint32_t me = (uint32_t)getpid();
     uint64_t mystart = proc_self_start();
-    uint64_t o = load_acquire(&h->flusher_owner);   /* pairs with the ACTIVE release */
+    uint64_t o = load_acquire(&h->flusher_owner), claimed;   /* pairs with the ACTIVE release */
     for (;;) {
         if (lease_alive(s, o))
             return ps_pid(o) == me ? 1 : 0;
-        if (cas_acq_rel(&h->flusher_owner, &o, ps_next(o, me, PS_CLAIMING)))
+        claimed = ps_next(o, me, PS_CLAIMING);
+        if (cas_acq_rel(&h->flusher_owner, &o, claimed))
             break;
     }
     FAULT_POINT("lease.claimed");           /* the window the two steps close */
     store_relaxed(&h->flusher_start, mystart);
     /* Pairs with the load_acquire in lease_alive()'s callers. */
-    store_release(&h->flusher_owner, ps_next(ps_next(o, me, PS_CLAIMING), me, PS_ACTIVE));
+    store_release(&h->flusher_owner, ps_next(claimed, me, PS_ACTIVE));
     return 1;
 }
 
