@@ -261,6 +261,8 @@ int shmstm_flusher_sleep(shmstm_seg *seg, uint64_t next_wv, int64_t timeout_ns, 
 int shmstm_flusher_poll(shmstm_seg *seg, uint64_t next_wv, int64_t poll_ns);
 uint32_t shmstm_ring_sync_fills(shmstm_seg *seg);
 uint32_t shmstm_flusher_wait_sync(shmstm_seg *seg, uint32_t target, int64_t timeout_ns);
+/* The same, polling (sched_yield) instead of sleeping (ring.c). */
+uint32_t shmstm_flusher_poll_sync(shmstm_seg *seg, uint32_t target, int64_t timeout_ns);
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);
 uint64_t shmstm_ctx_last_wv(shmstm_ctx *c);
 /* CDEF END */

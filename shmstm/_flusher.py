@@ -171,7 +171,7 @@ class Flusher:
                 os.sched_yield()
                 continue
             if 0 < k and self.out[4] < sync_last and self.out[2] in (0, 1):
-                k = self.group(nxt, fills, sync_last - self.out[4])
+                k = self.group(nxt, fills, sync_last - self.out[4], sync_last)
             if k < 0:
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
@@ -256,7 +256,7 @@ class Flusher:
         self.buf = ffi.new("char[]", 2 * len(self.mv))
         self.mv = ffi.buffer(self.buf)
 
-    def group(self, nxt, fills, missing):
+    def group(self, nxt, fills, missing, last):
         """Group commit.  The sync commits of the last batch were woken
         together by its LMDB commit and come back about together; ``missing``
         of them have not filled their slots yet.  Wait for them (up to
@@ -265,9 +265,15 @@ class Flusher:
         waiting a whole one.  Async-only loads never wait here.  Returns the
         commits collected from nxt now.  ``fills`` is sync_fills read before
         the collect: a sync commit that fills after it may be in the batch
-        already, and must not be waited for twice."""
+        already, and must not be waited for twice.  After a batch of at most
+        POLL_MAX_SYNC sync commits (``last``) it polls instead of sleeping:
+        an LMDB write begun just after a sleep is slower on this VM
+        (shmstm_flusher_poll_sync), and so few committers leave the CPU idle."""
         target = (fills + missing) & 0xFFFFFFFF
-        lib.shmstm_flusher_wait_sync(self.seg, target, GROUP_WAIT_NS)
+        if last <= POLL_MAX_SYNC and POLL_NS > 0:
+            lib.shmstm_flusher_poll_sync(self.seg, target, GROUP_WAIT_NS)
+        else:
+            lib.shmstm_flusher_wait_sync(self.seg, target, GROUP_WAIT_NS)
         return self.collect(nxt)
 
     def seg_info(self):

@@ -36,3 +36,31 @@ class Steal:
             return None
         cap = (self._time() - self.t0) * (os.cpu_count() or 1)
         return (c1[1] - self.c0[1]) / cap if cap > 0 else None
+
+
+class DiskRequests:
+    """Write and flush requests that the block device holding ``path``
+    completed between construction and counts() (from
+    /sys/dev/block/MAJ:MIN/stat), or None where the kernel does not say.
+    On a virtual disk each request is a trip to the host, so the requests
+    per operation say much of what a synchronous commit costs there."""
+
+    def __init__(self, path):
+        st = os.stat(path)
+        self.file = "/sys/dev/block/%d:%d/stat" % (os.major(st.st_dev), os.minor(st.st_dev))
+        self.c0 = self._read()
+
+    def _read(self):
+        try:
+            with open(self.file) as f:
+                v = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return None
+        # writes completed is field 5, flushes completed field 16 (kernel >= 5.5)
+        return (v[4], v[15] if len(v) > 15 else None)
+
+    def counts(self):
+        c1 = self._read()
+        if self.c0 is None or c1 is None:
+            return None
+        return (c1[0] - self.c0[0], None if c1[1] is None or self.c0[1] is None else c1[1] - self.c0[1])

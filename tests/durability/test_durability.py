@@ -389,6 +389,49 @@ def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flush
     shmstm.unlink(segname)
 
 
+def test_flusher_poll_sync_sees_a_sync_fill_and_ends_at_its_deadline(segname, dpath, flushers):
+    """shmstm_flusher_poll_sync (the group-commit wait after a batch of one or
+    two sync commits) returns once sync_fills reaches its target, also when a
+    sync commit of another thread gets there while it polls, and returns the
+    count short of the target only once its deadline has passed.  An async
+    commit does not count.  The flusher is stopped, so the sync commit waits
+    for it until it continues."""
+    import threading
+
+    from shmstm._binding import lib
+
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
+    th = None
+    try:
+        seg = rt._seg
+        n0 = lib.shmstm_ring_sync_fills(seg)
+        assert lib.shmstm_flusher_poll_sync(seg, n0, 10_000_000_000) == n0
+        ctr.value = 1                               # async: not a sync fill
+        t0 = time.monotonic()
+        assert lib.shmstm_flusher_poll_sync(seg, (n0 + 1) & 0xFFFFFFFF, 50_000_000) == n0
+        assert time.monotonic() - t0 >= 0.05
+        go = threading.Event()
+
+        def sync_commit():
+            go.wait()
+            with shmstm.durability("sync"):
+                ctr.value = 2                       # returns once the flusher wrote it
+
+        th = threading.Thread(target=sync_commit)
+        th.start()
+        go.set()
+        assert lib.shmstm_flusher_poll_sync(seg, (n0 + 1) & 0xFFFFFFFF, 30_000_000_000) == \
+            (n0 + 1) & 0xFFFFFFFF
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+        if th is not None:
+            th.join(30)
+    assert not th.is_alive()
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 2     # sync: in LMDB on return
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_heap_full_of_unflushed_records_waits_for_the_flusher(segname, dpath, flushers):
     """A stopped flusher frees no commit records, so big values fill the heap
     before the ring: the committer waits for the flusher (counted in
