@@ -21,6 +21,28 @@ def test_bench_durable_quick(tmp_path):
                                   "sync x16/lmdb-sync P=2", "sync x16/lmdb-sync x16"}
     assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 6
     assert res["shmstm async P=2"]["flusher_updates_per_cpu_s"] > 0
+    # A synchronous LMDB commit is at least one flush request of the device
+    # (where the kernel counts them: /sys/dev/block/*/stat).
+    if "disk_flushes_per_op" in res["lmdb sync=True P=1"]:
+        assert res["lmdb sync=True P=1"]["disk_flushes_per_op"] >= 1
+        assert res["lmdb sync=True P=1"]["disk_writes_per_op"] >= 1
+
+
+def test_probe_lmdb_reports_every_mode(tmp_path):
+    """tools/probe_lmdb runs a round and reports, per wait mode, positive
+    transaction times."""
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "probe_lmdb"), "--seconds", "0.2",
+                        "--rounds", "1", "--keys", "2", "--dir", str(tmp_path)],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("LMDB write transactions (sync=True, 2 keys")
+    modes = {ln.split()[0]: ln for ln in lines[1:]}
+    assert set(modes) == {"sleep", "yield", "spin"}
+    for ln in modes.values():
+        assert int(ln.split()[1]) > 0
+        assert float(ln.split("median ")[1].split(" ms")[0]) > 0
+    assert os.listdir(str(tmp_path)) == []          # its LMDB is removed
 
 
 def test_ab_sync_one_round(tmp_path):
