@@ -590,8 +590,8 @@ uint32_t shmstm_flusher_wait_sync(shmstm_seg *s, uint32_t target, int64_t timeou
  * poll sync_fills (sched_yield between looks) instead of sleeping.  Measured
  * on this VM (tools/probe_lmdb): while the hypervisor takes a share of the
  * vCPUs, an LMDB write transaction begun just after its process slept ~0.2 ms
- * took about twice as long on average as one begun after the same wait spent
- * yielding (no difference on a quiet host).  With one or two sync
+ * took 1.2x-3x as long on average as one begun after the same wait spent
+ * yielding (no difference on a quiet host; docs/benchmarks.md).  With one or two sync
  * committers the vCPUs are mostly idle, so the yields take CPU nobody needs;
  * with more, the stragglers need the CPU and the flusher sleeps instead
  * (_flusher.py).
