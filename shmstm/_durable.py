@@ -11,6 +11,7 @@ Each process opens an environment at most once (py-lmdb: never twice in one
 process, never across fork): a process-wide cache, dropped in a fork child.
 Only the flusher writes "vars"; an opener only reads (and never writes).
 """
+import contextlib
 import os
 import struct
 import subprocess
@@ -56,6 +57,69 @@ _envs = {}
 _envs_lock = threading.Lock()
 
 
+class _TxnGate:
+    """LMDB's set_mapsize may only be called while no transaction of the
+    process is active, and LMDB does not check (a transaction begun before
+    would read through the old map).  Every LMDB transaction of this module
+    (opening a DB included) holds the gate shared; set_mapsize holds it
+    alone.  A waiting set_mapsize keeps new transactions out, so a stream of
+    readers cannot starve it; a thread's nested shared holds do not wait.
+    ``waiting``: threads waiting to hold it alone (for the tests)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._alone = False
+        self.waiting = 0
+        self._mine = threading.local()
+
+    @contextlib.contextmanager
+    def shared(self):
+        depth = getattr(self._mine, "depth", 0)
+        if not depth:
+            with self._cond:
+                while self._alone or self.waiting:
+                    self._cond.wait()
+                self._shared += 1
+        self._mine.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._mine.depth = depth
+            if not depth:
+                with self._cond:
+                    self._shared -= 1
+                    if not self._shared:
+                        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def alone(self):
+        if getattr(self._mine, "depth", 0):
+            raise RuntimeError("shmstm: LMDB map resize inside a transaction of the same thread")
+        with self._cond:
+            self.waiting += 1
+            try:
+                while self._alone or self._shared:
+                    self._cond.wait()
+            finally:
+                self.waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+_gate = _TxnGate()
+
+
+def _set_mapsize(env, size):
+    with _gate.alone():
+        env.set_mapsize(size)
+
+
 def open_env(path, create=True, map_size=None):
     """This process's environment for ``path`` (opened once, reader_check at
     open), sized with the data's stored map size (see lmdb_open)."""
@@ -91,15 +155,26 @@ def lmdb_open(real, map_size=None):
     return env
 
 
+@contextlib.contextmanager
 def begin(env, **kw):
-    """env.begin(**kw), adopting a map size another process raised meanwhile
+    """``with begin(env, **kw) as txn``: env.begin(**kw) inside the
+    transaction gate (_TxnGate), committed at the end of the block (aborted on
+    an exception), adopting a map size another process raised meanwhile
     (LMDB then refuses this process's next transaction once the data grew
     beyond its map: MDB_MAP_RESIZED; set_mapsize(0) takes the new size)."""
-    try:
-        return env.begin(**kw)
-    except _lmdb().MapResizedError:
-        env.set_mapsize(0)
-        return env.begin(**kw)
+    lmdb = _lmdb()
+    for resized in (False, True):
+        with _gate.shared():
+            try:
+                txn = env.begin(**kw)
+            except lmdb.MapResizedError:
+                if resized:
+                    raise
+            else:
+                with txn:
+                    yield txn
+                return
+        _set_mapsize(env, 0)
 
 
 def _u64(v):
@@ -128,7 +203,7 @@ def adopt_map_size(env, map_size, real):
                 % (real, in_use, map_size))
         if in_use is None or map_size > in_use:
             if env.info()["map_size"] < map_size:
-                env.set_mapsize(map_size)   # first: the write below needs room in a full map
+                _set_mapsize(env, map_size)   # first: the write below needs room in a full map
             _, meta = _dbs(env)
             with begin(env, write=True, db=meta) as txn:
                 cur = _u64(txn.get(b"map_size"))      # another opener may have raised it
@@ -138,7 +213,7 @@ def adopt_map_size(env, map_size, real):
             stored = cur
     size = stored or MAP_SIZE
     if env.info()["map_size"] != size:
-        env.set_mapsize(size)
+        _set_mapsize(env, size)
 
 
 def _check_map_size(map_size):
@@ -150,16 +225,18 @@ def _check_map_size(map_size):
 
 
 def _dbs(env):
-    return env.open_db(b"vars"), env.open_db(b"meta")
+    with _gate.shared():            # opening a DB is a transaction
+        return env.open_db(b"vars"), env.open_db(b"meta")
 
 
 def _forget_envs():
     # A fork child must never use its parent's environments (nor close them),
     # and the parent's flusher children are not its own (nor its locks' state).
-    global _children_lock
+    global _children_lock, _gate
     _envs.clear()
     _children.clear()
     _children_lock = threading.Lock()
+    _gate = _TxnGate()
 
 
 os.register_at_fork(after_in_child=_forget_envs)

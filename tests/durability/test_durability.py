@@ -607,6 +607,51 @@ def test_map_size_cannot_shrink_below_the_default_it_was_made_with(segname, dpat
     shmstm.unlink(segname)
 
 
+def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath, flushers):
+    """LMDB's set_mapsize is undefined while a transaction of the process is
+    active (LMDB does not check).  A thread that raises the map (open() with a
+    larger map_size) waits for another thread's read transaction, which reads
+    the data unharmed, and new transactions wait for the raise."""
+    import threading
+
+    rt = shmstm.open(segname, path=dpath, map_size=1 << 24, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    with shmstm.durability("sync"):
+        rt.tvar("x", 0).value = 7
+    env = _durable.open_env(dpath)
+    vars_db, _ = _durable._dbs(env)
+    inside, leave, read = threading.Event(), threading.Event(), []
+
+    def reader():
+        with _durable.begin(env, db=vars_db) as txn:
+            inside.set()
+            leave.wait(30)
+            read.append(_durable.decode_value(bytes(txn.get(b"x"))))
+
+    def raiser():
+        _durable.open_env(dpath, map_size=1 << 26)      # what open(map_size=) does first
+
+    r = threading.Thread(target=reader)
+    r.start()
+    assert inside.wait(30)
+    w = threading.Thread(target=raiser)
+    w.start()
+    try:
+        wait_for(lambda: _durable._gate.waiting == 1, 30, "the raise to wait for the reader")
+        assert env.info()["map_size"] == 1 << 24            # not raised under the reader
+    finally:
+        leave.set()
+        r.join(30)
+        w.join(30)
+    assert not r.is_alive() and not w.is_alive()
+    assert read == [7]
+    assert env.info()["map_size"] == 1 << 26
+    assert _durable.stored_map_size(env) == 1 << 26
+    assert shmstm.read_durable(dpath)["values"]["x"] == 7
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_flusher_that_cannot_start_is_an_error_not_a_hang(segname, dpath, flushers, monkeypatch):
     """Regression (a CI run hung for good): a flusher that exits with an error at
     start (here the interpreter is /bin/false) makes a sync commit raise
