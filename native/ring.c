@@ -590,8 +590,9 @@ uint32_t shmstm_flusher_wait_sync(shmstm_seg *s, uint32_t target, int64_t timeou
  * poll sync_fills (sched_yield between looks) instead of sleeping.  Measured
  * on this VM (tools/probe_lmdb): while the hypervisor takes a share of the
  * vCPUs, an LMDB write transaction begun just after its process slept ~0.2 ms
- * took 1.2x-3x as long on average as one begun after the same wait spent
- * yielding (no difference on a quiet host; docs/benchmarks.md).  With one or two sync
+ * took 1.0x-1.9x as long on average as one begun after the same wait spent
+ * yielding (tools/probe_lmdb; up to 3x in an ad-hoc run at 25-30% steal; no
+ * difference on a quiet host; docs/benchmarks.md).  With one or two sync
  * committers the vCPUs are mostly idle, so the yields take CPU nobody needs;
  * with more, the stragglers need the CPU and the flusher sleeps instead
  * (_flusher.py).
@@ -601,7 +602,8 @@ uint32_t shmstm_flusher_poll_sync(shmstm_seg *s, uint32_t target, int64_t timeou
 {
     uint64_t end = now_ns() + (uint64_t)(timeout_ns > 0 ? timeout_ns : 0);
     for (;;) {
-        /* seq_cst, as in flusher_wait_sync: the fill's increment is seq_cst. */
+        /* Acquire would pair with the fill's increment; seq_cst as in
+         * flusher_wait_sync, whose Dekker pair needs it. */
         uint32_t n = load_seq_cst(&s->h->sync_fills);
         if ((int32_t)(n - target) >= 0 || now_ns() >= end)
             return n;

@@ -59,12 +59,19 @@ _envs_lock = threading.Lock()
 
 class _TxnGate:
     """LMDB's set_mapsize may only be called while no transaction of the
-    process is active, and LMDB does not check (a transaction begun before
-    would read through the old map).  Every LMDB transaction of this module
-    (opening a DB included) holds the gate shared; set_mapsize holds it
-    alone.  A waiting set_mapsize keeps new transactions out, so a stream of
-    readers cannot starve it; a thread's nested shared holds do not wait.
-    ``waiting``: threads waiting to hold it alone (for the tests)."""
+    process is active on that environment.  LMDB itself does not check (a
+    transaction begun before reads through the old map); py-lmdb 2.2 and
+    later invalidate the other threads' transactions instead, which then fail.
+    So in an opener's process every LMDB transaction of this module on an
+    environment (opening a DB included) holds the environment's gate shared,
+    and set_mapsize holds it alone.  A waiting set_mapsize keeps new
+    transactions out, so a stream of readers cannot starve it; a thread's
+    nested shared holds do not wait.  Nothing that holds the gate shared takes
+    another lock (decoding pickles, which may import shmstm objects, happens
+    after the transaction), so set_mapsize may wait for it under
+    _registry_lock or _envs_lock.  The flusher is single-threaded: its
+    transactions never overlap its own resizes.  ``waiting``: threads waiting
+    to hold it alone (for the tests)."""
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
@@ -75,18 +82,20 @@ class _TxnGate:
 
     @contextlib.contextmanager
     def shared(self):
-        depth = getattr(self._mine, "depth", 0)
-        if not depth:
+        mine = self._mine
+        if getattr(mine, "depth", 0):
+            mine.depth += 1
+        else:
             with self._cond:
                 while self._alone or self.waiting:
                     self._cond.wait()
                 self._shared += 1
-        self._mine.depth = depth + 1
+                mine.depth = 1
         try:
             yield
         finally:
-            self._mine.depth = depth
-            if not depth:
+            mine.depth -= 1
+            if not mine.depth:
                 with self._cond:
                     self._shared -= 1
                     if not self._shared:
@@ -112,12 +121,27 @@ class _TxnGate:
                 self._cond.notify_all()
 
 
-_gate = _TxnGate()
+_gates = {}                  # env.path() -> _TxnGate
+_gates_lock = threading.Lock()
 
 
-def _set_mapsize(env, size):
-    with _gate.alone():
-        env.set_mapsize(size)
+def _gate(env):
+    """The transaction gate of ``env`` (one per environment of the process)."""
+    key = env.path()
+    g = _gates.get(key)
+    if g is None:
+        with _gates_lock:
+            g = _gates.setdefault(key, _TxnGate())
+    return g
+
+
+def _resize(env, size, grow_only=False):
+    """set_mapsize(size) alone on env (0: adopt the size another process
+    stored); with grow_only, only if the map is smaller.  The size is read
+    under the gate too: info() reads the map's metadata."""
+    with _gate(env).alone():
+        if not grow_only or env.info()["map_size"] < size:
+            env.set_mapsize(size)
 
 
 def open_env(path, create=True, map_size=None):
@@ -163,8 +187,9 @@ def begin(env, **kw):
     (LMDB then refuses this process's next transaction once the data grew
     beyond its map: MDB_MAP_RESIZED; set_mapsize(0) takes the new size)."""
     lmdb = _lmdb()
+    gate = _gate(env)
     for resized in (False, True):
-        with _gate.shared():
+        with gate.shared():
             try:
                 txn = env.begin(**kw)
             except lmdb.MapResizedError:
@@ -174,7 +199,7 @@ def begin(env, **kw):
                 with txn:
                     yield txn
                 return
-        _set_mapsize(env, 0)
+        _resize(env, 0)
 
 
 def _u64(v):
@@ -202,8 +227,7 @@ def adopt_map_size(env, map_size, real):
                 "the durable data at %r has map_size %d; a map cannot shrink (asked for %d)"
                 % (real, in_use, map_size))
         if in_use is None or map_size > in_use:
-            if env.info()["map_size"] < map_size:
-                _set_mapsize(env, map_size)   # first: the write below needs room in a full map
+            _resize(env, map_size, grow_only=True)  # first: the write below needs room in a full map
             _, meta = _dbs(env)
             with begin(env, write=True, db=meta) as txn:
                 cur = _u64(txn.get(b"map_size"))      # another opener may have raised it
@@ -212,8 +236,10 @@ def adopt_map_size(env, map_size, real):
                     cur = map_size
             stored = cur
     size = stored or MAP_SIZE
-    if env.info()["map_size"] != size:
-        _set_mapsize(env, size)
+    with _gate(env).shared():
+        current = env.info()["map_size"]
+    if current != size:
+        _resize(env, size)
 
 
 def _check_map_size(map_size):
@@ -225,18 +251,20 @@ def _check_map_size(map_size):
 
 
 def _dbs(env):
-    with _gate.shared():            # opening a DB is a transaction
+    with _gate(env).shared():       # opening a DB is a transaction
         return env.open_db(b"vars"), env.open_db(b"meta")
 
 
 def _forget_envs():
     # A fork child must never use its parent's environments (nor close them),
     # and the parent's flusher children are not its own (nor its locks' state).
-    global _children_lock, _gate
+    global _children_lock, _envs_lock, _gates_lock
     _envs.clear()
+    _envs_lock = threading.Lock()       # another thread may have held it at the fork
+    _gates.clear()
+    _gates_lock = threading.Lock()
     _children.clear()
     _children_lock = threading.Lock()
-    _gate = _TxnGate()
 
 
 os.register_at_fork(after_in_child=_forget_envs)
@@ -294,8 +322,10 @@ def read_durable(path):
     with begin(env) as txn:
         fw = txn.get(b"flushed_wv", db=meta)
         rid = txn.get(b"runtime_id", db=meta)
-        values = {bytes(k).decode("utf-8", "surrogatepass"): decode_value(bytes(v))
-                  for k, v in txn.cursor(db=vars_db)}
+        raw = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=vars_db)]
+    # Decoded after the transaction: unpickling may take shmstm's locks (a
+    # pickled TVar), which a resize waiting for the gate may hold (_TxnGate).
+    values = {k.decode("utf-8", "surrogatepass"): decode_value(v) for k, v in raw}
     return {"flushed_wv": _U64.unpack(fw)[0] if fw else 0,
             "runtime_id": bytes(rid).hex() if rid else None, "values": values}
 

@@ -194,6 +194,9 @@ class Flusher:
                     time.sleep(1.0)
                     # A full map's remedy: an opener raised the stored map size.
                     adopt_map_size(self.env, None, self.path)
+                    # Some py-lmdb versions drop DB handles on a resize.
+                    self.vars = self.env.open_db(b"vars")
+                    self.meta = self.env.open_db(b"meta")
                     continue
                 nxt = stop
                 sync_last = self.out[4]

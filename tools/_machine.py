@@ -47,17 +47,30 @@ class DiskRequests:
 
     def __init__(self, path):
         st = os.stat(path)
-        self.file = "/sys/dev/block/%d:%d/stat" % (os.major(st.st_dev), os.minor(st.st_dev))
+        dev = "/sys/dev/block/%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        # The kernel counts flush requests on the whole disk only: for a
+        # partition, read its disk's counters.
+        if os.path.exists(os.path.join(dev, "partition")):
+            dev = os.path.dirname(os.path.realpath(dev))
+        self.file = os.path.join(dev, "stat")
         self.c0 = self._read()
+
+    def write_back(self):
+        """True if the device caches writes (so fsync sends it flushes)."""
+        try:
+            with open(os.path.join(os.path.dirname(self.file), "queue", "write_cache")) as f:
+                return f.read().strip() == "write back"
+        except OSError:
+            return False
 
     def _read(self):
         try:
             with open(self.file) as f:
                 v = [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
+            # writes completed: field 5; flushes completed: field 16 (Linux >= 5.5)
+            return (v[4], v[15] if len(v) > 15 else None)
+        except (OSError, ValueError, IndexError):
             return None
-        # writes completed is field 5, flushes completed field 16 (kernel >= 5.5)
-        return (v[4], v[15] if len(v) > 15 else None)
 
     def counts(self):
         c1 = self._read()

@@ -391,11 +391,11 @@ def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flush
 
 def test_flusher_poll_sync_sees_a_sync_fill_and_ends_at_its_deadline(segname, dpath, flushers):
     """shmstm_flusher_poll_sync (the group-commit wait after a batch of one or
-    two sync commits) returns once sync_fills reaches its target, also when a
-    sync commit of another thread gets there while it polls, and returns the
-    count short of the target only once its deadline has passed.  An async
-    commit does not count.  The flusher is stopped, so the sync commit waits
-    for it until it continues."""
+    two sync commits) returns once sync_fills reaches its target, also when
+    the sync commit that gets there is another thread's (made before or while
+    it polls), and returns the count short of the target only once its
+    deadline has passed.  An async commit does not count.  The flusher is
+    stopped, so the sync commit waits for it until it continues."""
     import threading
 
     from shmstm._binding import lib
@@ -609,9 +609,9 @@ def test_map_size_cannot_shrink_below_the_default_it_was_made_with(segname, dpat
 
 def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath, flushers):
     """LMDB's set_mapsize is undefined while a transaction of the process is
-    active (LMDB does not check).  A thread that raises the map (open() with a
-    larger map_size) waits for another thread's read transaction, which reads
-    the data unharmed, and new transactions wait for the raise."""
+    active (LMDB does not check; py-lmdb invalidates the transaction).  A
+    thread that raises the map (open() with a larger map_size) waits for
+    another thread's read transaction, which reads the data unharmed."""
     import threading
 
     rt = shmstm.open(segname, path=dpath, map_size=1 << 24, **LIMITS)
@@ -637,7 +637,7 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
     w = threading.Thread(target=raiser)
     w.start()
     try:
-        wait_for(lambda: _durable._gate.waiting == 1, 30, "the raise to wait for the reader")
+        wait_for(lambda: _durable._gate(env).waiting == 1, 30, "the raise to wait for the reader")
         assert env.info()["map_size"] == 1 << 24            # not raised under the reader
     finally:
         leave.set()
@@ -650,6 +650,47 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
     assert shmstm.read_durable(dpath)["values"]["x"] == 7
     rt.close()
     shmstm.unlink(segname)
+
+
+def test_txn_gate_nests_in_a_thread_and_a_resize_waits_for_every_holder():
+    """_TxnGate: a thread holding the gate shared takes it again without
+    waiting, also while a resize waits (no deadlock); the resize runs only
+    once every hold is released; a resize inside the thread's own hold is
+    refused (it would wait for itself)."""
+    import threading
+
+    gate = _durable._TxnGate()
+    order = []
+    inside, nest = threading.Event(), threading.Event()
+
+    def holder():
+        with gate.shared():
+            inside.set()
+            assert nest.wait(30)
+            with gate.shared():               # nested, while the resize waits
+                order.append("nested")
+            with pytest.raises(RuntimeError, match="inside a transaction"):
+                with gate.alone():
+                    pass
+            order.append("released")
+
+    def resizer():
+        with gate.alone():
+            order.append("resized")
+
+    h = threading.Thread(target=holder)
+    h.start()
+    assert inside.wait(30)
+    r = threading.Thread(target=resizer)
+    r.start()
+    wait_for(lambda: gate.waiting == 1, 30, "the resize to wait")
+    nest.set()
+    h.join(30)
+    r.join(30)
+    assert not h.is_alive() and not r.is_alive()
+    assert order == ["nested", "released", "resized"]
+    with gate.shared():                       # usable again, with nothing held
+        pass
 
 
 def test_flusher_that_cannot_start_is_an_error_not_a_hang(segname, dpath, flushers, monkeypatch):
