@@ -72,6 +72,10 @@ struct shmstm_ctx {
     uint64_t last_wv;        /* durable runtimes: wv of the last writer commit */
     struct shmstm_gil *gil;  /* non-NULL for the length of a call from shmstm._fast,
                               * which holds the GIL (fast.h); owning thread only */
+    a32 interrupted;         /* process-local; set (seq_cst) by another thread's
+                              * shmstm_ctx_interrupt, read (seq_cst) by the owning
+                              * thread's retry wait: a Dekker pair with the slot's
+                              * futex word (wait.c); never cleared */
 };
 
 /* Drop the caller's GIL before a wait that can block or take long (fast.h):

@@ -174,7 +174,9 @@ struct shm_proc {
     a64 tid;                 /* owner's thread id (advisory, stats) */
     a64 attach_ns;           /* CLOCK_REALTIME at claim (advisory, stats) */
     /* line 1: wake-ups.  futex: W: committers (faa_seq_cst) that wrote a TVar
-     * this slot waits on; R: owner before futex_wait.  sleeping: W owner
+     * this slot waits on, and a thread of the owner's process that closes the
+     * runtime (shmstm_ctx_interrupt, faa_seq_cst); R: owner before
+     * futex_wait.  sleeping: W owner
      * (store_seq_cst) around futex_wait; R committers (load_seq_cst) to skip
      * the wake syscall when nobody sleeps. */
     _Alignas(64) a32 futex;

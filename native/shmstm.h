@@ -46,6 +46,7 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_EDURABLE     -23  /* durable: the flusher cannot write LMDB; commit refused */
 #define SHMSTM_ELOST        -24  /* the TVar is locked for good: its commit died past its
                                     commit point with an unreadable record (proc.c R2b) */
+#define SHMSTM_ECLOSED      -25  /* retry() wait ended: another thread closed the runtime */
 #define SHMSTM_PENDING       1   /* durable sync commit: committed, durability wait unfinished */
 
 #define SHMSTM_TAG_EMPTY   0
@@ -204,6 +205,9 @@ int shmstm_tx_commit(shmstm_ctx *c);
 int shmstm_tx_end_ro(shmstm_ctx *c);
 int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason);
 int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns);
+/* From another thread of the process (Runtime.close): make c's retry() wait,
+ * now or next, return SHMSTM_ECLOSED (wait.c). */
+int shmstm_ctx_interrupt(shmstm_ctx *c);
 int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns);
 uint32_t shmstm_tx_failed_idx(shmstm_ctx *c);
 

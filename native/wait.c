@@ -137,6 +137,12 @@ int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns)
             for_acq_rel(&s->tvars[c->rs[i].idx].waiters, bit);      /* a */
         fence_seq_cst();                                            /* b */
         uint32_t f = load_seq_cst(&p->futex);                       /* c */
+        /* After c: an interrupt that bumped the futex after c makes the
+         * wait below return at once; one before c is seen here. */
+        if (load_seq_cst(&c->interrupted)) {
+            ctx_reset(c);
+            return SHMSTM_ECLOSED;
+        }
         if (!reads_current(c)) {                                    /* d */
             counter_add(&p->wakeups, 1);
             ctx_reset(c);
@@ -158,4 +164,18 @@ int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns)
             return rc;
         /* woken, timed out or raced: loop re-checks (and re-sets cleared bits) */
     }
+}
+
+/* Runtime.close() from another thread: end c's retry() wait with
+ * SHMSTM_ECLOSED.  The flag first, then the futex bump and wake: a waiter
+ * that read the futex word before the bump returns from futex_wait at once
+ * (the word changed) and then sees the flag; one that reads it after the bump
+ * sees the flag (seq_cst, both sides).  Touches only c (process-local) and its
+ * slot's futex word, which only this slot's waits use. */
+int shmstm_ctx_interrupt(shmstm_ctx *c)
+{
+    store_seq_cst(&c->interrupted, 1u);
+    faa_seq_cst(&c->proc->futex, 1u);
+    futex_wake(&c->proc->futex);
+    return 0;
 }

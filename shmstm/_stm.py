@@ -42,6 +42,7 @@ E_CONFLICT = lib.SHMSTM_ECONFLICT
 E_INTR = lib.SHMSTM_EINTR
 E_TIMEOUT = lib.SHMSTM_ETIMEOUT
 E_INVAL = lib.SHMSTM_EINVAL
+E_CLOSED = lib.SHMSTM_ECLOSED
 AB_USER = lib.SHMSTM_AB_USER
 AB_RESOURCE = lib.SHMSTM_AB_RESOURCE
 AB_SILENT = 255
@@ -281,6 +282,8 @@ class Runtime:
         self._local = _Local()
         self._ctxs = []            # every live _Ctx of this process
         self._lock = threading.RLock()
+        self._waits = threading.Condition(self._lock)
+        self._waiting = 0          # threads of this process in a retry() wait (close)
         self._refs = 0
         self._closed = False
         self._max_value_size = 0
@@ -386,8 +389,10 @@ class Runtime:
         return ctx
 
     def close(self):
-        """Detach this process from the runtime (idempotent).  Other threads of
-        this process must not be inside a transaction on it."""
+        """Detach this process from the runtime (idempotent).  Threads of this
+        process blocked in retry() on it are woken and raise
+        RuntimeClosedError (close waits until they have left the core); other
+        threads must not be inside a transaction on it."""
         with _registry_lock:
             with self._lock:
                 if self._closed:
@@ -396,6 +401,13 @@ class Runtime:
                 if self._refs > 0:
                     return
                 self._closed = True
+                if self._waiting:
+                    mine = self._local.ctx
+                    for ctx in self._ctxs:
+                        if ctx is not mine and ctx.ptr is not None:
+                            lib.shmstm_ctx_interrupt(ctx.ptr)
+                    while self._waiting:
+                        self._waits.wait()      # releases self._lock, not _registry_lock
                 if self._durable is not None:
                     self._durable.close()
                 for ctx in list(self._ctxs):
@@ -702,6 +714,8 @@ def _after_fork_child():
     _registry_lock = threading.RLock()
     for rt in list(_registry.values()):
         rt._lock = threading.RLock()
+        rt._waits = threading.Condition(rt._lock)
+        rt._waiting = 0             # the parent's waiting threads do not exist here
         for ctx in rt._ctxs:
             if ctx.ptr is not None:
                 lib.shmstm_ctx_orphan(ctx.ptr)
@@ -995,26 +1009,44 @@ class _Tx:
             self._end(AB_SILENT)
             return
         ptr = self.ptr
+        rt = self.rt
         self.rt = None                      # the next attempt binds again
-        while True:
-            if deadline is None:
-                ns = -1
-            else:
-                ns = int((deadline - time.monotonic()) * 1e9)
-                if ns < 0:
-                    ns = 0
-            rc = lib.shmstm_tx_wait(ptr, ns)
-            if rc == 0:
-                return
-            if rc == E_INTR:
-                continue        # signal handlers ran at this bytecode; wait on
-            lib.shmstm_tx_abort(ptr, AB_SILENT)
-            if rc == E_TIMEOUT:
-                raise errors.RetryTimeout("transaction blocked in retry() for longer than its timeout")
-            if rc == E_INVAL:
-                raise errors.BlockedForeverError(
-                    "retry() in a transaction that read no TVar would wait forever")
-            raise error_for(rc, "retry")
+        # Counted while in the core: close() from another thread interrupts
+        # the wait (SHMSTM_ECLOSED) and frees this context only once the count
+        # is back to zero.
+        with rt._lock:
+            if rt._closed:                  # its contexts are freed (or about to be)
+                raise errors.RuntimeClosedError("runtime %r is closed" % rt.name)
+            rt._waiting += 1
+        try:
+            while True:
+                if deadline is None:
+                    ns = -1
+                else:
+                    ns = int((deadline - time.monotonic()) * 1e9)
+                    if ns < 0:
+                        ns = 0
+                rc = lib.shmstm_tx_wait(ptr, ns)
+                if rc == 0:
+                    return
+                if rc == E_INTR:
+                    continue        # signal handlers ran at this bytecode; wait on
+                lib.shmstm_tx_abort(ptr, AB_SILENT)
+                if rc == E_TIMEOUT:
+                    raise errors.RetryTimeout("transaction blocked in retry() for longer than its timeout")
+                if rc == E_INVAL:
+                    raise errors.BlockedForeverError(
+                        "retry() in a transaction that read no TVar would wait forever")
+                if rc == E_CLOSED:
+                    raise errors.RuntimeClosedError(
+                        "runtime %r was closed by another thread while this one waited in retry()"
+                        % rt.name)
+                raise error_for(rc, "retry")
+        finally:
+            with rt._lock:
+                rt._waiting -= 1
+                if not rt._waiting:
+                    rt._waits.notify_all()
 
 
 def _backoff(n):

@@ -112,6 +112,49 @@ def test_use_after_close(segname):
         rt.new_tvar(1)
 
 
+def test_close_from_another_thread_wakes_its_retry_wait(segname):
+    """close() while another thread of the process is blocked in retry() on
+    the runtime: the waiter is woken and raises RuntimeClosedError (before,
+    it slept for good on a freed context), close() returns, and the shared
+    state is intact: another open sees and changes it."""
+    import threading
+    import time
+
+    rt = shmstm.open(segname, max_tvars=64, heap_size=1 << 16)
+    tv = rt.tvar("x", 0)
+    got = []
+
+    def waiter():
+        try:
+            shmstm.atomically(lambda: shmstm.check(tv.get() > 0))
+            got.append("returned")
+        except shmstm.RuntimeClosedError as e:
+            got.append(e)
+
+    def retries():
+        return sum(p["retries"] for p in rt.stats()["processes"])
+
+    t = threading.Thread(target=waiter, daemon=True)     # a failure must not hang pytest
+    t.start()
+    end = time.monotonic() + 30
+    while retries() < 1:                    # the waiter is in the core's wait
+        assert time.monotonic() < end, "the waiter never reached retry()"
+        time.sleep(0.001)
+    rt.close()
+    t.join(30)
+    assert not t.is_alive()
+    assert len(got) == 1 and isinstance(got[0], shmstm.RuntimeClosedError), got
+    assert "closed by another thread" in str(got[0])
+    rt2 = shmstm.open(segname, max_tvars=64, heap_size=1 << 16)
+    try:
+        x = rt2.tvar("x", 0)
+        assert x.value == 0
+        x.value = 1
+        assert x.value == 1
+    finally:
+        rt2.close()
+
+
 def test_cross_runtime_transaction(runtime, segname):
     other_name = segname + "-2"
     other = shmstm.open(other_name, max_tvars=64, heap_size=1 << 16)
