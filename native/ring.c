@@ -314,6 +314,10 @@ int ring_after_commit(shmstm_ctx *c, uint64_t wv)
     int ret = SHMSTM_PENDING;
     ctx_gil_release(c);
     for (uint32_t i = 0; i < 40; i++) {          /* 2 s, then Python takes over */
+        /* Runtime.close() from another thread (shmstm_ctx_interrupt): hand
+         * over to Python, which raises.  Seen within one 50 ms wait. */
+        if (load_seq_cst(&c->interrupted))
+            break;
         int rc = shmstm_ring_wait(s, wv, 50000000);
         if (rc == 0) {
             ret = 0;

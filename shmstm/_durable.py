@@ -541,7 +541,8 @@ class Durable:
         return 1 if m == "sync" else 0
 
     def on_new_ctx(self, ctx):
-        lib.shmstm_ctx_set_sync(ctx.ptr, self.sync_for_thread())
+        ctx.sync = self.sync_for_thread()
+        lib.shmstm_ctx_set_sync(ctx.ptr, ctx.sync)
 
     def refresh_ctx(self):
         ctx = self.rt._local.ctx
@@ -563,6 +564,11 @@ class Durable:
         wv = lib.shmstm_ctx_last_wv(ptr)
         seg = self.rt._seg
         while True:
+            if self.rt._closed:             # by another thread, which waits for us (close)
+                raise errors.DurabilityError(
+                    "committed (wv %d), but the runtime %r was closed by another thread before "
+                    "the commit was known durable; the flusher still writes it to LMDB unless "
+                    "the machine goes down first" % (wv, self.rt.name))
             rc = lib.shmstm_ring_wait(seg, wv, 100_000_000)
             if rc == 0:
                 return

@@ -220,11 +220,12 @@ _FREED = _Enc(T_FREE, None, None)
 class _Ctx:
     """A thread's context on a runtime: the C context and its out-parameters,
     allocated once (never an ffi.new per operation)."""
-    __slots__ = ("ptr", "addr", "out", "outf", "rt", "__weakref__")
+    __slots__ = ("ptr", "addr", "out", "outf", "rt", "sync", "__weakref__")
 
     def __init__(self, rt, ptr):
         self.rt = rt
         self.ptr = ptr
+        self.sync = 0               # durable sync commits (the C context's dsync; close())
         self.addr = _address(ptr)   # for shmstm._fast; valid while ptr is not None
         self.out = ptr.out          # views of the context's own out-words
         self.outf = ffi.cast("double *", ptr.out)
@@ -388,11 +389,20 @@ class Runtime:
             return self._new_ctx()
         return ctx
 
+    def _wait_done(self):
+        """A counted wait (retry, sync commit) left the core (see close)."""
+        with self._lock:
+            self._waiting -= 1
+            if not self._waiting:
+                self._waits.notify_all()
+
     def close(self):
         """Detach this process from the runtime (idempotent).  Threads of this
         process blocked in retry() on it are woken and raise
-        RuntimeClosedError (close waits until they have left the core); other
-        threads must not be inside a transaction on it."""
+        RuntimeClosedError, and those waiting for a sync commit's flush raise
+        DurabilityError (committed, not known durable); close waits until they
+        have left the core.  Other threads must not be inside a transaction
+        on it."""
         with _registry_lock:
             with self._lock:
                 if self._closed:
@@ -970,6 +980,8 @@ class _Tx:
         created = self.created
         if created:
             self.created = []
+        if self.ctx.sync:
+            return self._commit_sync(ptr, writes, created)
         rc = _fcommit(self.pa, writes)
         if rc == 0:
             writes.clear()
@@ -978,14 +990,10 @@ class _Tx:
             self.nonint = 0
             self.rt = None
             return True
+        return self._commit_failed(rc, ptr, created)
+
+    def _commit_failed(self, rc, ptr, created):
         rt = self.rt
-        if rc > 0:                          # durable sync commit: committed, not yet flushed
-            writes.clear()
-            del self.undo[:]
-            self.nonint = 0
-            self.rt = None
-            rt._durable.finish_wait(ptr)
-            return True
         if created:
             self.created = created + self.created
         self._end(AB_SILENT)               # the core counted the abort
@@ -995,6 +1003,32 @@ class _Tx:
             return None                     # re-run, not a conflict (signal handlers ran,
                                             # or the flusher was restarted)
         raise error_for(rc, "commit (TVar #%d)" % lib.shmstm_tx_failed_idx(ptr))
+
+    def _commit_sync(self, ptr, writes, created):
+        """A durable sync commit: it waits for the flusher (in the core, then
+        in finish_wait), so it is counted like a retry() wait: close() from
+        another thread interrupts the wait and frees the context only after."""
+        rt = self.rt
+        with rt._lock:
+            if rt._closed:                  # its contexts are freed (or about to be)
+                if created:
+                    self.created = created + self.created
+                self._end(AB_SILENT)        # skips the core: the context is gone
+                raise errors.RuntimeClosedError("runtime %r is closed" % rt.name)
+            rt._waiting += 1
+        try:
+            rc = _fcommit(self.pa, writes)
+            if rc < 0:
+                return self._commit_failed(rc, ptr, created)
+            writes.clear()
+            del self.undo[:]
+            self.nonint = 0
+            self.rt = None
+            if rc > 0:                      # committed, not yet flushed
+                rt._durable.finish_wait(ptr)
+            return True
+        finally:
+            rt._wait_done()
 
     def _block(self, deadline):
         """retry(): wait until something this attempt read changes."""
@@ -1043,10 +1077,7 @@ class _Tx:
                         % rt.name)
                 raise error_for(rc, "retry")
         finally:
-            with rt._lock:
-                rt._waiting -= 1
-                if not rt._waiting:
-                    rt._waits.notify_all()
+            rt._wait_done()
 
 
 def _backoff(n):

@@ -432,6 +432,43 @@ def test_flusher_poll_sync_sees_a_sync_fill_and_ends_at_its_deadline(segname, dp
     shmstm.unlink(segname)
 
 
+def test_close_from_another_thread_ends_a_sync_commit_wait(segname, dpath, flushers):
+    """close() while another thread of the process waits for its sync
+    commit's flush (the flusher is stopped): the waiter is woken and raises
+    DurabilityError saying the commit happened but is not known durable,
+    close() returns, and once the flusher continues the commit reaches LMDB
+    (nothing lost, nothing half-done)."""
+    import threading
+
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
+    got = []
+
+    def committer():
+        try:
+            with shmstm.durability("sync"):
+                ctr.value = 2
+            got.append("returned")
+        except shmstm.DurabilityError as e:
+            got.append(e)
+
+    th = threading.Thread(target=committer, daemon=True)    # a failure must not hang pytest
+    try:
+        c0 = rt.stats()["durability"]["committed_wv"]
+        th.start()
+        wait_for(lambda: rt.stats()["durability"]["committed_wv"] > c0, 30,
+                 "the sync commit to pass its commit point")
+        rt.close()
+        th.join(30)
+        assert not th.is_alive()
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    assert len(got) == 1 and isinstance(got[0], shmstm.DurabilityError), got
+    assert "closed by another thread" in str(got[0]) and "committed" in str(got[0])
+    wait_for(lambda: shmstm.read_durable(dpath)["values"]["ctr"] == 2, 30,
+             "the commit to reach LMDB")
+    shmstm.unlink(segname)
+
+
 def test_heap_full_of_unflushed_records_waits_for_the_flusher(segname, dpath, flushers):
     """A stopped flusher frees no commit records, so big values fill the heap
     before the ring: the committer waits for the flusher (counted in
