@@ -284,7 +284,7 @@ class Runtime:
         self._ctxs = []            # every live _Ctx of this process
         self._lock = threading.RLock()
         self._waits = threading.Condition(self._lock)
-        self._waiting = 0          # threads of this process in a retry() wait (close)
+        self._waiting = 0          # threads of this process in a retry() wait or a sync commit (close)
         self._refs = 0
         self._closed = False
         self._max_value_size = 0
@@ -1013,7 +1013,8 @@ class _Tx:
             if rt._closed:                  # its contexts are freed (or about to be)
                 if created:
                     self.created = created + self.created
-                self._end(AB_SILENT)        # skips the core: the context is gone
+                self._end(AB_SILENT)        # calls the core only if the context still
+                                            # exists (close frees it under this lock)
                 raise errors.RuntimeClosedError("runtime %r is closed" % rt.name)
             rt._waiting += 1
         try:
