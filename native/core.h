@@ -74,8 +74,9 @@ struct shmstm_ctx {
                               * which holds the GIL (fast.h); owning thread only */
     a32 interrupted;         /* process-local; set (seq_cst) by another thread's
                               * shmstm_ctx_interrupt, read (seq_cst) by the owning
-                              * thread's retry wait: a Dekker pair with the slot's
-                              * futex word (wait.c); never cleared */
+                              * thread's retry wait (a Dekker pair with the slot's
+                              * futex word, wait.c) and sync flush wait (ring.c,
+                              * polled every 50 ms); never cleared */
 };
 
 /* Drop the caller's GIL before a wait that can block or take long (fast.h):

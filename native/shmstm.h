@@ -206,7 +206,8 @@ int shmstm_tx_end_ro(shmstm_ctx *c);
 int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason);
 int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns);
 /* From another thread of the process (Runtime.close): make c's retry() wait,
- * now or next, return SHMSTM_ECLOSED (wait.c). */
+ * now or next, return SHMSTM_ECLOSED, and its sync flush wait hand over to
+ * Python (wait.c, ring.c). */
 int shmstm_ctx_interrupt(shmstm_ctx *c);
 int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns);
 uint32_t shmstm_tx_failed_idx(shmstm_ctx *c);

@@ -389,6 +389,18 @@ class Runtime:
             return self._new_ctx()
         return ctx
 
+    def _wait_begin(self, on_closed=None):
+        """Count a wait (retry, sync commit) in the core, which close() from
+        another thread interrupts and waits for; on a closed runtime, run
+        ``on_closed`` under the lock (its contexts are freed under it, or
+        about to be) and raise RuntimeClosedError."""
+        with self._lock:
+            if self._closed:
+                if on_closed is not None:
+                    on_closed()
+                raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
+            self._waiting += 1
+
     def _wait_done(self):
         """A counted wait (retry, sync commit) left the core (see close)."""
         with self._lock:
@@ -1009,14 +1021,12 @@ class _Tx:
         in finish_wait), so it is counted like a retry() wait: close() from
         another thread interrupts the wait and frees the context only after."""
         rt = self.rt
-        with rt._lock:
-            if rt._closed:                  # its contexts are freed (or about to be)
-                if created:
-                    self.created = created + self.created
-                self._end(AB_SILENT)        # calls the core only if the context still
-                                            # exists (close frees it under this lock)
-                raise errors.RuntimeClosedError("runtime %r is closed" % rt.name)
-            rt._waiting += 1
+
+        def give_back():                    # the attempt ends; the core is called
+            if created:                     # only if the context still exists
+                self.created = created + self.created
+            self._end(AB_SILENT)
+        rt._wait_begin(give_back)
         try:
             rc = _fcommit(self.pa, writes)
             if rc < 0:
@@ -1049,10 +1059,7 @@ class _Tx:
         # Counted while in the core: close() from another thread interrupts
         # the wait (SHMSTM_ECLOSED) and frees this context only once the count
         # is back to zero.
-        with rt._lock:
-            if rt._closed:                  # its contexts are freed (or about to be)
-                raise errors.RuntimeClosedError("runtime %r is closed" % rt.name)
-            rt._waiting += 1
+        rt._wait_begin()
         try:
             while True:
                 if deadline is None:
