@@ -332,7 +332,10 @@ struct shm_header {
     a64 path_off;            /* heap offset of the LMDB path (NUL-terminated).
                                 W: creator, before durable_state := DS_READY */
     a32 flush_futex;         /* W: flusher faa_seq_cst after advancing flushed_wv,
-                                then futex_wake.  R: sync and ring-full waiters */
+                                then futex_wake_bits (the bits of the wvs it
+                                released).  R: sync waits (futex_wait_bits with
+                                flush_bit(wv), ring.c) and ring-full waiters
+                                (plain futex_wait: every wake reaches them) */
     a32 ring_futex;          /* W: committers faa_seq_cst after filling a slot when
                                 flusher_sleeping.  R: the flusher's futex_wait */
     a32 flusher_sleeping;    /* FS_AWAKE, FS_ANY (asleep, any fill wakes it),

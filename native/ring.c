@@ -285,6 +285,15 @@ void ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec)
         heap_free(s, NULL, rec);
 }
 
+/* The futex bit a wait for wv's flush sleeps with (futex_wait_bits): a
+ * release wakes only the waits of the write versions it covers (plus those
+ * that share their bits), not every sync committer, e.g. not the half of 16
+ * whose commits are in the batch after it. */
+static inline uint32_t flush_bit(uint64_t wv)
+{
+    return 1u << (wv & 31);
+}
+
 /* Wait until flushed_wv >= wv (holding no lock). */
 int shmstm_ring_wait(shmstm_seg *s, uint64_t wv, int64_t timeout_ns)
 {
@@ -300,7 +309,8 @@ int shmstm_ring_wait(shmstm_seg *s, uint64_t wv, int64_t timeout_ns)
         if (now >= deadline)
             return SHMSTM_ETIMEOUT;
         int64_t left = (int64_t)(deadline - now);
-        if (futex_wait(&h->flush_futex, f, left < 50000000 ? left : 50000000) == SHMSTM_EINTR)
+        if (futex_wait_bits(&h->flush_futex, f, left < 50000000 ? left : 50000000,
+                            flush_bit(wv)) == SHMSTM_EINTR)
             return SHMSTM_EINTR;
     }
 }
@@ -430,13 +440,23 @@ int shmstm_ring_path(shmstm_seg *s, char *buf, uint32_t cap)
     return (int)(len - 1);
 }
 
-/* Wake everyone waiting on flush_futex (sync commits, ring-room waits):
- * flushed_wv or durable_error changed.  seq_cst: pairs with the waiters'
- * load of the word before they re-check. */
-static void wake_flush_waiters(struct shm_header *h)
+/* Wake the waiters on flush_futex whose bits share one with ``bits``
+ * (sync commits: flush_bit of their wv) and every ring-room wait (plain
+ * futex_wait): flushed_wv or durable_error changed.  seq_cst: pairs with the
+ * waiters' load of the word before they re-check; a waiter that loaded the
+ * word before this bump and is not woken here finds it changed when it
+ * sleeps, so a missed bit costs no wake-up that matters: such a waiter had
+ * read flushed_wv before a release that does not cover its wv. */
+static void wake_flush_waiters_bits(struct shm_header *h, uint32_t bits)
 {
     faa_seq_cst(&h->flush_futex, 1);
-    futex_wake(&h->flush_futex);
+    futex_wake_bits(&h->flush_futex, bits);
+}
+
+/* Wake everyone waiting on flush_futex. */
+static void wake_flush_waiters(struct shm_header *h)
+{
+    wake_flush_waiters_bits(h, UINT32_MAX);
 }
 
 int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
@@ -803,6 +823,15 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
     uint64_t fl = load_relaxed(&h->flushed_wv);
     if (to_wv > fl)
         store_release(&h->flushed_wv, to_wv);    /* pairs with the room check and waits */
-    wake_flush_waiters(h);
+    /* The sync waits this release ends are those of from_wv..to_wv: a wait
+     * for an earlier wv saw flushed_wv cover it, or was woken, when that was
+     * released (or slept with a futex word this bump changes). */
+    uint32_t bits = UINT32_MAX;
+    if (to_wv >= from_wv && to_wv - from_wv < 31) {
+        bits = 0;
+        for (uint64_t w = from_wv; w <= to_wv; w++)
+            bits |= flush_bit(w);
+    }
+    wake_flush_waiters_bits(h, bits);
     return 0;
 }

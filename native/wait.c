@@ -54,6 +54,35 @@ void futex_wake(a32 *addr)
     syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
+/* futex_wait woken only by futex_wake_bits with a mask that shares a bit
+ * with ``bits`` (futex_wake wakes it too: its mask is all ones). */
+int futex_wait_bits(a32 *addr, uint32_t val, int64_t timeout_ns, uint32_t bits)
+{
+    struct timespec ts, *tp = NULL;
+    if (timeout_ns >= 0) {
+        /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline. */
+        uint64_t end = now_ns() + (uint64_t)timeout_ns;
+        ts.tv_sec = (time_t)(end / 1000000000);
+        ts.tv_nsec = (long)(end % 1000000000);
+        tp = &ts;
+    }
+    long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET, val, tp, NULL, bits);
+    if (rc == 0)
+        return 0;
+    if (errno == ETIMEDOUT)
+        return SHMSTM_ETIMEOUT;
+    if (errno == EINTR)
+        return SHMSTM_EINTR;
+    return 0;     /* EAGAIN: the word changed before we slept */
+}
+
+/* Wake the waiters of addr whose bits (futex_wait_bits) share one with
+ * ``bits``, and every futex_wait waiter. */
+void futex_wake_bits(a32 *addr, uint32_t bits)
+{
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_BITSET, INT_MAX, NULL, NULL, bits);
+}
+
 /* Called by committers after fence_seq_cst (step 9). */
 void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t)
 {
