@@ -373,8 +373,20 @@ def default_ring_slots(max_procs):
     return max(65536, 4 * (max_procs + 1))
 
 
+def check_flusher_env(env):
+    """The flusher's tuning switches (docs/durability.md): a bad value is the
+    opener's error, not a flusher that dies at start."""
+    group = env.get("SHMSTM_FLUSH_GROUP", "auto")
+    if group not in ("auto", "wait", "nowait"):
+        raise ValueError("SHMSTM_FLUSH_GROUP must be auto, wait or nowait, not %r" % group)
+    poll = env.get("SHMSTM_FLUSH_POLL_NS", "0")
+    if not poll.isdigit():
+        raise ValueError("SHMSTM_FLUSH_POLL_NS must be a whole number of nanoseconds, not %r" % poll)
+
+
 def _flusher_env():
     env = dict(os.environ)
+    check_flusher_env(env)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -415,6 +427,7 @@ class Durable:
             ffi.memmove(params.runtime_id, prep["runtime_id"], 16)
 
     def after_attach(self, created):
+        check_flusher_env(os.environ)
         rt = self.rt
         seg = rt._seg
         if rt._params.ring_slots == 0:

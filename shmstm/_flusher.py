@@ -41,6 +41,7 @@ GROUP_WAIT_NS = 300_000       # group commit: the longest wait for a batch's str
 OWNER_YIELDS = 8              # yields for a preempted committer before a batch is cut at it
 POLL_NS = int(os.environ.get("SHMSTM_FLUSH_POLL_NS", "1000000"))
 POLL_MAX_SYNC = 2             # poll (not sleep) after a batch of at most this many sync commits
+GROUP_MODE = os.environ.get("SHMSTM_FLUSH_GROUP", "auto")   # auto, wait, nowait
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -100,6 +101,88 @@ def main(argv):
             return 0                    # an opener's flusher took over
 
 
+class GroupTuner:
+    """Whether the flusher waits for a group's stragglers, chosen by measured
+    throughput.  Waiting makes one fsync serve the whole group, but nothing
+    else happens meanwhile: the write starts only once the last straggler
+    is back, and the committers run only while no write is going on.
+    Writing at once lets the batches alternate between two halves of the
+    committers, one half running while the other's write is in progress, at
+    half the batch size.  Which is faster depends on the machine: with an
+    fsync that is slow next to the committers' turnaround (a real disk), the
+    wait is; where the turnaround is as long as the write (a fast virtual
+    disk, 16 committers on 2 CPUs) writing at once was 1.4x faster
+    (docs/benchmarks.md).  So the tuner measures both, in four EPOCH-long
+    probes ordered wait, no wait, no wait, wait (a steady drift of the
+    machine's speed counts the same for both), as sync commits acknowledged
+    per second, and then keeps the faster for EXPLOIT epochs.  The wait stays
+    unless not waiting was faster by MARGIN: it keeps P=2 groups of two
+    together, and on a tie its fewer fsyncs are worth more.  Probes that saw
+    the flusher idle, or too few sync batches, count for nothing: the round
+    starts over.  SHMSTM_FLUSH_GROUP=wait or nowait fixes the choice."""
+    EPOCH = 0.05
+    EXPLOIT = 24
+    MARGIN = 1.10
+    MIN_BATCHES = 8          # a probe with fewer sync batches measures nothing
+    PROBES = (True, False, False, True)
+
+    def __init__(self, mode="auto", now=0.0):
+        if mode not in ("auto", "wait", "nowait"):
+            raise ValueError("SHMSTM_FLUSH_GROUP must be auto, wait or nowait, not %r" % mode)
+        self.fixed = None if mode == "auto" else mode == "wait"
+        self.decided = self.fixed if self.fixed is not None else True
+        self.restart(now)
+
+    def restart(self, now):
+        """Begin a round of probes."""
+        self.phase = 0           # < len(PROBES): probing; then keeping self.decided
+        self.sums = {True: [0, 0.0], False: [0, 0.0]}   # commits, seconds
+        self.wait = self.decided if self.fixed is not None else self.PROBES[0]
+        self.start(now)
+
+    def start(self, now):
+        self.t0 = now
+        self.n = self.batches = 0
+
+    def idle(self, now):
+        """The flusher slept without a batch: a probe would mix in the
+        load's pauses."""
+        if self.fixed is None and self.phase < len(self.PROBES):
+            self.restart(now)
+        else:
+            self.start(now)
+
+    def note(self, nsync, now):
+        """A batch with ``nsync`` sync commits was acknowledged at ``now``."""
+        if self.fixed is not None or not nsync:
+            return
+        self.n += nsync
+        self.batches += 1
+        if now - self.t0 < self.EPOCH:
+            return
+        probes = self.PROBES
+        if self.phase < len(probes):
+            if self.batches < self.MIN_BATCHES:
+                self.restart(now)
+                return
+            acc = self.sums[probes[self.phase]]
+            acc[0] += self.n
+            acc[1] += now - self.t0
+            self.phase += 1
+            if self.phase == len(probes):
+                (nw, tw), (nn, tn) = self.sums[True], self.sums[False]
+                self.decided = not nn / tn > self.MARGIN * (nw / tw)
+                self.wait = self.decided
+            else:
+                self.wait = probes[self.phase]
+        else:
+            self.phase += 1
+            if self.phase >= len(probes) + self.EXPLOIT:
+                self.restart(now)
+                return
+        self.start(now)
+
+
 class Flusher:
     def __init__(self, seg, params):
         self.seg = seg
@@ -121,6 +204,8 @@ class Flusher:
         self.namebuf = ffi.new("char[]", 512)
         self.info = ffi.new("shmstm_ring_info *")
         self.failing = False             # the last LMDB write failed
+        self.tuner = GroupTuner(GROUP_MODE, time.monotonic())
+        self.rel_fills = 0               # sync_fills just before the last batch's release
 
     def seg_flushed(self):
         lib.shmstm_ring_info_get(self.seg, self.info)
@@ -160,7 +245,7 @@ class Flusher:
                 # shmstm_flusher_claim).  Two flushers must never write.
                 print("flusher: lost the lease of the segment; exiting", file=sys.stderr)
                 return 4
-            fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: see group()
+            fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: returners (group), the async nap
             k = self.collect(nxt)
             if 0 < k and self.out[2] == 2 and owner_waits < OWNER_YIELDS:
                 # A committer is between its fill and its COMMITTED store (a
@@ -170,8 +255,9 @@ class Flusher:
                 owner_waits += 1
                 os.sched_yield()
                 continue
-            if 0 < k and self.out[4] < sync_last and self.out[2] in (0, 1):
-                k = self.group(nxt, fills, sync_last - self.out[4], sync_last)
+            if 0 < k and self.out[2] in (0, 1) and self.tuner.wait and \
+                    (fills - self.rel_fills) & 0xFFFFFFFF < sync_last:
+                k = self.group(nxt, sync_last)
             if k < 0:
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
@@ -200,6 +286,8 @@ class Flusher:
                     continue
                 nxt = stop
                 sync_last = self.out[4]
+                if sync_last:
+                    self.tuner.note(sync_last, time.monotonic())
                 idle = 0
                 if not sync_last and why == 0:
                     # An async-only batch: nap before the next one, so that
@@ -244,6 +332,8 @@ class Flusher:
                 # while they wait, so polling costs them nothing.  More sync
                 # committers keep the flusher busy without it (group commit).
                 continue
+            if idle == 2:
+                self.tuner.idle(time.monotonic())
             if idle < IDLE_NAPS:
                 lib.shmstm_flusher_sleep(self.seg, nxt, NAP_NS, lib.SHMSTM_FS_SYNC)
                 continue
@@ -259,20 +349,21 @@ class Flusher:
         self.buf = ffi.new("char[]", 2 * len(self.mv))
         self.mv = ffi.buffer(self.buf)
 
-    def group(self, nxt, fills, missing, last):
-        """Group commit.  The sync commits of the last batch were woken
-        together by its LMDB commit and come back about together; ``missing``
-        of them have not filled their slots yet.  Wait for them (up to
-        GROUP_WAIT_NS, woken only by sync fills), so that one fsync serves
-        them all instead of each missing the LMDB commit just started and
-        waiting a whole one.  Async-only loads never wait here.  Returns the
-        commits collected from nxt now.  ``fills`` is sync_fills read before
-        the collect: a sync commit that fills after it may be in the batch
-        already, and must not be waited for twice.  After a batch of at most
-        POLL_MAX_SYNC sync commits (``last``) it polls instead of sleeping:
-        an LMDB write begun just after a sleep is slower on this VM
+    def group(self, nxt, last):
+        """Group commit.  The ``last`` sync commits of the last batch were
+        woken together by its release and come back about together; wait
+        for them all (up to GROUP_WAIT_NS, woken only by sync fills), so that
+        one fsync serves them all instead of each missing the LMDB commit
+        just started and waiting a whole one.  They are counted from
+        ``rel_fills``, sync_fills read just before the release: a sync commit
+        that filled before it (it arrived during the write) is not one of
+        them, so two committers whose commits went to alternate batches, each
+        written alone, are waited for together again.  Async-only loads never
+        wait here.  Returns the commits collected from nxt now.  After a
+        batch of at most POLL_MAX_SYNC sync commits it polls instead of
+        sleeping: an LMDB write begun just after a sleep is slower on this VM
         (shmstm_flusher_poll_sync), and so few committers leave the CPU idle."""
-        target = (fills + missing) & 0xFFFFFFFF
+        target = (self.rel_fills + last) & 0xFFFFFFFF
         if last <= POLL_MAX_SYNC and POLL_NS > 0:
             lib.shmstm_flusher_poll_sync(self.seg, target, GROUP_WAIT_NS)
         else:
@@ -329,6 +420,9 @@ class Flusher:
         self.failing = False
         lib.shmstm_ring_clear_error(self.seg)
         fault("after_commit")
+        # Before the release: every sync fill after this read is by a
+        # committer this release woke, or one that arrived meanwhile (group).
+        self.rel_fills = lib.shmstm_ring_sync_fills(self.seg)
         lib.shmstm_ring_release(self.seg, first, last)
         fault("after_advance")
         return True

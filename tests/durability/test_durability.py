@@ -105,14 +105,17 @@ def test_refuses_foreign_data(segname, dpath, flushers):
         shutil.rmtree(other, ignore_errors=True)
 
 
-def test_machine_crash_sync(segname, dpath, flushers, tmp_path):
+@pytest.mark.parametrize("group", ["wait", "nowait"])
+def test_machine_crash_sync(segname, dpath, flushers, tmp_path, monkeypatch, group):
     """Simulated machine crash: sync workers log each acknowledged commit;
     every process mapping the segment (flusher included) is frozen at once
     (SIGSTOP: nothing runs after the "crash", not even the flusher draining),
     the mapping list shows no other process, then all are SIGKILLed and the
     segment unlinked; reopening from LMDB conserves money and contains every
-    acknowledged commit."""
+    acknowledged commit.  Under both group-commit choices of the flusher
+    (SHMSTM_FLUSH_GROUP: waiting for a group's stragglers, or not)."""
     from shmstm import _segments
+    monkeypatch.setenv("SHMSTM_FLUSH_GROUP", group)
     n = 8
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
     accts = [rt.tvar("acct:%d" % i, 0) for i in range(n)]
@@ -875,5 +878,26 @@ def test_interrupt_as_a_sync_commit_returns_keeps_its_new_tvars(segname, dpath, 
     created = holder.value
     assert isinstance(created, shmstm.TVar) and created.value == 41
     drain(rt)
+    rt.close()
+    shmstm.unlink(segname)
+
+
+@pytest.mark.parametrize("var, value", [("SHMSTM_FLUSH_GROUP", "sometimes"),
+                                        ("SHMSTM_FLUSH_POLL_NS", "1ms")])
+def test_a_bad_flusher_switch_is_the_openers_error(segname, dpath, flushers, monkeypatch,
+                                                   var, value):
+    """A bad value of a flusher tuning variable fails open() with a
+    ValueError naming it (not a flusher that dies at start), leaves no
+    segment behind, and the next open with a good value works."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=var):
+        shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    from shmstm import _segments
+    assert segname not in [s["name"] for s in _segments.list_segments()]
+    monkeypatch.delenv(var)
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    flushers.append(flusher_pid(rt))
+    rt.tvar("a", 0).value = 1
+    assert shmstm.read_durable(dpath)["values"]["a"] == 1
     rt.close()
     shmstm.unlink(segname)
