@@ -111,7 +111,7 @@ class GroupTuner:
     half the batch size.  Which is faster depends on the machine: with an
     fsync that is slow next to the committers' turnaround (a real disk), the
     wait is; where the turnaround is as long as the write (a fast virtual
-    disk, 16 committers on 2 CPUs) writing at once was 1.4x faster
+    disk, 16 committers on 2 CPUs) writing at once was 1.2x-1.4x faster
     (docs/benchmarks.md).  So the tuner measures both, in four EPOCH-long
     probes ordered wait, no wait, no wait, wait (a steady drift of the
     machine's speed counts the same for both), as sync commits acknowledged
@@ -245,7 +245,7 @@ class Flusher:
                 # shmstm_flusher_claim).  Two flushers must never write.
                 print("flusher: lost the lease of the segment; exiting", file=sys.stderr)
                 return 4
-            fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: returners (group), the async nap
+            fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: group, async nap
             k = self.collect(nxt)
             if 0 < k and self.out[2] == 2 and owner_waits < OWNER_YIELDS:
                 # A committer is between its fill and its COMMITTED store (a
