@@ -362,7 +362,13 @@ struct shm_header {
                                 FS_GROUP.  W: flusher store_seq_cst before it
                                 stores FS_GROUP.  R: sync committers load_seq_cst
                                 after seeing FS_GROUP.  advisory */
-    a32 durable_reserved_;
+    a32 flusher_group;       /* the flusher's group-commit choice (GroupTuner,
+                                _flusher.py): 0 not stated yet, else FG_WAIT or
+                                FG_NOWAIT, plus FG_FIXED when set by
+                                SHMSTM_FLUSH_GROUP rather than measured.  W: the
+                                lease holder (relaxed) when it changes.  R: the
+                                stats (relaxed).  advisory; was a reserved word,
+                                so the layout is unchanged */
 };
 
 /* ---- commit ring (durable runtimes; native/ring.c) ----

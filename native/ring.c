@@ -401,6 +401,15 @@ int shmstm_ring_info_get(shmstm_seg *s, shmstm_ring_info *o)
         o->ring_full_waits += load_relaxed(&s->procs[i].ring_waits);
     o->durable_state = load_relaxed(&h->durable_state);
     o->durable_error = (int32_t)load_relaxed(&h->durable_error);
+    o->flusher_group = load_relaxed(&h->flusher_group);
+    return 0;
+}
+
+int shmstm_flusher_set_group(shmstm_seg *s, uint32_t group)
+{
+    if (!s->ring_slots || s->read_only || group > (SHMSTM_FG_NOWAIT | SHMSTM_FG_FIXED))
+        return SHMSTM_EINVAL;
+    store_relaxed(&s->h->flusher_group, group);
     return 0;
 }
 

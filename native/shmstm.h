@@ -241,7 +241,13 @@ typedef struct {
     uint64_t ring_full_waits; /* sum over every slot, free ones too (never reset) */
     uint32_t durable_state;   /* SHMSTM_DS_LOADING until the creator loaded LMDB */
     int32_t durable_error;    /* 0, or the code of the flusher's last LMDB failure */
+    uint32_t flusher_group;   /* 0, or SHMSTM_FG_WAIT / SHMSTM_FG_NOWAIT | SHMSTM_FG_FIXED */
 } shmstm_ring_info;
+#define SHMSTM_FG_WAIT   1  /* group commit waits for a group's stragglers */
+#define SHMSTM_FG_NOWAIT 2  /* it writes what is in the ring at once */
+#define SHMSTM_FG_FIXED  4  /* chosen by SHMSTM_FLUSH_GROUP, not measured */
+/* The flusher states its group-commit choice (stats only). */
+int shmstm_flusher_set_group(shmstm_seg *seg, uint32_t group);
 #define SHMSTM_DS_LOADING 0
 #define SHMSTM_DS_READY   1
 int shmstm_ring_info_get(shmstm_seg *seg, shmstm_ring_info *out);

@@ -608,6 +608,9 @@ class Durable:
         _runtimes.discard(self)
 
 
+_GROUP_NAMES = {lib.SHMSTM_FG_WAIT: "wait", lib.SHMSTM_FG_NOWAIT: "nowait"}
+
+
 def ring_stats_dict(info, mode, path):
     """The ``durability`` object of the statistics document (docs/stats.md)."""
     committed, flushed = info.committed_wv, info.flushed_wv
@@ -626,6 +629,8 @@ def ring_stats_dict(info, mode, path):
         "flusher_pid": info.flusher_pid or None, "flusher_alive": bool(info.flusher_alive),
         "flusher_state": flusher_state,
         "ring_full_waits": info.ring_full_waits, "error": code or None,
+        "group_commit": _GROUP_NAMES.get(info.flusher_group & ~lib.SHMSTM_FG_FIXED),
+        "group_commit_fixed": bool(info.flusher_group & lib.SHMSTM_FG_FIXED),
         "error_message": str(error_for(code, "the flusher writing LMDB")) if code else None,
     }
 

@@ -144,6 +144,11 @@ class GroupTuner:
         self.t0 = now
         self.n = self.batches = 0
 
+    def word(self):
+        """The choice for the stats (flusher_group in the segment)."""
+        return ((lib.SHMSTM_FG_WAIT if self.decided else lib.SHMSTM_FG_NOWAIT)
+                | (lib.SHMSTM_FG_FIXED if self.fixed is not None else 0))
+
     def idle(self, now):
         """The flusher slept without a batch: a probe would mix in the
         load's pauses."""
@@ -205,6 +210,8 @@ class Flusher:
         self.info = ffi.new("shmstm_ring_info *")
         self.failing = False             # the last LMDB write failed
         self.tuner = GroupTuner(GROUP_MODE, time.monotonic())
+        self.group_word = self.tuner.word()
+        lib.shmstm_flusher_set_group(seg, self.group_word)
         self.rel_fills = 0               # sync_fills just before the last batch's release
 
     def seg_flushed(self):
@@ -288,6 +295,9 @@ class Flusher:
                 sync_last = self.out[4]
                 if sync_last:
                     self.tuner.note(sync_last, time.monotonic())
+                    if self.tuner.word() != self.group_word:
+                        self.group_word = self.tuner.word()
+                        lib.shmstm_flusher_set_group(self.seg, self.group_word)
                 idle = 0
                 if not sync_last and why == 0:
                     # An async-only batch: nap before the next one, so that

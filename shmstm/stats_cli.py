@@ -216,6 +216,10 @@ def _durability_lines(dur, rate):
     fl = "  flusher: %s" % dur["flusher_state"]
     if dur["flusher_pid"]:
         fl += " (pid %d)" % dur["flusher_pid"]
+    if dur["group_commit"] is not None:
+        fl += "  group commit: %s (%s)" % (
+            "waits for stragglers" if dur["group_commit"] == "wait" else "writes at once",
+            "SHMSTM_FLUSH_GROUP" if dur["group_commit_fixed"] else "measured")
     if dur["error"]:
         fl += "  ERROR: %s" % dur["error_message"]
     lines.append(fl)
@@ -273,6 +277,10 @@ def prometheus_text(doc):
         one("shmstm_ring_full_waits_total", "counter",
             "Commits that waited for room in a full ring (since the segment was created).",
             dur["ring_full_waits"])
+        if dur["group_commit"] is not None:
+            one("shmstm_flusher_group_wait", "gauge",
+                "1 while the flusher's group commit waits for a group's stragglers, 0 while "
+                "it writes at once.", int(dur["group_commit"] == "wait"))
         one("shmstm_durable_error", "gauge",
             "Code of the flusher's last LMDB failure (0: none).", dur["error"] or 0)
 

@@ -134,6 +134,9 @@ def test_durability_section(durable_rt):
     assert d["flusher_pid"] == fpid and d["flusher_alive"] and d["flusher_state"] == "running"
     assert d["committed_wv"] == d["flushed_wv"] == mine["committed_wv"]
     assert d["lag"] == d["ring_fill"] == 0 and d["error"] is None
+    # One sync commit measures nothing: the flusher keeps its first choice.
+    assert d["group_commit"] == "wait" and d["group_commit_fixed"] is False
+    assert mine["group_commit"] == "wait"
 
     os.kill(fpid, signal.SIGSTOP)        # the flusher stops draining the ring
     try:
@@ -151,7 +154,8 @@ def test_durability_section(durable_rt):
         assert "ring 10/%d slots used" % d["ring_slots"] in r.stdout
         assert "committed v%d  flushed v%d  lag 10" % (d["committed_wv"], d["flushed_wv"]) \
             in r.stdout
-        assert "flusher: running (pid %d)" % fpid in r.stdout
+        assert "flusher: running (pid %d)  group commit: waits for stragglers (measured)" % fpid \
+            in r.stdout
 
         r = run_tool(rt.name, "--prometheus")
         assert r.returncode == 0, r.stderr
@@ -163,6 +167,7 @@ def test_durability_section(durable_rt):
         assert samples["shmstm_flushed_version"] == d["flushed_wv"]
         assert samples["shmstm_committed_version"] == d["committed_wv"]
         assert samples["shmstm_flusher_up"] == 1
+        assert samples["shmstm_flusher_group_wait"] == 1
     finally:
         os.kill(fpid, signal.SIGCONT)
     _wait(lambda: rt.stats()["durability"]["lag"] == 0, "the flusher to drain the ring")
@@ -174,3 +179,26 @@ def test_durability_section(durable_rt):
     assert d["flusher_state"] == "dead" and not d["flusher_alive"] and d["flusher_pid"] == fpid
     r = run_tool(rt.name)
     assert "flusher: dead (pid %d)" % fpid in r.stdout
+
+
+def test_group_commit_choice_set_by_the_environment(segname, tmp_path, monkeypatch):
+    """SHMSTM_FLUSH_GROUP=nowait reaches the flusher, which states it in the
+    segment: the JSON, text and Prometheus views show a fixed "writes at once"."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    monkeypatch.setenv("SHMSTM_FLUSH_GROUP", "nowait")
+    rt = shmstm.open(segname, path=str(tmp_path / "lmdb"), **LIMITS)
+    try:
+        with shmstm.durability("sync"):
+            rt.tvar("a", 0).value = 1        # returns once in LMDB: the flusher is running
+        d = _json(rt.name, "--json")["durability"]
+        assert d["group_commit"] == "nowait" and d["group_commit_fixed"] is True
+        r = run_tool(rt.name)
+        assert r.returncode == 0, r.stderr
+        assert "group commit: writes at once (SHMSTM_FLUSH_GROUP)" in r.stdout
+        r = run_tool(rt.name, "--prometheus")
+        samples = {s.name: s.value for fam in text_string_to_metric_families(r.stdout)
+                   for s in fam.samples if s.labels.get("runtime") == rt.name}
+        assert samples["shmstm_flusher_group_wait"] == 0
+    finally:
+        rt.close()
