@@ -389,15 +389,15 @@ class Runtime:
             return self._new_ctx()
         return ctx
 
-    def _wait_begin(self, on_closed=None):
+    def _wait_begin(self, on_closed=None, arg=None):
         """Count a wait (retry, sync commit) in the core, which close() from
         another thread interrupts and waits for; on a closed runtime, run
-        ``on_closed`` under the lock (its contexts are freed under it, or
-        about to be) and raise RuntimeClosedError."""
+        ``on_closed(arg)`` under the lock (its contexts are freed under it,
+        or about to be) and raise RuntimeClosedError."""
         with self._lock:
             if self._closed:
                 if on_closed is not None:
-                    on_closed()
+                    on_closed(arg)
                 raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
             self._waiting += 1
 
@@ -405,7 +405,9 @@ class Runtime:
         """A counted wait (retry, sync commit) left the core (see close)."""
         with self._lock:
             self._waiting -= 1
-            if not self._waiting:
+            # Only close() waits for the count (it sets _closed under this
+            # lock first): no notify, a Python-level call, on every commit.
+            if not self._waiting and self._closed:
                 self._waits.notify_all()
 
     def close(self):
@@ -1021,12 +1023,7 @@ class _Tx:
         in finish_wait), so it is counted like a retry() wait: close() from
         another thread interrupts the wait and frees the context only after."""
         rt = self.rt
-
-        def give_back():                    # the attempt ends; the core is called
-            if created:                     # only if the context still exists
-                self.created = created + self.created
-            self._end(AB_SILENT)
-        rt._wait_begin(give_back)
+        rt._wait_begin(self._give_back, created)
         try:
             rc = _fcommit(self.pa, writes)
             if rc < 0:
@@ -1040,6 +1037,13 @@ class _Tx:
             return True
         finally:
             rt._wait_done()
+
+    def _give_back(self, created):
+        """A sync commit found its runtime closed: the attempt ends (the core
+        is called only if the context still exists)."""
+        if created:
+            self.created = created + self.created
+        self._end(AB_SILENT)
 
     def _block(self, deadline):
         """retry(): wait until something this attempt read changes."""
