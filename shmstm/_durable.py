@@ -6,6 +6,13 @@ LMDB layout (one environment per path, a directory):
               endian for inline tags, the encoded bytes otherwise)
   db b"meta": b"flushed_wv" -> u64 LE (the last write version applied; stored
               in the same write transaction as the data), b"runtime_id" -> 16 bytes
+  db b"log":  u64 BE (the last write version of a batch) -> the batch's
+              (name, value) pairs, encode_log: a small batch is written as one
+              record here instead of one put per TVar into "vars" (fewer pages
+              per write transaction), and the flusher folds the log into
+              "vars" later (Flusher.fold).  The durable state is "vars" with
+              the log's records applied in key order (durable_items): every
+              reader merges.
 
 Each process opens an environment at most once (py-lmdb: never twice in one
 process, never across fork): a process-wide cache, dropped in a fork child.
@@ -25,7 +32,7 @@ from ._binding import error_for, ffi, lib
 MAP_SIZE = 1 << 34            # default; sparse; stored in the data, identical in every opener
 MIN_MAP_SIZE = 1 << 16
 MAX_MAP_SIZE = 1 << 44
-MAX_DBS = 2
+MAX_DBS = 3
 MODES = ("none", "async", "sync")
 READY_WAIT = 10.0             # seconds an attacher waits for the creator to load LMDB
 FLUSHER_START_TRIES = 3       # failed flusher starts in a row before committers get an error
@@ -255,6 +262,53 @@ def _dbs(env):
         return env.open_db(b"vars"), env.open_db(b"meta")
 
 
+def _log_db(env):
+    with _gate(env).shared():
+        return env.open_db(b"log")
+
+
+_LOG_LEN = struct.Struct("<I")
+
+
+def encode_log(items):
+    """A log record of (name, value) byte pairs: u32 LE length, name, u32 LE
+    length, value, for each."""
+    parts = []
+    for k, v in items:
+        parts += (_LOG_LEN.pack(len(k)), k, _LOG_LEN.pack(len(v)), v)
+    return b"".join(parts)
+
+
+def decode_log(rec):
+    """The (name, value) pairs of a log record (encode_log)."""
+    out = []
+    pos, n = 0, len(rec)
+    try:
+        while pos < n:
+            (kl,) = _LOG_LEN.unpack_from(rec, pos)
+            k = rec[pos + 4:pos + 4 + kl]
+            pos += 4 + kl
+            (vl,) = _LOG_LEN.unpack_from(rec, pos)
+            v = rec[pos + 4:pos + 4 + vl]
+            pos += 4 + vl
+            out.append((k, v))
+    except struct.error:
+        pos = n + 1
+    if pos != n or any(not v for _, v in out):
+        raise errors.CorruptSegmentError("a malformed log record in the durable data")
+    return out
+
+
+def durable_items(txn, vars_db, log_db):
+    """{name: value} (bytes) of the durable state in ``txn``: "vars" with the
+    log's batches applied, oldest first (see the layout above)."""
+    vals = {bytes(k): bytes(v) for k, v in txn.cursor(db=vars_db)}
+    for _, rec in txn.cursor(db=log_db):
+        for k, v in decode_log(bytes(rec)):
+            vals[k] = v
+    return vals
+
+
 def _forget_envs():
     # A fork child must never use its parent's environments (nor close them),
     # and the parent's flusher children are not its own (nor its locks' state).
@@ -319,10 +373,11 @@ def read_durable(path):
     A consistent snapshot (one LMDB read transaction)."""
     env = open_env(path, create=False)
     vars_db, meta = _dbs(env)
+    log_db = _log_db(env)
     with begin(env) as txn:
         fw = txn.get(b"flushed_wv", db=meta)
         rid = txn.get(b"runtime_id", db=meta)
-        raw = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=vars_db)]
+        raw = list(durable_items(txn, vars_db, log_db).items())
     # Decoded after the transaction: unpickling may take shmstm's locks (a
     # pickled TVar), which a resize waiting for the gate may hold (_TxnGate).
     values = {k.decode("utf-8", "surrogatepass"): decode_value(v) for k, v in raw}
@@ -379,6 +434,9 @@ def check_flusher_env(env):
     group = env.get("SHMSTM_FLUSH_GROUP", "auto")
     if group not in ("auto", "wait", "nowait"):
         raise ValueError("SHMSTM_FLUSH_GROUP must be auto, wait or nowait, not %r" % group)
+    log = env.get("SHMSTM_FLUSH_LOG", "1")
+    if log not in ("0", "1"):
+        raise ValueError("SHMSTM_FLUSH_LOG must be 0 or 1, not %r" % log)
     poll = env.get("SHMSTM_FLUSH_POLL_NS", "0")
     if not poll.isdigit():
         raise ValueError("SHMSTM_FLUSH_POLL_NS must be a whole number of nanoseconds, not %r" % poll)
@@ -468,15 +526,16 @@ class Durable:
         rt = self.rt
         env = open_env(self.path)
         vars_db, _ = _dbs(env)
+        log_db = _log_db(env)
         ctx = rt._ctx()
         oi = ffi.new("uint32_t[2]")
-        with begin(env, db=vars_db) as txn:
-            for k, v in txn.cursor():
-                tag, payload = decode_raw(bytes(v))
-                name = bytes(k)
-                rc = _new_call(lib.shmstm_tvar_named, ctx.ptr, (name, len(name)), tag, payload, oi)
-                if rc < 0:
-                    raise error_for(rc, "loading TVar %r from %r" % (name, self.path))
+        with begin(env) as txn:
+            items = durable_items(txn, vars_db, log_db)
+        for name, v in items.items():
+            tag, payload = decode_raw(v)
+            rc = _new_call(lib.shmstm_tvar_named, ctx.ptr, (name, len(name)), tag, payload, oi)
+            if rc < 0:
+                raise error_for(rc, "loading TVar %r from %r" % (name, self.path))
         p = os.path.realpath(self.path).encode()
         rc = lib.shmstm_ring_set_ready(rt._seg, p, len(p))
         if rc < 0:

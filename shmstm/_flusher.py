@@ -10,7 +10,9 @@ opener, or by any process that finds the lease holder dead.  It:
      applied, so they are only recycled (never applied twice);
   4. loops: collect the processed slots after flushed_wv in wv order, write
      them (coalesced: last value per TVar) in ONE LMDB write transaction that
-     also stores flushed_wv and the runtime id, then free the records, recycle
+     also stores flushed_wv and the runtime id (a batch of 3-64 TVars as one
+     record in the "log" DB, folded into "vars" after LOG_FOLD records and
+     when idle; see _durable.py), then free the records, recycle
      the slots, advance flushed_wv and wake sync waiters.  A slot left EMPTY
      for GRACE seconds (its committer died before its commit point, or is
      stopped there) is voided;
@@ -30,7 +32,7 @@ import time
 import posix_ipc
 
 from ._binding import ffi, lib
-from ._durable import _lmdb, adopt_map_size, lmdb_open
+from ._durable import _lmdb, adopt_map_size, decode_log, encode_log, lmdb_open
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
@@ -42,6 +44,12 @@ OWNER_YIELDS = 8              # yields for a preempted committer before a batch 
 POLL_NS = int(os.environ.get("SHMSTM_FLUSH_POLL_NS", "1000000"))
 POLL_MAX_SYNC = 2             # poll (not sleep) after a batch of at most this many sync commits
 GROUP_MODE = os.environ.get("SHMSTM_FLUSH_GROUP", "auto")   # auto, wait, nowait
+LOG = os.environ.get("SHMSTM_FLUSH_LOG", "1") == "1"   # small batches as log records
+LOG_MIN_ITEMS = 3             # a batch of at least this many TVars, at most ...
+LOG_ITEMS = 64                # ... this many ...
+LOG_BYTES = 2048              # ... and bytes goes to the log as one record
+LOG_FOLD = 64                 # log records before the next write folds them into "vars"
+_BE64 = struct.Struct(">Q")
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -202,6 +210,9 @@ class Flusher:
         self.env = lmdb_open(self.path)     # the stored map size; reader_check
         self.vars = self.env.open_db(b"vars")
         self.meta = self.env.open_db(b"meta")
+        self.log = self.env.open_db(b"log")
+        with self.env.begin(db=self.log) as txn:
+            self.log_n = txn.stat(self.log)["entries"]   # a predecessor's, not folded yet
         self.buf = ffi.new("char[]", BUF)
         self.mv = ffi.buffer(self.buf)
         self.out = ffi.new("uint64_t[5]")
@@ -290,6 +301,7 @@ class Flusher:
                     # Some py-lmdb versions drop DB handles on a resize.
                     self.vars = self.env.open_db(b"vars")
                     self.meta = self.env.open_db(b"meta")
+                    self.log = self.env.open_db(b"log")
                     continue
                 nxt = stop
                 sync_last = self.out[4]
@@ -347,6 +359,8 @@ class Flusher:
             if idle < IDLE_NAPS:
                 lib.shmstm_flusher_sleep(self.seg, nxt, NAP_NS, lib.SHMSTM_FS_SYNC)
                 continue
+            if self.log_n:
+                self.fold_alone()             # idle: leave "vars" whole at rest
             if self.should_exit(nxt):
                 return 0
             lib.shmstm_flusher_sleep(self.seg, nxt, 20_000_000, lib.SHMSTM_FS_ANY)
@@ -380,6 +394,29 @@ class Flusher:
             lib.shmstm_flusher_wait_sync(self.seg, target, GROUP_WAIT_NS)
         return self.collect(nxt)
 
+    def fold(self, txn):
+        """In ``txn``: apply the log's records to "vars", oldest first (each
+        TVar written once, with its latest value), and empty the log."""
+        if not self.log_n:
+            return
+        vals = {}
+        for _, rec in txn.cursor(db=self.log):
+            for k, v in decode_log(bytes(rec)):
+                vals[k] = v
+        for k, v in vals.items():
+            txn.put(k, v, db=self.vars)
+        txn.drop(self.log, delete=False)
+
+    def fold_alone(self):
+        """Fold the log in a transaction of its own (the flusher is idle).
+        On an LMDB error the log stays (readers merge it), for the next try."""
+        try:
+            with self.env.begin(write=True) as txn:
+                self.fold(txn)
+        except self.lmdb.Error:
+            return
+        self.log_n = 0
+
     def seg_info(self):
         """The segment's facts after reclaiming dead slots."""
         lib.shmstm_seg_reclaim_dead(self.seg)
@@ -408,14 +445,27 @@ class Flusher:
         assert pos == used, "flusher: malformed batch (%d of %d bytes)" % (pos, used)
         fault("before_txn")
         try:
+            rec = None
+            if LOG and self.log_n < LOG_FOLD and LOG_MIN_ITEMS <= len(items) <= LOG_ITEMS:
+                rec = encode_log(items)
+                if len(rec) > LOG_BYTES:
+                    rec = None
             with self.env.begin(write=True) as txn:
-                half = len(items) // 2
-                for j, (key, val) in enumerate(items):
-                    if j == half:
-                        fault("in_txn")
-                    txn.put(key, val, db=self.vars)
+                if rec is not None:
+                    # One record appended at the log's end: a page or two,
+                    # where puts into "vars" dirty a leaf per TVar.
+                    txn.put(_BE64.pack(last), rec, db=self.log)
+                    fault("in_txn")
+                else:
+                    self.fold(txn)
+                    half = len(items) // 2
+                    for j, (key, val) in enumerate(items):
+                        if j == half:
+                            fault("in_txn")
+                        txn.put(key, val, db=self.vars)
                 txn.put(b"flushed_wv", struct.pack("<Q", last), db=self.meta)
                 txn.put(b"runtime_id", self.rid, db=self.meta)
+            self.log_n = self.log_n + 1 if rec is not None else 0
         except self.lmdb.Error as e:
             # Committers are refused (before their commit point) until a
             # retry succeeds; the commits in the ring stay there.

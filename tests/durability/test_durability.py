@@ -660,13 +660,14 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
         rt.tvar("x", 0).value = 7
     env = _durable.open_env(dpath)
     vars_db, _ = _durable._dbs(env)
+    log_db = _durable._log_db(env)
     inside, leave, read = threading.Event(), threading.Event(), []
 
     def reader():
-        with _durable.begin(env, db=vars_db) as txn:
+        with _durable.begin(env) as txn:
             inside.set()
             leave.wait(30)
-            read.append(_durable.decode_value(bytes(txn.get(b"x"))))
+            read.append(_durable.decode_value(_durable.durable_items(txn, vars_db, log_db)[b"x"]))
 
     def raiser():
         _durable.open_env(dpath, map_size=1 << 26)      # what open(map_size=) does first
@@ -883,7 +884,8 @@ def test_interrupt_as_a_sync_commit_returns_keeps_its_new_tvars(segname, dpath, 
 
 
 @pytest.mark.parametrize("var, value", [("SHMSTM_FLUSH_GROUP", "sometimes"),
-                                        ("SHMSTM_FLUSH_POLL_NS", "1ms")])
+                                        ("SHMSTM_FLUSH_POLL_NS", "1ms"),
+                                        ("SHMSTM_FLUSH_LOG", "yes")])
 def test_a_bad_flusher_switch_is_the_openers_error(segname, dpath, flushers, monkeypatch,
                                                    var, value):
     """A bad value of a flusher tuning variable fails open() with a
@@ -899,5 +901,85 @@ def test_a_bad_flusher_switch_is_the_openers_error(segname, dpath, flushers, mon
     flushers.append(flusher_pid(rt))
     rt.tvar("a", 0).value = 1
     assert shmstm.read_durable(dpath)["values"]["a"] == 1
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def _raw(dpath, name):
+    """(log records, the raw "vars" value of name or None) in LMDB now."""
+    env = _durable.open_env(dpath)
+    vars_db, _ = _durable._dbs(env)
+    log_db = _durable._log_db(env)
+    with _durable.begin(env) as txn:
+        v = txn.get(name, db=vars_db)
+        return txn.stat(log_db)["entries"], None if v is None else _durable.decode_value(bytes(v))
+
+
+def test_small_batches_go_to_the_log_and_every_reader_merges_it(segname, dpath, flushers,
+                                                                monkeypatch):
+    """A small batch (three TVars here) is one record in LMDB's "log" DB; the flusher folds the
+    log into "vars" when it is idle.  With records not folded (the flusher
+    SIGKILLed right after a write and its acknowledgement, the after_advance
+    kill point), read_durable and an open that loads from LMDB both see the
+    last acknowledged value, which "vars" alone does not hold; once a flusher
+    is idle the log is empty and "vars" holds it."""
+    # One thread's sync commits are one batch (one write, one release) each
+    # (creating TVars commits nothing): a, b, c = i for i = 1 .. 6; the
+    # flusher dies after the release of the last, and no commit follows
+    # (none restarts a flusher).
+    monkeypatch.setenv("SHMSTM_FLUSHER_FAULT", "after_advance:6")
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    fpid = flusher_pid(rt)
+    flushers.append(fpid)
+    monkeypatch.delenv("SHMSTM_FLUSHER_FAULT")     # for the flusher started later
+    tvs = [rt.tvar(n, 0) for n in ("a", "b", "c")]
+    for i in range(1, 7):
+        shmstm.atomically(lambda: [t.set(i) for t in tvs])    # sync: in LMDB on return
+    acked = 6
+    assert wait_dead(fpid), "the flusher did not reach its kill point"
+    records, in_vars = _raw(dpath, b"a")
+    assert records >= 1, "the last batch is not a log record"
+    assert in_vars != acked                         # so reading "vars" alone would be wrong
+    assert shmstm.read_durable(dpath)["values"]["a"] == acked
+    rt.close()
+    shmstm.unlink(segname)                          # the next open loads from LMDB
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    assert [rt.tvar(n).value for n in ("a", "b", "c")] == [acked] * 3
+    flushers.append(flusher_pid(rt))
+    wait_for(lambda: _raw(dpath, b"a") == (0, acked), 30, "the idle flusher to fold the log")
+    assert shmstm.read_durable(dpath)["values"]["a"] == acked
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def test_log_records_are_decoded_strictly():
+    """encode_log / decode_log round-trip any bytes (names and values with
+    NULs), and a truncated or padded record is refused, not misread."""
+    items = [(b"a\x00b", b"\x03" + bytes(8)), (b"", b"\x07xyz"), (b"\xff" * 300, b"\x01" * 9)]
+    rec = _durable.encode_log(items)
+    assert _durable.decode_log(rec) == items
+    for bad in (rec[:-1], rec + b"\x00", rec[:3]):
+        with pytest.raises(shmstm.CorruptSegmentError, match="malformed log record"):
+            _durable.decode_log(bad)
+
+
+def test_log_folds_keep_the_state_across_many_batches(segname, dpath, flushers):
+    """A run of batches of three TVars (log records, each one sync commit)
+    longer than the log holds (LOG_FOLD records): the log never holds more
+    than LOG_FOLD records (the write after them folds it into "vars"), and
+    after every commit LMDB's merged state is that commit's."""
+    from shmstm._flusher import LOG_FOLD
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    flushers.append(flusher_pid(rt))
+    tvs = [rt.tvar(n, 0) for n in ("a", "b", "c")]
+    most = 0
+    for i in range(1, LOG_FOLD + 12):
+        shmstm.atomically(lambda: [t.set(i) for t in tvs])      # sync: in LMDB on return
+        records, _ = _raw(dpath, b"a")
+        most = max(most, records)
+        assert records <= LOG_FOLD
+        vals = shmstm.read_durable(dpath)["values"]
+        assert (vals["a"], vals["b"], vals["c"]) == (i, i, i)
+    assert most > 0, "no batch went to the log"
     rt.close()
     shmstm.unlink(segname)
