@@ -32,21 +32,8 @@
 
 int futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns)
 {
-    struct timespec ts, *tp = NULL;
-    if (timeout_ns >= 0) {
-        ts.tv_sec = timeout_ns / 1000000000;
-        ts.tv_nsec = timeout_ns % 1000000000;
-        tp = &ts;
-    }
-    /* Not FUTEX_PRIVATE: the word is in a mapping shared across processes. */
-    long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, val, tp, NULL, 0);
-    if (rc == 0)
-        return 0;
-    if (errno == ETIMEDOUT)
-        return SHMSTM_ETIMEOUT;
-    if (errno == EINTR)
-        return SHMSTM_EINTR;
-    return 0;     /* EAGAIN: the word changed before we slept */
+    /* FUTEX_WAIT is FUTEX_WAIT_BITSET with every bit (and a relative timeout). */
+    return futex_wait_bits(addr, val, timeout_ns, UINT32_MAX);
 }
 
 void futex_wake(a32 *addr)
@@ -66,6 +53,7 @@ int futex_wait_bits(a32 *addr, uint32_t val, int64_t timeout_ns, uint32_t bits)
         ts.tv_nsec = (long)(end % 1000000000);
         tp = &ts;
     }
+    /* Not FUTEX_PRIVATE: the word is in a mapping shared across processes. */
     long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_BITSET, val, tp, NULL, bits);
     if (rc == 0)
         return 0;
