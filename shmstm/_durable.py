@@ -299,14 +299,20 @@ def decode_log(rec):
     return out
 
 
-def durable_items(txn, vars_db, log_db):
-    """{name: value} (bytes) of the durable state in ``txn``: "vars" with the
-    log's batches applied, oldest first (see the layout above)."""
-    vals = {bytes(k): bytes(v) for k, v in txn.cursor(db=vars_db)}
+def log_items(txn, log_db, into=None):
+    """The log's batches applied, oldest first, to the dict ``into`` (a new
+    one by default): {name: latest value} (bytes)."""
+    vals = {} if into is None else into
     for _, rec in txn.cursor(db=log_db):
         for k, v in decode_log(bytes(rec)):
             vals[k] = v
     return vals
+
+
+def durable_items(txn, vars_db, log_db):
+    """{name: value} (bytes) of the durable state in ``txn``: "vars" with the
+    log's batches applied (see the layout above)."""
+    return log_items(txn, log_db, {bytes(k): bytes(v) for k, v in txn.cursor(db=vars_db)})
 
 
 def _forget_envs():

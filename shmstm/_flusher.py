@@ -32,7 +32,7 @@ import time
 import posix_ipc
 
 from ._binding import ffi, lib
-from ._durable import _lmdb, adopt_map_size, decode_log, encode_log, lmdb_open
+from ._durable import _lmdb, adopt_map_size, encode_log, lmdb_open, log_items
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
@@ -208,9 +208,7 @@ class Flusher:
         lmdb = _lmdb()
         self.lmdb = lmdb
         self.env = lmdb_open(self.path)     # the stored map size; reader_check
-        self.vars = self.env.open_db(b"vars")
-        self.meta = self.env.open_db(b"meta")
-        self.log = self.env.open_db(b"log")
+        self.open_dbs()
         with self.env.begin(db=self.log) as txn:
             self.log_n = txn.stat(self.log)["entries"]   # a predecessor's, not folded yet
         self.buf = ffi.new("char[]", BUF)
@@ -224,6 +222,11 @@ class Flusher:
         self.group_word = self.tuner.word()
         lib.shmstm_flusher_set_group(seg, self.group_word)
         self.rel_fills = 0               # sync_fills just before the last batch's release
+
+    def open_dbs(self):
+        self.vars = self.env.open_db(b"vars")
+        self.meta = self.env.open_db(b"meta")
+        self.log = self.env.open_db(b"log")
 
     def seg_flushed(self):
         lib.shmstm_ring_info_get(self.seg, self.info)
@@ -298,18 +301,16 @@ class Flusher:
                     time.sleep(1.0)
                     # A full map's remedy: an opener raised the stored map size.
                     adopt_map_size(self.env, None, self.path)
-                    # Some py-lmdb versions drop DB handles on a resize.
-                    self.vars = self.env.open_db(b"vars")
-                    self.meta = self.env.open_db(b"meta")
-                    self.log = self.env.open_db(b"log")
+                    self.open_dbs()     # some py-lmdb versions drop DB handles on a resize
                     continue
                 nxt = stop
                 sync_last = self.out[4]
                 if sync_last:
                     self.tuner.note(sync_last, time.monotonic())
-                    if self.tuner.word() != self.group_word:
-                        self.group_word = self.tuner.word()
-                        lib.shmstm_flusher_set_group(self.seg, self.group_word)
+                    word = self.tuner.word()
+                    if word != self.group_word:     # the stats' copy (flusher_group)
+                        self.group_word = word
+                        lib.shmstm_flusher_set_group(self.seg, word)
                 idle = 0
                 if not sync_last and why == 0:
                     # An async-only batch: nap before the next one, so that
@@ -399,11 +400,7 @@ class Flusher:
         TVar written once, with its latest value), and empty the log."""
         if not self.log_n:
             return
-        vals = {}
-        for _, rec in txn.cursor(db=self.log):
-            for k, v in decode_log(bytes(rec)):
-                vals[k] = v
-        for k, v in vals.items():
+        for k, v in log_items(txn, self.log).items():
             txn.put(k, v, db=self.vars)
         txn.drop(self.log, delete=False)
 
