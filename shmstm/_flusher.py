@@ -11,8 +11,9 @@ opener, or by any process that finds the lease holder dead.  It:
   4. loops: collect the processed slots after flushed_wv in wv order, write
      them (coalesced: last value per TVar) in ONE LMDB write transaction that
      also stores flushed_wv and the runtime id (a batch of 3-64 TVars as one
-     record in the "log" DB, folded into "vars" after LOG_FOLD records and
-     when idle; see _durable.py), then free the records, recycle
+     log record in the main DB, keyed by its flushed_wv, folded into "vars"
+     after LOG_FOLD records and when idle; see _durable.py), then free the
+     records, recycle
      the slots, advance flushed_wv and wake sync waiters.  A slot left EMPTY
      for GRACE seconds (its committer died before its commit point, or is
      stopped there) is voided;
@@ -32,7 +33,8 @@ import time
 import posix_ipc
 
 from ._binding import ffi, lib
-from ._durable import _lmdb, adopt_map_size, encode_log, lmdb_open, log_items
+from ._durable import (LOG_KEY, LogDBs, _lmdb, adopt_map_size, encode_log, last_log_wv, lmdb_open,
+                       log_items, log_key, log_records, stored_flushed)
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
@@ -49,7 +51,6 @@ LOG_MIN_ITEMS = 3             # a batch of at least this many TVars, at most ...
 LOG_ITEMS = 64                # ... this many ...
 LOG_BYTES = 2048              # ... and bytes goes to the log as one record
 LOG_FOLD = 64                 # log records before the next write folds them into "vars"
-_BE64 = struct.Struct(">Q")
 BUF = 8 << 20
 _ENT = struct.Struct("<IIII")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
@@ -209,8 +210,8 @@ class Flusher:
         self.lmdb = lmdb
         self.env = lmdb_open(self.path)     # the stored map size; reader_check
         self.open_dbs()
-        with self.env.begin(db=self.log) as txn:
-            self.log_n = txn.stat(self.log)["entries"]   # a predecessor's, not folded yet
+        with self.env.begin() as txn:       # a predecessor's records, not folded yet
+            self.log_n = sum(1 for _ in log_records(txn, self.logs))
         self.buf = ffi.new("char[]", BUF)
         self.mv = ffi.buffer(self.buf)
         self.out = ffi.new("uint64_t[5]")
@@ -226,7 +227,7 @@ class Flusher:
     def open_dbs(self):
         self.vars = self.env.open_db(b"vars")
         self.meta = self.env.open_db(b"meta")
-        self.log = self.env.open_db(b"log")
+        self.logs = LogDBs(self.env)
 
     def seg_flushed(self):
         lib.shmstm_ring_info_get(self.seg, self.info)
@@ -242,10 +243,9 @@ class Flusher:
         return k
 
     def run(self):
-        with self.env.begin(db=self.meta) as txn:
-            fw = txn.get(b"flushed_wv")
-            rid = txn.get(b"runtime_id")
-        fl = struct.unpack("<Q", fw)[0] if fw else 0
+        with self.env.begin() as txn:
+            fl = stored_flushed(txn, self.meta, self.logs)
+            rid = txn.get(b"runtime_id", db=self.meta)
         if rid is not None and bytes(rid) != self.rid:
             lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
             return 2
@@ -397,12 +397,23 @@ class Flusher:
 
     def fold(self, txn):
         """In ``txn``: apply the log's records to "vars", oldest first (each
-        TVar written once, with its latest value), and empty the log."""
+        TVar written once, with its latest value), empty the log, and keep
+        its flushed_wv (the last record's key) in meta."""
         if not self.log_n:
             return
-        for k, v in log_items(txn, self.log).items():
+        logs = self.logs
+        last = last_log_wv(txn, logs)
+        for k, v in log_items(txn, logs).items():
             txn.put(k, v, db=self.vars)
-        txn.drop(self.log, delete=False)
+        cur = txn.cursor(db=logs.main)
+        if cur.set_range(LOG_KEY):
+            while cur.key().startswith(LOG_KEY) and cur.delete():
+                pass                    # delete moves to the next record
+        if logs.legacy is not None:
+            txn.drop(logs.legacy, delete=False)     # 0.1.0's: emptied, never dropped
+        fw = txn.get(b"flushed_wv", db=self.meta)
+        if last > (struct.unpack("<Q", fw)[0] if fw else 0):
+            txn.put(b"flushed_wv", struct.pack("<Q", last), db=self.meta)
 
     def fold_alone(self):
         """Fold the log in a transaction of its own (the flusher is idle).
@@ -449,9 +460,11 @@ class Flusher:
                     rec = None
             with self.env.begin(write=True) as txn:
                 if rec is not None:
-                    # One record appended at the log's end: a page or two,
-                    # where puts into "vars" dirty a leaf per TVar.
-                    txn.put(_BE64.pack(last), rec, db=self.log)
+                    # One record at the log's end, keyed by the batch's
+                    # flushed_wv: only the main DB's pages change, where puts
+                    # into "vars" dirty a leaf per TVar, and meta's and the
+                    # main DB's (the named DBs' roots) more.
+                    txn.put(log_key(last), rec, db=self.logs.main)
                     fault("in_txn")
                 else:
                     self.fold(txn)
@@ -460,8 +473,8 @@ class Flusher:
                         if j == half:
                             fault("in_txn")
                         txn.put(key, val, db=self.vars)
-                txn.put(b"flushed_wv", struct.pack("<Q", last), db=self.meta)
-                txn.put(b"runtime_id", self.rid, db=self.meta)
+                    txn.put(b"flushed_wv", struct.pack("<Q", last), db=self.meta)
+                    txn.put(b"runtime_id", self.rid, db=self.meta)
             self.log_n = self.log_n + 1 if rec is not None else 0
         except self.lmdb.Error as e:
             # Committers are refused (before their commit point) until a

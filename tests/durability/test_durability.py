@@ -660,14 +660,14 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
         rt.tvar("x", 0).value = 7
     env = _durable.open_env(dpath)
     vars_db, _ = _durable._dbs(env)
-    log_db = _durable._log_db(env)
+    logs = _durable.LogDBs(env)
     inside, leave, read = threading.Event(), threading.Event(), []
 
     def reader():
         with _durable.begin(env) as txn:
             inside.set()
             leave.wait(30)
-            read.append(_durable.decode_value(_durable.durable_items(txn, vars_db, log_db)[b"x"]))
+            read.append(_durable.decode_value(_durable.durable_items(txn, vars_db, logs)[b"x"]))
 
     def raiser():
         _durable.open_env(dpath, map_size=1 << 26)      # what open(map_size=) does first
@@ -909,15 +909,17 @@ def _raw(dpath, name):
     """(log records, the raw "vars" value of name or None) in LMDB now."""
     env = _durable.open_env(dpath)
     vars_db, _ = _durable._dbs(env)
-    log_db = _durable._log_db(env)
+    logs = _durable.LogDBs(env)
     with _durable.begin(env) as txn:
         v = txn.get(name, db=vars_db)
-        return txn.stat(log_db)["entries"], None if v is None else _durable.decode_value(bytes(v))
+        records = sum(1 for _ in _durable.log_records(txn, logs))
+        return records, None if v is None else _durable.decode_value(bytes(v))
 
 
 def test_small_batches_go_to_the_log_and_every_reader_merges_it(segname, dpath, flushers,
                                                                 monkeypatch):
-    """A small batch (three TVars here) is one record in LMDB's "log" DB; the flusher folds the
+    """A small batch (three TVars here) is one log record in LMDB's main DB, keyed by its
+    flushed_wv (meta's is not written); the flusher folds the
     log into "vars" when it is idle.  With records not folded (the flusher
     SIGKILLed right after a write and its acknowledgement, the after_advance
     kill point), read_durable and an open that loads from LMDB both see the
@@ -940,7 +942,10 @@ def test_small_batches_go_to_the_log_and_every_reader_merges_it(segname, dpath, 
     records, in_vars = _raw(dpath, b"a")
     assert records >= 1, "the last batch is not a log record"
     assert in_vars != acked                         # so reading "vars" alone would be wrong
-    assert shmstm.read_durable(dpath)["values"]["a"] == acked
+    durable = shmstm.read_durable(dpath)
+    assert durable["values"]["a"] == acked
+    # Its flushed_wv is the last record's key: every commit, the last included.
+    assert durable["flushed_wv"] == rt.stats()["durability"]["committed_wv"]
     rt.close()
     shmstm.unlink(segname)                          # the next open loads from LMDB
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
@@ -948,6 +953,45 @@ def test_small_batches_go_to_the_log_and_every_reader_merges_it(segname, dpath, 
     flushers.append(flusher_pid(rt))
     wait_for(lambda: _raw(dpath, b"a") == (0, acked), 30, "the idle flusher to fold the log")
     assert shmstm.read_durable(dpath)["values"]["a"] == acked
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def test_a_log_in_the_0_1_0_layout_is_merged_and_folded(segname, dpath, flushers):
+    """0.1.0 kept the log in a DB of its own (b"log"), with flushed_wv in meta.
+    Data a crash left so reads the same: read_durable and an open both merge
+    that log (after "vars"), the clock goes on from its flushed_wv, and the
+    idle flusher folds it into "vars" and empties it."""
+    import struct
+
+    def val(i):
+        return _durable.encode_value(_durable.T_INT, _durable._I64.pack(i))
+
+    env = _durable.open_env(dpath)
+    vars_db, meta = _durable._dbs(env)
+    with _durable.begin(env, write=True) as txn:
+        legacy = env.open_db(b"log", txn=txn)
+        txn.put(b"a", val(1), db=vars_db)
+        txn.put(b"c", val(7), db=vars_db)
+        txn.put(struct.pack(">Q", 4), _durable.encode_log([(b"a", val(2)), (b"b", val(3))]),
+                db=legacy)
+        txn.put(struct.pack(">Q", 5), _durable.encode_log([(b"b", val(4))]), db=legacy)
+        txn.put(b"flushed_wv", struct.pack("<Q", 5), db=meta)
+    assert shmstm.read_durable(dpath) == {"flushed_wv": 5, "runtime_id": None,
+                                          "values": {"a": 2, "b": 4, "c": 7}}
+    rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
+    flushers.append(flusher_pid(rt))
+    assert [rt.tvar(n).value for n in ("a", "b", "c")] == [2, 4, 7]
+    rt.tvar("c").value = 8                          # sync: in LMDB on return
+    assert rt.stats()["durability"]["committed_wv"] == 6
+
+    def legacy_left():
+        with _durable.begin(env) as txn:
+            return txn.stat(legacy)["entries"]
+    wait_for(lambda: legacy_left() == 0 and _raw(dpath, b"b") == (0, 4), 30,
+             "the idle flusher to fold the 0.1.0 log")
+    durable = shmstm.read_durable(dpath)
+    assert durable["values"] == {"a": 2, "b": 4, "c": 8} and durable["flushed_wv"] == 6
     rt.close()
     shmstm.unlink(segname)
 
