@@ -39,7 +39,16 @@ struct shmstm_seg {
      * process-private, allocated at the first collect, freed at detach. */
     uint32_t *collect_seen;      /* [max_tvars]: stamp of the last batch that emitted it */
     uint32_t collect_stamp;
+    /* Process-private cache of named TVars' name blocks (tvar.c, name_block):
+     * heap offset, 0 = not looked up yet.  A READY directory entry and its
+     * name block never change, so an entry, once found, stays true.
+     * Allocated at the first lookup, freed at detach. */
+    uint64_t *name_off;          /* [max_tvars] */
 };
+
+/* The name block of named TVar idx (tvar.c): 0, or SHMSTM_ENOTFOUND /
+ * SHMSTM_ECORRUPT / SHMSTM_ENOMEM. */
+int name_block(struct shmstm_seg *s, uint32_t idx, const unsigned char **name, uint32_t *len);
 
 struct rentry { uint32_t idx; uint32_t gen; uint64_t ver; };
 

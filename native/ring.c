@@ -765,6 +765,57 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     return (int)k;
 }
 
+static inline void put_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+/* A collected batch (the collect's output: n_entries entries, used bytes)
+ * as one LMDB log record in _durable.encode_log's format: per entry, u32 LE
+ * name length, the name, u32 LE value length, the tag byte and the payload.
+ * Process-private buffers only; the names come from the segment's directory
+ * (name_block).  Returns the record's length, SHMSTM_ETOOLARGE if it is
+ * longer than cap (nothing else is wrong: write the batch another way),
+ * SHMSTM_ECORRUPT for a malformed batch, or name_block's error. */
+int shmstm_ring_encode_log(shmstm_seg *s, const char *in, uint64_t used, uint64_t n_entries,
+                           char *out, uint64_t cap)
+{
+    const unsigned char *q = (const unsigned char *)in, *end = q + used;
+    unsigned char *o = (unsigned char *)out;
+    uint64_t len = 0;
+    for (uint64_t i = 0; i < n_entries; i++) {
+        struct ring_ent en;
+        if ((size_t)(end - q) < sizeof en)
+            return SHMSTM_ECORRUPT;
+        memcpy(&en, q, sizeof en);
+        size_t sz = sizeof en + (((size_t)en.len + 7) & ~(size_t)7);
+        if (sz > (size_t)(end - q))
+            return SHMSTM_ECORRUPT;
+        const unsigned char *name;
+        uint32_t nlen;
+        int rc = name_block(s, en.idx, &name, &nlen);
+        if (rc)
+            return rc == SHMSTM_EINVAL ? SHMSTM_ECORRUPT : rc;
+        uint64_t need = 4 + (uint64_t)nlen + 4 + 1 + en.len;
+        if (need > cap - len)
+            return SHMSTM_ETOOLARGE;
+        put_le32(o + len, nlen);
+        memcpy(o + len + 4, name, nlen);
+        len += 4 + nlen;
+        put_le32(o + len, en.len + 1);
+        o[len + 4] = (unsigned char)en.tag;
+        memcpy(o + len + 5, q + sizeof en, en.len);
+        len += 5 + en.len;
+        q += sz;
+    }
+    if (q != end || len > INT32_MAX)
+        return q != end ? SHMSTM_ECORRUPT : SHMSTM_ETOOLARGE;
+    return (int)len;
+}
+
 /* Void slot wv if still EMPTY (grace passed).  1 voided or already void. */
 int shmstm_ring_void(shmstm_seg *s, uint64_t wv)
 {

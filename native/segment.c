@@ -343,6 +343,7 @@ int shmstm_seg_detach(shmstm_seg *s)
         return 0;
     munmap(s->base, s->size);
     free(s->collect_seen);
+    free(s->name_off);
     free(s);
     return 0;
 }

@@ -257,6 +257,10 @@ int shmstm_ring_ready(shmstm_seg *seg);
 int shmstm_ring_wait(shmstm_seg *seg, uint64_t wv, int64_t timeout_ns);
 int shmstm_ring_collect(shmstm_seg *seg, uint64_t from_wv, uint32_t max_commits,
                         char *buf, uint64_t cap, uint64_t *out);
+/* A collected batch as one LMDB log record (ring.c): its length, or
+ * SHMSTM_ETOOLARGE if longer than cap. */
+int shmstm_ring_encode_log(shmstm_seg *seg, const char *in, uint64_t used, uint64_t n_entries,
+                           char *out, uint64_t cap);
 int shmstm_ring_void(shmstm_seg *seg, uint64_t wv);
 int shmstm_ring_release(shmstm_seg *seg, uint64_t from_wv, uint64_t to_wv);
 int shmstm_ring_set_error(shmstm_seg *seg, int32_t code);

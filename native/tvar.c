@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <sched.h>
+#include <stdlib.h>
 #include <string.h>
 #include "core.h"
 
@@ -269,22 +270,46 @@ int shmstm_tvar_named(shmstm_ctx *c, const char *name, size_t nlen, uint32_t tag
     return dir_find(c, name, nlen, 1, tag, iv, fv, buf, len, out_idx, out_gen);
 }
 
-int shmstm_seg_name_of(shmstm_seg *s, uint32_t idx, char *buf, uint32_t cap)
+int name_block(struct shmstm_seg *s, uint32_t idx, const unsigned char **name, uint32_t *len)
 {
-    for (uint32_t i = 0; i < s->dir_slots; i++) {
+    if (idx >= s->max_tvars)
+        return SHMSTM_EINVAL;
+    if (!s->name_off) {
+        s->name_off = calloc(s->max_tvars, sizeof *s->name_off);
+        if (!s->name_off)
+            return SHMSTM_ENOMEM;
+    }
+    uint64_t off = s->name_off[idx];
+    for (uint32_t i = 0; !off && i < s->dir_slots; i++) {
+        /* Pairs with the creator's store_release of READY: val is set. */
         uint64_t k = load_acquire(&s->dir[i].key);
         if ((k & 3u) != DE_READY)
             continue;
         uint64_t v = load_relaxed(&s->dir[i].val);
-        if ((uint32_t)(v >> 32) != idx)
-            continue;
-        uint64_t off = (v & 0xffffffffull) * SHMSTM_UNIT;
-        uint32_t len;
-        if (!heap_block_ok(s, off, &len) || len >= cap)
-            return SHMSTM_ECORRUPT;
-        memcpy(buf, heap_payload(s, off), len);
-        buf[len] = '\0';
-        return (int)len;
+        if ((uint32_t)(v >> 32) == idx)
+            off = (v & 0xffffffffull) * SHMSTM_UNIT;
     }
-    return SHMSTM_ENOTFOUND;
+    if (!off)
+        return SHMSTM_ENOTFOUND;
+    if (!heap_block_ok(s, off, len))
+        return SHMSTM_ECORRUPT;
+    s->name_off[idx] = off;
+    *name = heap_payload(s, off);
+    return 0;
+}
+
+int shmstm_seg_name_of(shmstm_seg *s, uint32_t idx, char *buf, uint32_t cap)
+{
+    const unsigned char *name;
+    uint32_t len;
+    int rc = name_block(s, idx, &name, &len);
+    if (rc == SHMSTM_EINVAL)
+        return SHMSTM_ENOTFOUND;
+    if (rc)
+        return rc;
+    if (len >= cap)
+        return SHMSTM_ECORRUPT;
+    memcpy(buf, name, len);
+    buf[len] = '\0';
+    return (int)len;
 }

@@ -33,7 +33,7 @@ import time
 import posix_ipc
 
 from ._binding import ffi, lib
-from ._durable import (LOG_KEY, LogDBs, _lmdb, adopt_map_size, encode_log, last_log_wv, lmdb_open,
+from ._durable import (LOG_KEY, LogDBs, _lmdb, adopt_map_size, last_log_wv, lmdb_open,
                        log_items, log_key, log_records, stored_flushed)
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
@@ -217,6 +217,8 @@ class Flusher:
         self.out = ffi.new("uint64_t[5]")
         self.names = {}
         self.namebuf = ffi.new("char[]", 512)
+        self.logbuf = ffi.new("char[]", LOG_BYTES)
+        self.logmv = ffi.buffer(self.logbuf)
         self.info = ffi.new("shmstm_ring_info *")
         self.failing = False             # the last LMDB write failed
         self.tuner = GroupTuner(GROUP_MODE, time.monotonic())
@@ -439,9 +441,8 @@ class Flusher:
         info = self.seg_info()
         return info.procs_active == 0 and info.clock < nxt
 
-    def write(self, first, last, used, n_entries):
-        """One LMDB write transaction for commits first..last: the collect
-        coalesced them in C (each TVar once, with its latest value)."""
+    def items(self, used, n_entries):
+        """The (name, value) pairs of the collected batch."""
         mv = self.mv
         pos = 0
         items = []
@@ -451,13 +452,22 @@ class Flusher:
             items.append((self.name_of(idx), bytes((tag,)) + mv[pos:pos + ln]))
             pos += (ln + 7) & ~7
         assert pos == used, "flusher: malformed batch (%d of %d bytes)" % (pos, used)
+        return items
+
+    def write(self, first, last, used, n_entries):
+        """One LMDB write transaction for commits first..last: the collect
+        coalesced them in C (each TVar once, with its latest value)."""
+        rec = None
+        if LOG and self.log_n < LOG_FOLD and LOG_MIN_ITEMS <= n_entries <= LOG_ITEMS:
+            n = lib.shmstm_ring_encode_log(self.seg, self.buf, used, n_entries, self.logbuf, LOG_BYTES)
+            if n >= 0:
+                rec = self.logmv[:n]
+            elif n != lib.SHMSTM_ETOOLARGE:
+                raise RuntimeError("flusher: cannot encode a batch (%d)" % n)
+        if rec is None:
+            items = self.items(used, n_entries)
         fault("before_txn")
         try:
-            rec = None
-            if LOG and self.log_n < LOG_FOLD and LOG_MIN_ITEMS <= len(items) <= LOG_ITEMS:
-                rec = encode_log(items)
-                if len(rec) > LOG_BYTES:
-                    rec = None
             with self.env.begin(write=True) as txn:
                 if rec is not None:
                     # One record at the log's end, keyed by the batch's

@@ -996,6 +996,48 @@ def test_a_log_in_the_0_1_0_layout_is_merged_and_folded(segname, dpath, flushers
     shmstm.unlink(segname)
 
 
+def test_the_flushers_c_log_encoding_is_encode_logs(segname):
+    """shmstm_ring_encode_log (the flusher's log record of a collected batch,
+    in C) gives encode_log's bytes, names from the segment's directory
+    included; a record longer than its cap is SHMSTM_ETOOLARGE (the flusher
+    then writes "vars"), a malformed batch or an unnamed TVar an error."""
+    import struct
+
+    from shmstm._binding import ffi, lib
+    rt = shmstm.open(segname, **LIMITS)
+    try:
+        names = ["a", "\u00e9t\u00e9", "n" * 300]
+        tvs = [rt.tvar(n, 0) for n in names]
+        anon = rt.new_tvar(0)
+        vals = [(lib.SHMSTM_TAG_INT, struct.pack("<q", -5)), (lib.SHMSTM_TAG_BYTES, b"xyz\x00"),
+                (lib.SHMSTM_TAG_STR, b"")]
+
+        def batch(entries):
+            out = b""
+            for tv, (tag, p) in entries:
+                out += struct.pack("<IIII", tv._idx, tag, len(p), 0) + p + bytes(-len(p) % 8)
+            return out
+
+        def encode(inb, n, cap=4096):
+            buf = ffi.new("char[]", max(cap, 1))
+            k = lib.shmstm_ring_encode_log(rt._seg, inb, len(inb), n, buf, cap)
+            return k if k < 0 else ffi.buffer(buf, k)[:]
+
+        inb = batch(list(zip(tvs, vals)))
+        want = _durable.encode_log([(n.encode(), bytes((t,)) + p) for n, (t, p) in zip(names, vals)])
+        assert encode(inb, 3) == want
+        assert encode(inb, 3, cap=len(want)) == want
+        assert encode(inb, 3, cap=len(want) - 1) == lib.SHMSTM_ETOOLARGE
+        assert encode(inb[:-8], 3) == lib.SHMSTM_ECORRUPT        # the last entry cut short
+        assert encode(inb, 2) == lib.SHMSTM_ECORRUPT             # bytes left over
+        assert encode(batch([(anon, vals[0])]), 1) == lib.SHMSTM_ENOTFOUND
+        forged = struct.pack("<IIII", 10**6, lib.SHMSTM_TAG_INT, 8, 0) + bytes(8)
+        assert encode(forged, 1) == lib.SHMSTM_ECORRUPT
+    finally:
+        rt.close()
+        shmstm.unlink(segname)
+
+
 def test_log_records_are_decoded_strictly():
     """encode_log / decode_log round-trip any bytes (names and values with
     NULs), and a truncated or padded record is refused, not misread."""
