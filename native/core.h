@@ -167,6 +167,7 @@ int  futex_wait(a32 *addr, uint32_t val, int64_t timeout_ns);
 void futex_wake(a32 *addr);
 int  futex_wait_bits(a32 *addr, uint32_t val, int64_t timeout_ns, uint32_t bits);
 void futex_wake_bits(a32 *addr, uint32_t bits);
+void futex_wake_bits_n(a32 *addr, uint32_t bits, int n);
 void wake_waiters(struct shmstm_seg *s, struct shm_tvar *t);
 void clear_waiter_bits(struct shmstm_seg *s, uint32_t slot);  /* slot given up (wait.c) */
 

@@ -32,9 +32,10 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 5u    /* 2: header checksum (hdr_sum); 3: sync_target;
+#define SHMSTM_LAYOUT_VERSION 6u    /* 2: header checksum (hdr_sum); 3: sync_target;
                                        4: per-slot free lists of ring records, 24-byte
-                                          ring records; 5: a tag in owner words */
+                                          ring records; 5: a tag in owner words;
+                                       6: flush_wake_bits (chained sync wake-ups) */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
@@ -193,6 +194,9 @@ struct shm_proc {
     a64 ring_waits;                /* durable commits that waited for ring room;
                                       kept across owners (ring_full_waits sums
                                       every slot's: a counter that never drops) */
+    a64 late_wakeups;              /* sync waits whose commit was flushed but that
+                                      saw it only at their 50 ms re-check (a
+                                      wake-up lost or late); kept like ring_waits */
     a64 heap_allocs[HEAP_CLASSES]; /* blocks allocated / freed by this slot */
     a64 heap_frees[HEAP_CLASSES];
     a64 lat_hist[LAT_BUCKETS];     /* commit-call latency, bucket = floor(log2(ns)) */
@@ -332,8 +336,9 @@ struct shm_header {
     a64 path_off;            /* heap offset of the LMDB path (NUL-terminated).
                                 W: creator, before durable_state := DS_READY */
     a32 flush_futex;         /* W: flusher faa_seq_cst after advancing flushed_wv,
-                                then futex_wake_bits (the bits of the wvs it
-                                released).  R: sync waits (futex_wait_bits with
+                                then a wake of one waiter with the bits of the
+                                wvs it released, which wakes the rest
+                                (flush_wake_bits).  R: sync waits (futex_wait_bits with
                                 flush_bit(wv), ring.c) and ring-full waiters
                                 (plain futex_wait: every wake reaches them) */
     a32 ring_futex;          /* W: committers faa_seq_cst after filling a slot when
@@ -367,8 +372,19 @@ struct shm_header {
                                 FG_NOWAIT, plus FG_FIXED when set by
                                 SHMSTM_FLUSH_GROUP rather than measured.  W: the
                                 lease holder (relaxed) when it changes.  R: the
-                                stats (relaxed).  advisory; was a reserved word,
-                                so the layout is unchanged */
+                                stats (relaxed).  advisory */
+    _Alignas(64) a32 flush_wake_bits;
+                             /* chained wake-ups (ring.c, pass_flush_wake): the
+                                futex bits of releases whose waiters may not all
+                                be woken yet.  W: the flusher fetch_or (acq_rel)
+                                before its faa of flush_futex and the wake of ONE
+                                waiter; every flush_futex waiter that returns from
+                                its wait exchanges it to 0 (acq_rel) and wakes the
+                                waiters of the bits it took.  Its own line: the
+                                waiters' exchange would otherwise bounce the line
+                                the committers' room check reads.  advisory (a
+                                chain cut by a SIGKILL costs the rest one 50 ms
+                                re-check) */
 };
 
 /* ---- commit ring (durable runtimes; native/ring.c) ----

@@ -99,6 +99,27 @@ void ring_init(struct shmstm_seg *s, const shmstm_params *p)
     store_relaxed(&h->durable_state, DS_LOADING);
 }
 
+/* Chained wake-ups.  A release with sync waiters to wake ORs its bits into
+ * flush_wake_bits and wakes one waiter (wake_released); every
+ * waiter on flush_futex, when its wait returns for any reason, takes the
+ * bits there and wakes their waiters.  The wake-ups of a batch's committers
+ * (one per committer, ~1 us of kernel time each) then run on a committer's
+ * vCPU, in parallel with the flusher's next write, instead of on the
+ * flusher's critical path.  No wake-up is lost: if a waiter sleeps with a
+ * bit of the release when the flusher wakes, one such waiter is woken and
+ * passes the rest on; a waiter that read flush_futex before the release's
+ * bump finds it changed when it sleeps, returns, and passes them on too.
+ * Only a waiter killed between its wake-up and its pass leaves the rest to
+ * their 50 ms re-check. */
+static void pass_flush_wake(struct shm_header *h)
+{
+    if (!load_relaxed(&h->flush_wake_bits))
+        return;
+    uint32_t bits = xchg_acq_rel(&h->flush_wake_bits, 0);
+    if (bits)
+        futex_wake_bits(&h->flush_futex, bits);
+}
+
 /* A heap block for a commit record.  A full heap may be full of the records
  * of commits the flusher has not written yet (it frees them after the LMDB
  * commit): then wait for it, as for ring room, holding no lock, until every
@@ -128,6 +149,7 @@ static int alloc_record(shmstm_ctx *c, size_t size, uint64_t *off)
             return SHMSTM_EDURABLE;
         ctx_gil_release(c);
         rc = futex_wait(&h->flush_futex, f, 10000000);
+        pass_flush_wake(h);
         if (rc == SHMSTM_EINTR)
             return rc;
     }
@@ -206,6 +228,7 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
         else {
             ctx_gil_release(c);
             rc = futex_wait(&h->flush_futex, f, 10000000) == SHMSTM_EINTR ? SHMSTM_EINTR : 0;
+            pass_flush_wake(h);
         }
         if (rc) {
             if (ring_kind(rec) == 0)
@@ -289,30 +312,46 @@ void ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec)
  * release wakes only the waits of the write versions it covers (plus those
  * that share their bits), not every sync committer, e.g. not the half of 16
  * whose commits are in the batch after it. */
+#define CHAIN_MIN 2     /* a release of more commits chains its wake-ups */
+
 static inline uint32_t flush_bit(uint64_t wv)
 {
     return 1u << (wv & 31);
 }
 
-/* Wait until flushed_wv >= wv (holding no lock). */
-int shmstm_ring_wait(shmstm_seg *s, uint64_t wv, int64_t timeout_ns)
+/* Wait until flushed_wv >= wv (holding no lock).  *late: set when the wait
+ * saw its wv flushed only after a futex wait that timed out (no wake-up
+ * came for the release: lost, or late past the re-check). */
+static int ring_wait(struct shmstm_seg *s, uint64_t wv, int64_t timeout_ns, int *late)
 {
-    if (!s->ring_slots)
-        return SHMSTM_EINVAL;
     struct shm_header *h = s->h;
     uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    int timed_out = 0;
     for (;;) {
         uint32_t f = load_seq_cst(&h->flush_futex);
-        if (load_acquire(&h->flushed_wv) >= wv)    /* pairs with ring_release */
+        if (load_acquire(&h->flushed_wv) >= wv) {  /* pairs with ring_release */
+            *late = timed_out;
             return 0;
+        }
         uint64_t now = now_ns();
         if (now >= deadline)
             return SHMSTM_ETIMEOUT;
         int64_t left = (int64_t)(deadline - now);
-        if (futex_wait_bits(&h->flush_futex, f, left < 50000000 ? left : 50000000,
-                            flush_bit(wv)) == SHMSTM_EINTR)
+        int rc = futex_wait_bits(&h->flush_futex, f, left < 50000000 ? left : 50000000,
+                                 flush_bit(wv));
+        pass_flush_wake(h);
+        if (rc == SHMSTM_EINTR)
             return SHMSTM_EINTR;
+        timed_out = rc == SHMSTM_ETIMEOUT;
     }
+}
+
+int shmstm_ring_wait(shmstm_seg *s, uint64_t wv, int64_t timeout_ns)
+{
+    if (!s->ring_slots)
+        return SHMSTM_EINVAL;
+    int late;
+    return ring_wait(s, wv, timeout_ns, &late);
 }
 
 /* After step 10 of a sync commit: wait for the flusher.  0: durable;
@@ -328,8 +367,13 @@ int ring_after_commit(shmstm_ctx *c, uint64_t wv)
          * over to Python, which raises.  Seen within one 50 ms wait. */
         if (load_seq_cst(&c->interrupted))
             break;
-        int rc = shmstm_ring_wait(s, wv, 50000000);
+        int late = 0;
+        int rc = ring_wait(s, wv, 50000000, &late);
         if (rc == 0) {
+            /* Owner-written counter; a timeout of the previous round that
+             * left the wv unflushed does not count (the flusher was slow). */
+            if (late)
+                counter_add(&c->proc->late_wakeups, 1);
             ret = 0;
             break;
         }
@@ -397,8 +441,10 @@ int shmstm_ring_info_get(shmstm_seg *s, shmstm_ring_info *o)
     o->ring_fill = o->committed_wv > o->flushed_wv ? (uint32_t)(o->committed_wv - o->flushed_wv) : 0;
     o->flusher_pid = ps_pid(load_relaxed(&h->flusher_owner));
     o->flusher_alive = (uint32_t)flusher_alive(s);
-    for (uint32_t i = 0; i < s->max_procs; i++)
+    for (uint32_t i = 0; i < s->max_procs; i++) {
         o->ring_full_waits += load_relaxed(&s->procs[i].ring_waits);
+        o->late_wakeups += load_relaxed(&s->procs[i].late_wakeups);
+    }
     o->durable_state = load_relaxed(&h->durable_state);
     o->durable_error = (int32_t)load_relaxed(&h->durable_error);
     o->flusher_group = load_relaxed(&h->flusher_group);
@@ -449,23 +495,36 @@ int shmstm_ring_path(shmstm_seg *s, char *buf, uint32_t cap)
     return (int)(len - 1);
 }
 
-/* Wake the waiters on flush_futex whose bits share one with ``bits``
- * (sync commits: flush_bit of their wv) and every ring-room wait (plain
- * futex_wait): flushed_wv or durable_error changed.  seq_cst: pairs with the
- * waiters' load of the word before they re-check; a waiter that loaded the
- * word before this bump and is not woken here finds it changed when it
- * sleeps, so a missed bit costs no wake-up that matters: such a waiter had
- * read flushed_wv before a release that does not cover its wv. */
-static void wake_flush_waiters_bits(struct shm_header *h, uint32_t bits)
-{
-    faa_seq_cst(&h->flush_futex, 1);
-    futex_wake_bits(&h->flush_futex, bits);
-}
-
-/* Wake everyone waiting on flush_futex. */
+/* Wake every waiter on flush_futex (sync waits and ring-room waits):
+ * durable_error changed.  seq_cst: pairs with the waiters' load of the word
+ * before they re-check; a waiter that loaded it before this bump finds it
+ * changed when it sleeps. */
 static void wake_flush_waiters(struct shm_header *h)
 {
-    wake_flush_waiters_bits(h, UINT32_MAX);
+    faa_seq_cst(&h->flush_futex, 1);
+    futex_wake_bits(&h->flush_futex, UINT32_MAX);
+}
+
+/* A release's wake-up: the waiters on flush_futex whose bits share one with
+ * ``bits`` (sync waits: flush_bit of their wv) and every ring-room wait
+ * (plain futex_wait), chained (pass_flush_wake): one is woken here.  The
+ * bits are in flush_wake_bits before the bump, so a waiter that returns for
+ * the bump, or is woken here, finds them (the futex call orders the wake
+ * before the woken waiter's exchange).  A waiter not woken whose bits are
+ * not the release's had read flushed_wv before a release that does not
+ * cover its wv. */
+static void wake_released(struct shm_header *h, uint32_t bits, uint64_t commits)
+{
+    if (commits <= CHAIN_MIN) {
+        /* One or two committers (P=1, P=2): a pass would cost the one
+         * woken a system call that finds nobody to wake. */
+        faa_seq_cst(&h->flush_futex, 1);
+        futex_wake_bits(&h->flush_futex, bits);
+        return;
+    }
+    for_acq_rel(&h->flush_wake_bits, bits);
+    faa_seq_cst(&h->flush_futex, 1);
+    futex_wake_bits_n(&h->flush_futex, bits, 1);
 }
 
 int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
@@ -892,6 +951,6 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
         for (uint64_t w = from_wv; w <= to_wv; w++)
             bits |= flush_bit(w);
     }
-    wake_flush_waiters_bits(h, bits);
+    wake_released(h, bits, to_wv >= from_wv ? to_wv - from_wv + 1 : 0);
     return 0;
 }

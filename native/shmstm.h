@@ -68,7 +68,7 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_HEAP_CLASSES 28
 #define SHMSTM_LAT_BUCKETS 32
 #define SHMSTM_MAX_NAME    400
-#define SHMSTM_LAYOUT_VERSION_ 5
+#define SHMSTM_LAYOUT_VERSION_ 6
 
 typedef struct {
     uint32_t max_tvars;
@@ -239,6 +239,7 @@ typedef struct {
     uint32_t flusher_pid;
     uint32_t flusher_alive;
     uint64_t ring_full_waits; /* sum over every slot, free ones too (never reset) */
+    uint64_t late_wakeups;    /* sync waits that saw their flush only at a re-check (same) */
     uint32_t durable_state;   /* SHMSTM_DS_LOADING until the creator loaded LMDB */
     int32_t durable_error;    /* 0, or the code of the flusher's last LMDB failure */
     uint32_t flusher_group;   /* 0, or SHMSTM_FG_WAIT / SHMSTM_FG_NOWAIT | SHMSTM_FG_FIXED */

@@ -871,7 +871,8 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
             for (uint32_t k = 0; k < LAT_BUCKETS; k++)
                 store_relaxed(&p->lat_hist[k], 0);
             /* heap_allocs/frees are kept: their difference is live blocks.
-             * ring_waits is kept: its sum over slots is a monotonic counter. */
+             * ring_waits and late_wakeups are kept: their sums over slots are
+             * monotonic counters. */
             c->seg = s;
             c->slot = i;
             c->proc = p;

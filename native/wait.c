@@ -68,7 +68,13 @@ int futex_wait_bits(a32 *addr, uint32_t val, int64_t timeout_ns, uint32_t bits)
  * ``bits``, and every futex_wait waiter. */
 void futex_wake_bits(a32 *addr, uint32_t bits)
 {
-    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_BITSET, INT_MAX, NULL, NULL, bits);
+    futex_wake_bits_n(addr, bits, INT_MAX);
+}
+
+/* The same, waking at most n of them. */
+void futex_wake_bits_n(a32 *addr, uint32_t bits, int n)
+{
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_BITSET, n, NULL, NULL, bits);
 }
 
 /* Called by committers after fence_seq_cst (step 9). */

@@ -212,7 +212,8 @@ def _durability_lines(dur, rate):
     if rate is not None:
         ver += " (%s s)" % ("-" if rate["lag_seconds"] is None else "%.2f" % rate["lag_seconds"])
         ver += "  flushing %s/s" % _rate(rate["flushed_per_s"])
-    lines.append("  %s  %s  ring-full waits %d" % (fill, ver, dur["ring_full_waits"]))
+    lines.append("  %s  %s  ring-full waits %d  late wake-ups %d" % (
+        fill, ver, dur["ring_full_waits"], dur["late_wakeups"]))
     fl = "  flusher: %s" % dur["flusher_state"]
     if dur["flusher_pid"]:
         fl += " (pid %d)" % dur["flusher_pid"]
@@ -277,6 +278,9 @@ def prometheus_text(doc):
         one("shmstm_ring_full_waits_total", "counter",
             "Commits that waited for room in a full ring (since the segment was created).",
             dur["ring_full_waits"])
+        one("shmstm_sync_late_wakeups_total", "counter",
+            "Sync commits that saw their write flushed only at a 50 ms re-check: a wake-up "
+            "lost or late (since the segment was created).", dur["late_wakeups"])
         if dur["group_commit"] is not None:
             one("shmstm_flusher_group_wait", "gauge",
                 "1 while the flusher's group commit waits for a group's stragglers, 0 while "

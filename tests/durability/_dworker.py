@@ -7,6 +7,8 @@
     python _dworker.py fill NAME PATH N                     N async commits of fill += 1, fill:b = fill, then print
                                                             "done" and stay attached until a line on stdin
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
+    python _dworker.py sync_rounds NAME PATH WORKER THREADS R  THREADS threads, one sync transfer each
+                                                            per round of R (TVar "go" starts a round)
     python _dworker.py claim NAME                           attach as a flusher would, then on "go"
                                                             claim the lease and print 1 (won) or 0
 """
@@ -104,6 +106,47 @@ def blobs(name, path, n):
     rt.close()
 
 
+def sync_rounds(name, path, worker, threads, rounds):
+    """THREADS threads of one process; in round r = 1 .. ROUNDS each waits
+    (blocking retry) until TVar "go" reaches r, then makes one sync transfer
+    among the acct:* TVars, counted in done:<worker>.<thread>.  Exits 1 if a
+    thread failed.  Prints "ready" once open."""
+    import threading
+    rt = shmstm.open(name, path=path, durability="sync", **dict(LIMITS, max_procs=24))
+    accts = [rt.tvar("acct:%d" % i) for i in range(8)]
+    go = rt.tvar("go")
+    failed = []
+    print("ready", flush=True)
+
+    def work(t):
+        done = rt.tvar("done:%s.%d" % (worker, t), 0)
+        rnd = random.Random("%s.%d" % (worker, t))
+        for r in range(1, rounds + 1):
+            shmstm.atomically(lambda: shmstm.check(go.value >= r))   # read-only
+            a, b = rnd.sample(accts, 2)
+
+            def tx():
+                a.value -= 1
+                b.value += 1
+                done.value += 1
+            shmstm.atomically(tx)
+
+    def run(t):
+        try:
+            work(t)
+        except BaseException:
+            failed.append(t)
+            raise
+    ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    rt.close()
+    if failed:
+        os._exit(1)
+
+
 def claim(name):
     from shmstm import _flusher
     from shmstm._binding import lib
@@ -128,6 +171,8 @@ if __name__ == "__main__":
         count_in_thread(args[0], args[1], int(args[2]))
     elif cmd == "blobs":
         blobs(args[0], args[1], int(args[2]))
+    elif cmd == "sync_rounds":
+        sync_rounds(args[0], args[1], args[2], int(args[3]), int(args[4]))
     elif cmd == "claim":
         claim(args[0])
     os._exit(0)
