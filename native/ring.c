@@ -30,6 +30,7 @@
  * transition is a CAS on `rec` from EMPTY, so exactly one of fill/void wins.
  */
 #define _GNU_SOURCE
+#include <limits.h>
 #include <stdlib.h>
 #include <sched.h>
 #include <string.h>
@@ -495,14 +496,20 @@ int shmstm_ring_path(shmstm_seg *s, char *buf, uint32_t cap)
     return (int)(len - 1);
 }
 
-/* Wake every waiter on flush_futex (sync waits and ring-room waits):
- * durable_error changed.  seq_cst: pairs with the waiters' load of the word
- * before they re-check; a waiter that loaded it before this bump finds it
- * changed when it sleeps. */
-static void wake_flush_waiters(struct shm_header *h)
+/* Bump flush_futex and wake up to n of its waiters whose bits share one
+ * with ``bits`` (ring-room waits match any).  seq_cst: pairs with the
+ * waiters' load of the word before they re-check; a waiter that loaded it
+ * before this bump finds it changed when it sleeps. */
+static void wake_flush_waiters_bits(struct shm_header *h, uint32_t bits, int n)
 {
     faa_seq_cst(&h->flush_futex, 1);
-    futex_wake_bits(&h->flush_futex, UINT32_MAX);
+    futex_wake_bits_n(&h->flush_futex, bits, n);
+}
+
+/* Wake every waiter on flush_futex: durable_error changed. */
+static void wake_flush_waiters(struct shm_header *h)
+{
+    wake_flush_waiters_bits(h, UINT32_MAX, INT_MAX);
 }
 
 /* A release's wake-up: the waiters on flush_futex whose bits share one with
@@ -518,13 +525,11 @@ static void wake_released(struct shm_header *h, uint32_t bits, uint64_t commits)
     if (commits <= CHAIN_MIN) {
         /* One or two committers (P=1, P=2): a pass would cost the one
          * woken a system call that finds nobody to wake. */
-        faa_seq_cst(&h->flush_futex, 1);
-        futex_wake_bits(&h->flush_futex, bits);
+        wake_flush_waiters_bits(h, bits, INT_MAX);
         return;
     }
     for_acq_rel(&h->flush_wake_bits, bits);
-    faa_seq_cst(&h->flush_futex, 1);
-    futex_wake_bits_n(&h->flush_futex, bits, 1);
+    wake_flush_waiters_bits(h, bits, 1);
 }
 
 int shmstm_ring_set_error(shmstm_seg *s, int32_t code)
