@@ -33,12 +33,14 @@ struct shmstm_seg {
     unsigned char *heap;
     struct shm_ring_slot *ring;  /* NULL unless durable */
     uint32_t ring_slots;         /* 0: not durable (the one branch on the hot path) */
+    uint64_t ring_mask;          /* ring_slots - 1 if a power of two, else 0 (slot_of) */
     uint64_t heap_size;
     uint32_t max_tvars, max_procs, max_value_size, dir_slots;
     /* The flusher's coalescing table (ring.c, shmstm_ring_collect):
      * process-private, allocated at the first collect, freed at detach. */
     uint32_t *collect_seen;      /* [max_tvars]: stamp of the last batch that emitted it */
     uint32_t collect_stamp;
+    uint32_t *collect_owners;    /* [2 * max_procs]: the batch's owners, then their stamps */
     /* Process-private cache of named TVars' name blocks (tvar.c, name_block):
      * heap offset, 0 = not looked up yet.  A READY directory entry and its
      * name block never change, so an entry, once found, stays true.

@@ -32,10 +32,11 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 6u    /* 2: header checksum (hdr_sum); 3: sync_target;
+#define SHMSTM_LAYOUT_VERSION 7u    /* 2: header checksum (hdr_sum); 3: sync_target;
                                        4: per-slot free lists of ring records, 24-byte
                                           ring records; 5: a tag in owner words;
-                                       6: flush_wake_bits (chained sync wake-ups) */
+                                       6: flush_wake_bits (chained sync wake-ups);
+                                       7: ring records' checksum over words */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 

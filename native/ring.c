@@ -44,18 +44,32 @@ _Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
                "durable_state names differ between shmstm.h and layout.h");
 
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
-#define RELEASE_CHUNK 64u            /* records freed per chain push (shmstm_ring_release) */
+#define RELEASE_CHUNK 64u
+#define COLLECT_AHEAD 8u             /* slots between a record's prefetch and its check */            /* records freed per chain push (shmstm_ring_release) */
 
-/* ring_rec.sum: FNV-1a of the entries, folded to 32 bits. */
+/* ring_rec.sum: FNV-1a over the entries' 8-byte words (entries are whole
+ * words; a forged length's tail bytes are hashed one by one), folded to 32
+ * bits.  Word steps, not byte steps: every durable commit pays it once and
+ * the flusher once more, and a byte loop's multiply chain was 24 steps for
+ * a record of one inline value.  It catches corrupt records, not forged ones. */
 static inline uint32_t rec_sum(const unsigned char *p, size_t n)
 {
-    uint64_t x = fnv1a(p, n);
+    uint64_t x = 1469598103934665603ull, w;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&w, p + i, 8);
+        x = (x ^ w) * 1099511628211ull;
+    }
+    for (; i < n; i++)
+        x = (x ^ p[i]) * 1099511628211ull;
     return (uint32_t)(x ^ (x >> 32));
 }
 
+/* ring_mask: ring_slots - 1 when a power of two (the default sizes), else 0
+ * and a division. */
 static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
 {
-    return &s->ring[wv % s->ring_slots];
+    return &s->ring[s->ring_mask ? wv & s->ring_mask : wv % s->ring_slots];
 }
 
 /* Is the lease word o held by a live process?  PS_CLAIMING marks a claim in
@@ -717,10 +731,12 @@ uint32_t shmstm_flusher_poll_sync(shmstm_seg *s, uint32_t target, int64_t timeou
  * out[4]: sync commits among them (group commit, _flusher.py).
  * Returns the number of commits (void ones included) or an error.
  *
- * Two passes: forward, to check every slot (seq, checksum, owner state) and
- * bound the batch (the sum of the records' entry bytes fits cap, so the
- * coalesced output does too); backward from the newest, to emit each TVar's
- * latest value once (collect_seen holds the batch stamp of the TVars emitted).
+ * Two passes: forward, to check every slot (seq, checksum) and bound the
+ * batch (the sum of the records' entry bytes fits cap, so the coalesced
+ * output does too), then one look at each owner's commit record (the batch
+ * ends before a commit whose owner is still VALIDATING); backward from the
+ * newest, to emit each TVar's latest value once (collect_seen holds the batch
+ * stamp of the TVars emitted) and count the sync commits.
  * Coalescing in C keeps the flusher's Python work per batch proportional to
  * the TVars written, not to the commits: the flusher shares two cores with
  * the committers. */
@@ -734,14 +750,36 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         if (!s->collect_seen)
             return SHMSTM_ENOMEM;
     }
+    if (!s->collect_owners) {
+        s->collect_owners = calloc(2 * (size_t)s->max_procs, sizeof *s->collect_owners);
+        if (!s->collect_owners)
+            return SHMSTM_ENOMEM;
+    }
+    uint32_t stamp = ++s->collect_stamp;
+    if (stamp == 0) {                 /* wrapped: no stale stamp may match */
+        memset(s->collect_seen, 0, s->max_tvars * sizeof *s->collect_seen);
+        memset(s->collect_owners, 0, 2 * (size_t)s->max_procs * sizeof *s->collect_owners);
+        stamp = s->collect_stamp = 1;
+    }
+    uint32_t *owners = s->collect_owners, *owner_stamp = owners + s->max_procs, n_owners = 0;
     struct shm_header *h = s->h;
-    uint64_t wv = from_wv, bound = 0, syncs = 0;
-    uint32_t k = 0, why = 0;
+    uint64_t wv = from_wv, bound = 0;
+    uint32_t why = 0;
     uint64_t clock = load_acquire(&h->clock);
     for (; wv <= clock; wv++) {
-        if (k >= max_commits) {
+        if (wv - from_wv >= max_commits) {
             why = 3;
             break;
+        }
+        if (wv + COLLECT_AHEAD <= clock) {
+            /* The records are in blocks all over the heap, written on the
+             * other vCPU: fetch the one COLLECT_AHEAD slots on while this
+             * one is checked, so the misses overlap instead of each
+             * stalling the loop.  A hint only: the value is checked when
+             * its turn comes. */
+            uint64_t ahead = load_relaxed(&slot_of(s, wv + COLLECT_AHEAD)->rec);
+            if (ring_kind(ahead) == 0 && ahead < s->heap_size)
+                __builtin_prefetch(s->heap + ahead);
         }
         struct shm_ring_slot *sl = slot_of(s, wv);
         if (load_acquire(&sl->seq) != wv) {
@@ -757,7 +795,6 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         const struct ring_rec *rh = NULL;
         if (ring_kind(rec) == 2) {
             owner = (uint32_t)(rec >> 16) - 1;
-            syncs += (rec & RING_NOOP_SYNC) != 0;
         } else if (ring_kind(rec) == 0) {
             uint32_t blen;
             if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec))
@@ -767,22 +804,12 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 rec_sum((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
                 return SHMSTM_ECORRUPT;
             owner = rh->owner & ~RING_OWNER_SYNC;
-            syncs += (rh->owner & RING_OWNER_SYNC) != 0;
         } else if (ring_kind(rec) != 1) {
             return SHMSTM_ECORRUPT;
         }
-        if (owner < s->max_procs) {
-            /* Do not let the slot be recycled while its owner still says
-             * VALIDATING for this wv (read wv first, then state). */
-            struct shm_commit_rec *r = &s->procs[owner].rec;
-            if (load_acquire(&r->wv) == wv && load_acquire(&r->state) == CR_VALIDATING) {
-                if (slot_owner_dead(s, owner))
-                    slot_recover(s, owner);       /* rolls forward: the slot is filled */
-                if (load_acquire(&r->wv) == wv && load_acquire(&r->state) == CR_VALIDATING) {
-                    why = 2;
-                    break;
-                }
-            }
+        if (owner < s->max_procs && owner_stamp[owner] != stamp) {
+            owner_stamp[owner] = stamp;
+            owners[n_owners++] = owner;
         }
         uint64_t need = rh ? rh->bytes : 0;
         if (bound + need > cap) {
@@ -790,19 +817,37 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             break;
         }
         bound += need;
-        k++;
     }
-    uint32_t stamp = ++s->collect_stamp;
-    if (stamp == 0) {                 /* wrapped: no stale stamp may match */
-        memset(s->collect_seen, 0, s->max_tvars * sizeof *s->collect_seen);
-        stamp = s->collect_stamp = 1;
+    /* Do not let a slot be recycled while its owner still says VALIDATING
+     * for its wv: recovery of that owner decides by the slot (see
+     * ring_recover_decide).  One look per owner of the batch, not per commit:
+     * an owner's commits are sequential, so all but the one its record names
+     * (r->wv, stored before its fill, which our acquire of the slot saw) are
+     * finished, and its record's line is not taken from its committer after
+     * every commit.  r->wv read first, then state: a state of the owner's
+     * next commit only cuts the batch early (conservative). */
+    for (uint32_t i = 0; i < n_owners; i++) {
+        struct shm_commit_rec *r = &s->procs[owners[i]].rec;
+        uint64_t w = load_acquire(&r->wv);
+        if (w < from_wv || w >= wv || load_acquire(&r->state) != CR_VALIDATING)
+            continue;
+        if (slot_owner_dead(s, owners[i]))
+            slot_recover(s, owners[i]);       /* rolls forward: the slot is filled */
+        w = load_acquire(&r->wv);
+        if (w >= from_wv && w < wv && load_acquire(&r->state) == CR_VALIDATING) {
+            wv = w;
+            why = 2;
+        }
     }
-    uint64_t used = 0, ents = 0;
+    uint64_t used = 0, ents = 0, syncs = 0;
     for (uint64_t w = wv; w-- > from_wv;) {
         uint64_t rec = load_acquire(&slot_of(s, w)->rec);
+        if (ring_kind(rec) == 2)
+            syncs += (rec & RING_NOOP_SYNC) != 0;
         if (ring_kind(rec) != 0)
             continue;                 /* void or no durable TVar written */
         const struct ring_rec *rh = (const struct ring_rec *)heap_payload(s, rec);
+        syncs += (rh->owner & RING_OWNER_SYNC) != 0;
         const unsigned char *q = (const unsigned char *)(rh + 1), *end = q + rh->bytes;
         for (uint32_t i = 0; i < rh->n; i++) {
             struct ring_ent en;
@@ -826,7 +871,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     out[2] = why;
     out[3] = ents;
     out[4] = syncs;
-    return (int)k;
+    return (int)(wv - from_wv);
 }
 
 static inline void put_le32(unsigned char *p, uint32_t v)

@@ -107,6 +107,7 @@ static void fill_seg(struct shmstm_seg *s, unsigned char *base, const struct shm
     s->heap = base + h->off_heap;
     s->heap_size = h->heap_size;
     s->ring_slots = h->ring_slots;
+    s->ring_mask = s->ring_slots && !(s->ring_slots & (s->ring_slots - 1)) ? s->ring_slots - 1 : 0;
     s->ring = h->ring_slots ? (struct shm_ring_slot *)(base + h->off_ring) : NULL;
     s->max_tvars = h->max_tvars;
     s->max_procs = h->max_procs;
@@ -343,6 +344,7 @@ int shmstm_seg_detach(shmstm_seg *s)
         return 0;
     munmap(s->base, s->size);
     free(s->collect_seen);
+    free(s->collect_owners);
     free(s->name_off);
     free(s);
     return 0;
