@@ -81,6 +81,8 @@ struct shmstm_ctx {
     uint64_t bytes_staged;
     int dsync;               /* durable runtimes: commit waits for flushed_wv >= wv */
     uint64_t last_wv;        /* durable runtimes: wv of the last writer commit */
+    uint32_t inl_n;          /* durable: this commit's inline record (ring_prepare -> ring_fill) */
+    struct ring_inl inl_e[RING_INL];
     struct shmstm_gil *gil;  /* non-NULL for the length of a call from shmstm._fast,
                               * which holds the GIL (fast.h); owning thread only */
     a32 interrupted;         /* process-local; set (seq_cst) by another thread's

@@ -32,11 +32,12 @@
 #include "atomics.h"
 
 #define SHMSTM_MAGIC          0x314d54534d4853ULL   /* "SHMSTM1" little endian */
-#define SHMSTM_LAYOUT_VERSION 7u    /* 2: header checksum (hdr_sum); 3: sync_target;
+#define SHMSTM_LAYOUT_VERSION 8u    /* 2: header checksum (hdr_sum); 3: sync_target;
                                        4: per-slot free lists of ring records, 24-byte
                                           ring records; 5: a tag in owner words;
                                        6: flush_wake_bits (chained sync wake-ups);
-                                       7: ring records' checksum over words */
+                                       7: ring records' checksum over words;
+                                       8: inline records in ring slots */
 #define SHMSTM_CACHELINE      64u
 #define SHMSTM_UNIT           16u    /* heap allocation unit, bytes */
 
@@ -397,14 +398,21 @@ struct shm_header {
  *        from that value to a record offset or a
  *        marker by the owner of wv (the commit point), or to RING_VOID by the
  *        flusher (grace passed), a recoverer, or the owner after a failed
- *        validation.  The flusher stores ring_empty(wv + N) (release) when
+ *        validation; a CLAIM is then followed by one store_release to INLINE
+ *        by the same owner (or, if it died, its recoverer).  The flusher
+ *        stores ring_empty(wv + N) (release) when
  *        recycling, before the seq release.  The round in the empty value makes
  *        every CAS from "empty" round-specific: a committer (or recoverer) that
  *        stalled past a recycle can never fill (or void) a later round's slot.
  *   rec encoding: low 4 bits 3: empty, for round rec >> 4; 1: void; 2: a commit with no
  *   durable write, owner slot + 1 in bits 16.., bit 8 set for a sync commit;
+ *   4: claimed for an inline record, 5: the inline record is in the slot (both
+ *   with the owner and sync bits of 2: the claim is the commit point, the
+ *   release of 5 follows it at once);
  *   otherwise (low 4 bits 0) the heap offset of a record (struct ring_rec). */
 #define RING_EMPTY_KIND 3u
+#define RING_CLAIM_KIND 4u     /* claimed for an inline record: owner as RING_NOOP's */
+#define RING_INLINE_KIND 5u    /* the inline record is in the slot: owner as RING_NOOP's */
 #define RING_VOID  1ull
 #define RING_NOOP  2ull
 #define RING_NOOP_SYNC (1ull << 8)
@@ -414,11 +422,34 @@ static inline uint64_t ring_noop(uint32_t owner, int sync)
     return ((uint64_t)(owner + 1) << 16) | (sync ? RING_NOOP_SYNC : 0) | RING_NOOP;
 }
 static inline uint32_t ring_kind(uint64_t rec)   { return (uint32_t)(rec & 15u); }
+static inline uint64_t ring_claim(uint32_t owner, int sync)
+{
+    return (ring_noop(owner, sync) & ~15ull) | RING_CLAIM_KIND;
+}
+static inline uint32_t ring_owner(uint64_t rec)  { return (uint32_t)(rec >> 16) - 1u; }
 static inline uint64_t ring_empty(uint64_t wv)   { return (wv << 4) | RING_EMPTY_KIND; }
+#define RING_INL 2u       /* named TVars a commit may keep in its slot (RING_INLINE) */
+struct ring_inl {
+    uint32_t idx;
+    uint32_t tag;       /* an inline tag (never a heap one) */
+    uint64_t val;
+};
 struct shm_ring_slot {
     a64 seq;
     a64 rec;
-    uint8_t pad_[48];
+    /* The inline record (rec kind RING_INLINE_KIND): a commit whose durable
+     * writes are at most RING_INL named TVars with inline values keeps them
+     * here, not in a heap record, so that the flusher reads one line per
+     * commit and nobody allocates or frees.  W: the owner of wv between its
+     * claim CAS (RING_CLAIM_KIND, the commit point) and its store_release of
+     * RING_INLINE_KIND, or a recoverer completing a dead owner's claim
+     * (ring_recover_decide).  Nobody else writes the slot while it is claimed
+     * (the flusher waits for the inline kind), so plain fields.  R: the
+     * flusher after its load_acquire of rec, which pairs with that release. */
+    uint32_t in_n;      /* entries, 0..RING_INL */
+    uint32_t in_sum;    /* rec_sum of in_e[0..in_n) */
+    struct ring_inl in_e[RING_INL];
+    uint8_t pad_[8];
 };
 
 /* A ring record, in a heap block (payload).  Written by its committer only
@@ -478,7 +509,7 @@ static inline uint64_t layout_signature(void)
         sizeof(struct shm_tvar), sizeof(struct shm_dirent),
         sizeof(struct shm_wentry), sizeof(struct shm_commit_rec),
         REC_INLINE, HEAP_CLASSES, REC_CLASSES, AB_NREASONS, LAT_BUCKETS, TAG_MAX,
-        sizeof(struct shm_ring_slot), sizeof(struct ring_rec),
+        sizeof(struct shm_ring_slot), sizeof(struct ring_rec), RING_INL,
     };
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
         s ^= parts[i];

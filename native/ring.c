@@ -180,20 +180,28 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
     if (derr)
         return SHMSTM_EDURABLE;
     size_t bytes = 0;
-    uint32_t m = 0;
+    uint32_t m = 0, heap_vals = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (e[i].flags & WE_FREE || !(load_relaxed(&s->tvars[e[i].idx].flags) & TV_NAMED))
             continue;
         uint32_t len = 8;
-        if (tag_is_heap(e[i].new_tag) && !heap_block_ok(s, e[i].new_val, &len))
-            return SHMSTM_ECORRUPT;
+        if (tag_is_heap(e[i].new_tag)) {
+            if (!heap_block_ok(s, e[i].new_val, &len))
+                return SHMSTM_ECORRUPT;
+            heap_vals++;
+        } else if (m < RING_INL) {
+            c->inl_e[m] = (struct ring_inl){.idx = e[i].idx, .tag = e[i].new_tag, .val = e[i].new_val};
+        }
         bytes += sizeof(struct ring_ent) + ((len + 7u) & ~7u);
         m++;
     }
     if (bytes > UINT32_MAX - sizeof(struct ring_rec))
         return SHMSTM_ETOOLARGE;           /* ring_rec.bytes; nothing allocated yet */
     uint64_t rec = ring_noop(c->slot, c->dsync);
-    if (m) {
+    if (m && m <= RING_INL && !heap_vals) {
+        c->inl_n = m;                      /* written to the slot after the claim */
+        rec = ring_claim(c->slot, c->dsync);
+    } else if (m) {
         uint64_t off;
         int rc = alloc_record(c, sizeof(struct ring_rec) + bytes, &off);
         if (rc)
@@ -258,6 +266,17 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
     return 0;
 }
 
+/* Write an inline record into claimed slot sl and publish it (claim ->
+ * RING_INLINE_KIND, release: the entries are visible to the flusher's
+ * acquire of rec). */
+static void inline_publish(struct shm_ring_slot *sl, const struct ring_inl *in, uint32_t n, uint64_t claim)
+{
+    sl->in_n = n;
+    memcpy(sl->in_e, in, n * sizeof *in);
+    sl->in_sum = rec_sum((const unsigned char *)sl->in_e, n * sizeof *in);
+    store_release(&sl->rec, (claim & ~15ull) | RING_INLINE_KIND);
+}
+
 /* The commit point (step 6): CAS slot wv EMPTY -> rec.  1: filled (committed),
  * 0: the slot was voided (roll back). */
 int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
@@ -284,6 +303,13 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     /* acq_rel: the record bytes and r->wv are visible to whoever reads rec. */
     if (!cas_acq_rel(&sl->rec, &exp, rec))
         return 0;
+    if (ring_kind(rec) == RING_CLAIM_KIND) {
+        /* Claimed: committed, and the slot is ours until the release below
+         * (the flusher waits for it; a recoverer completes it from our
+         * commit record if we die here). */
+        FAULT_POINT("ring.claimed");
+        inline_publish(sl, c->inl_e, c->inl_n, rec);
+    }
     /* Committed, the record still VALIDATING: recovery rolls forward by the slot. */
     FAULT_POINT("ring.filled");
     store_relaxed(&c->proc->rec.ring_rec, 0);      /* the flusher owns it now */
@@ -398,6 +424,26 @@ int ring_after_commit(shmstm_ctx *c, uint64_t wv)
     return ret;
 }
 
+/* A dead owner's claimed slot: write the inline record its commit record
+ * names (the named, not freed entries: the ones ring_prepare took) and
+ * publish it.  Idempotent: a recoverer killed here leaves the claim for the
+ * next.  A commit record whose entries cannot be read (a corrupt spill
+ * block; recovery then marks its locks lost) publishes an empty record. */
+static void inline_complete(struct shmstm_seg *s, struct shm_ring_slot *sl,
+                            struct shm_commit_rec *r, uint64_t claim)
+{
+    struct ring_inl in[RING_INL];
+    uint32_t m = 0, n = load_relaxed(&r->n);
+    struct shm_wentry *e = rec_entries(s, r);
+    for (uint32_t i = 0; e && i < n && m < RING_INL; i++) {
+        if (e[i].idx >= s->max_tvars || e[i].flags & WE_FREE ||
+            !(load_relaxed(&s->tvars[e[i].idx].flags) & TV_NAMED) || tag_is_heap(e[i].new_tag))
+            continue;
+        in[m++] = (struct ring_inl){.idx = e[i].idx, .tag = e[i].new_tag, .val = e[i].new_val};
+    }
+    inline_publish(sl, in, m, claim);
+}
+
 /* Recovery of a dead owner in CR_VALIDATING: did it pass its commit point?
  * Returns CR_COMMITTED (slot wv holds its fill: roll forward) or
  * CR_VALIDATING (roll back; the slot is void or voided here). */
@@ -424,7 +470,11 @@ uint32_t ring_recover_decide(struct shmstm_seg *s, struct shm_commit_rec *r, uin
          * look at seq and a later round's committer filled it.  That
          * committer's CAS came after its acquire of seq == wv + N, and our
          * acquire of its record orders this load after it. */
-        return load_acquire(&sl->seq) == wv ? CR_COMMITTED : rst;
+        if (load_acquire(&sl->seq) != wv)
+            return rst;
+        if (ring_kind(v) == RING_CLAIM_KIND)
+            inline_complete(s, sl, r, v);   /* it died between claim and publish */
+        return CR_COMMITTED;
     }
 }
 
@@ -791,10 +841,30 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             why = 1;
             break;
         }
+        if (ring_kind(rec) == RING_CLAIM_KIND) {
+            /* Committed, its inline record not written yet: a few
+             * instructions, unless its owner was preempted or died. */
+            uint32_t o = ring_owner(rec);
+            if (o < s->max_procs && slot_owner_dead(s, o)) {
+                slot_recover(s, o);               /* completes the claim */
+                rec = load_acquire(&sl->rec);
+            }
+            if (ring_kind(rec) == RING_CLAIM_KIND) {
+                why = 2;
+                break;
+            }
+        }
         uint32_t owner = UINT32_MAX;
         const struct ring_rec *rh = NULL;
+        uint64_t need = 0;
         if (ring_kind(rec) == 2) {
-            owner = (uint32_t)(rec >> 16) - 1;
+            owner = ring_owner(rec);
+        } else if (ring_kind(rec) == RING_INLINE_KIND) {
+            owner = ring_owner(rec);
+            if (sl->in_n > RING_INL ||
+                rec_sum((const unsigned char *)sl->in_e, sl->in_n * sizeof(struct ring_inl)) != sl->in_sum)
+                return SHMSTM_ECORRUPT;
+            need = sl->in_n * (sizeof(struct ring_ent) + 8);
         } else if (ring_kind(rec) == 0) {
             uint32_t blen;
             if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec))
@@ -811,7 +881,8 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             owner_stamp[owner] = stamp;
             owners[n_owners++] = owner;
         }
-        uint64_t need = rh ? rh->bytes : 0;
+        if (rh)
+            need = rh->bytes;
         if (bound + need > cap) {
             why = 3;
             break;
@@ -841,9 +912,26 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     }
     uint64_t used = 0, ents = 0, syncs = 0;
     for (uint64_t w = wv; w-- > from_wv;) {
-        uint64_t rec = load_acquire(&slot_of(s, w)->rec);
-        if (ring_kind(rec) == 2)
+        struct shm_ring_slot *sl = slot_of(s, w);
+        uint64_t rec = load_acquire(&sl->rec);
+        if (ring_kind(rec) == 2 || ring_kind(rec) == RING_INLINE_KIND)
             syncs += (rec & RING_NOOP_SYNC) != 0;
+        if (ring_kind(rec) == RING_INLINE_KIND) {
+            for (uint32_t i = 0; i < sl->in_n; i++) {
+                const struct ring_inl *in = &sl->in_e[i];
+                if (in->idx >= s->max_tvars || tag_is_heap(in->tag))
+                    return SHMSTM_ECORRUPT;
+                if (s->collect_seen[in->idx] != stamp) {
+                    s->collect_seen[in->idx] = stamp;
+                    struct ring_ent en = {.idx = in->idx, .tag = in->tag, .len = 8};
+                    memcpy(buf + used, &en, sizeof en);
+                    memcpy(buf + used + sizeof en, &in->val, 8);
+                    used += sizeof en + 8;
+                    ents++;
+                }
+            }
+            continue;
+        }
         if (ring_kind(rec) != 0)
             continue;                 /* void or no durable TVar written */
         const struct ring_rec *rh = (const struct ring_rec *)heap_payload(s, rec);

@@ -68,7 +68,7 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_HEAP_CLASSES 28
 #define SHMSTM_LAT_BUCKETS 32
 #define SHMSTM_MAX_NAME    400
-#define SHMSTM_LAYOUT_VERSION_ 7
+#define SHMSTM_LAYOUT_VERSION_ 8
 
 typedef struct {
     uint32_t max_tvars;

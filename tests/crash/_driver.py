@@ -40,7 +40,7 @@ RECOVER_POINTS = [
 # the first two leave a COMMITTED record (roll forward).
 ROLL_FORWARD_VICTIMS = ["commit.committed", "commit.published_one"]
 # Durable runtimes (ring.c): the commit point is the fill of ring slot wv.
-RING_POINTS = ["ring.before_fill", "ring.filled"]
+RING_POINTS = ["ring.before_fill", "ring.claimed", "ring.filled"]
 
 
 # ---------------------------------------------------------------- progress board

@@ -24,7 +24,7 @@ COMMIT_POINTS = [
     "commit.validating", "commit.validated", "commit.committed", "commit.published_one",
     "commit.released_one", "commit.woken", "commit.freed", "commit.rollback_one",
 ]
-RING_POINTS = ["ring.before_fill", "ring.filled"]      # durable commit point (ring.c)
+RING_POINTS = ["ring.before_fill", "ring.claimed", "ring.filled"]      # durable commit point (ring.c)
 RECOVER_POINTS = ["recover.claimed", "recover.published_one", "recover.entry",
                   "recover.token", "recover.before_free"]
 NATIVE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -43,7 +43,7 @@ def test_the_lists_name_every_commit_and_recovery_point():
     """The points these tests arm are every FAULT_POINT of the commit and recovery
     steps in native/ (a new step cannot go untested unnoticed)."""
     assert _points_in_source(("commit.", "recover.")) == set(COMMIT_POINTS + RECOVER_POINTS)
-    assert _points_in_source(("ring.before_fill", "ring.filled")) == set(RING_POINTS)
+    assert _points_in_source(("ring.before_fill", "ring.claimed", "ring.filled")) == set(RING_POINTS)
 
 
 def _run(run_driver, segname, tmp_path, target, seconds, path=None):

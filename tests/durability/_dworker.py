@@ -4,8 +4,10 @@
     python _dworker.py count NAME PATH N                    async: ctr += 1, slot:<ctr % 8> = ctr
     python _dworker.py count_in_thread NAME PATH N          count() in a second thread (GIL check)
     python _dworker.py blobs NAME PATH N                    N commits of 16 kB values (heap-full waits)
-    python _dworker.py fill NAME PATH N                     N async commits of fill += 1, fill:b = fill, then print
-                                                            "done" and stay attached until a line on stdin
+    python _dworker.py count3 NAME PATH N                   count, also writing ctr:b = ctr (three TVars: a heap
+                                                            record, where count's two ints fit in the ring slot)
+    python _dworker.py fill NAME PATH N                     N async commits of fill += 1, fill:b = fill:c = fill,
+                                                            then print "done" and stay attached until a line on stdin
     python _dworker.py victim NAME PATH                     one write to "victim" (killed by a fault point)
     python _dworker.py sync_rounds NAME PATH WORKER THREADS R  THREADS threads, one sync transfer each
                                                             per round of R (TVar "go" starts a round)
@@ -43,15 +45,18 @@ def bank(name, path, worker, naccts, log):
             f.write("%d\n" % k)
 
 
-def count(name, path, n):
+def count(name, path, n, wide=False):
     rt = shmstm.open(name, path=path, **LIMITS)
     ctr = rt.tvar("ctr", 0)
     slots = [rt.tvar("slot:%d" % i, 0) for i in range(8)]
+    ctr_b = rt.tvar("ctr:b", 0) if wide else None
 
     def tx():
         c = ctr.value + 1
         ctr.value = c
         slots[c % 8].value = c
+        if wide:
+            ctr_b.value = c
     for _ in range(n):
         shmstm.atomically(tx)
     rt.close()
@@ -59,11 +64,11 @@ def count(name, path, n):
 
 def fill(name, path, n):
     rt = shmstm.open(name, path=path, durability="async", **LIMITS)
-    tv, tw = rt.tvar("fill", 0), rt.tvar("fill:b", 0)
+    tv, tw, tx3 = rt.tvar("fill", 0), rt.tvar("fill:b", 0), rt.tvar("fill:c", 0)
 
-    def tx():                           # two ints: a 128-byte record, as count's
+    def tx():                           # three ints: a 128-byte heap record, as count3's
         tv.value += 1
-        tw.value = tv.value
+        tw.value = tx3.value = tv.value
     for _ in range(n):
         shmstm.atomically(tx)
     print("done", flush=True)
@@ -163,6 +168,8 @@ if __name__ == "__main__":
         bank(args[0], args[1], args[2], int(args[3]), args[4])
     elif cmd == "count":
         count(args[0], args[1], int(args[2]))
+    elif cmd == "count3":
+        count(args[0], args[1], int(args[2]), wide=True)
     elif cmd == "fill":
         fill(args[0], args[1], int(args[2]))
     elif cmd == "victim":

@@ -565,12 +565,13 @@ def test_record_blocks_of_one_process_serve_another_when_the_heap_is_full(segnam
     flushers.append(fpid)
     # The TVars of both workers exist before the heap fills (their names are
     # heap blocks of another class, and the heap does not coalesce).
-    for k in ["fill", "fill:b", "ctr"] + ["slot:%d" % i for i in range(8)]:
+    for k in ["fill", "fill:b", "fill:c", "ctr", "ctr:b"] + ["slot:%d" % i for i in range(8)]:
         rt.tvar(k, 0)
     with shmstm.durability("sync"):
         rt.tvar("ctr").value = 0
     os.kill(fpid, signal.SIGSTOP)
-    # 40,000 records of 128 B (two ints each) > the 4 MiB heap < the ring.
+    # 40,000 records of 128 B (three ints each: commits of at most two named
+    # inline values keep their record in the ring slot) > the 4 MiB heap < the ring.
     n = 40000
     a = spawn(["fill", segname, dpath, n], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -586,7 +587,7 @@ def test_record_blocks_of_one_process_serve_another_when_the_heap_is_full(segnam
         drain(rt)
         # Every record block is now free on the filler's slot (it stays
         # attached, so the next process gets another slot).
-        b = spawn(["count", segname, dpath, 2000], stderr=subprocess.PIPE, text=True)
+        b = spawn(["count3", segname, dpath, 2000], stderr=subprocess.PIPE, text=True)
         assert b.wait(120) == 0, b.stderr.read()
     finally:
         a.stdin.write("\n")
