@@ -19,8 +19,17 @@ def test_bench_durable_quick(tmp_path):
     res = doc["results"]
     assert len(res) == 12 and all(v["ops_per_s"] > 0 for v in res.values())
     assert set(doc["ratios"]) == {"async/none P=1", "async/none P=2", "sync/lmdb-sync P=2",
-                                  "sync x16/lmdb-sync P=2", "sync x16/lmdb-sync x16"}
-    assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 6
+                                  "sync x16/lmdb-sync P=2", "sync x16/lmdb-sync x16",
+                                  "async/none P=1 interleaved", "async/none P=2 interleaved"}
+    assert all(v > 0 for v in doc["ratios"].values()) and len(doc["checks"]) == 8
+    # The interleaved measure (tools/bench_interleaved): both sides counted in
+    # every pair of slices.
+    for P in ("1", "2"):
+        inter = doc["interleaved"][P]
+        assert inter["procs"] == int(P) and inter["pairs"] == 8
+        assert inter["none_ops_per_s"] > 0 and inter["async_ops_per_s"] > 0
+        lo, hi = inter["pair_ratio_min_max"]
+        assert 0 < lo <= inter["pair_ratio_median"] <= hi
     assert res["shmstm async P=2"]["flusher_updates_per_cpu_s"] > 0
     # A synchronous LMDB commit writes to the device, and on a device that
     # caches writes it also flushes it (where the kernel counts them).
