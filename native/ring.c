@@ -44,8 +44,8 @@ _Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
                "durable_state names differ between shmstm.h and layout.h");
 
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
-#define RELEASE_CHUNK 64u
-#define COLLECT_AHEAD 8u             /* slots between a record's prefetch and its check */            /* records freed per chain push (shmstm_ring_release) */
+#define RELEASE_CHUNK 64u            /* records freed per chain push (shmstm_ring_release) */
+#define COLLECT_AHEAD 8u             /* slots between a record's prefetch and its check */
 
 /* ring_rec.sum: FNV-1a over the entries' 8-byte words (entries are whole
  * words; a forged length's tail bytes are hashed one by one), folded to 32
@@ -845,7 +845,9 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             /* Committed, its inline record not written yet: a few
              * instructions, unless its owner was preempted or died. */
             uint32_t o = ring_owner(rec);
-            if (o < s->max_procs && slot_owner_dead(s, o)) {
+            if (o >= s->max_procs)
+                return SHMSTM_ECORRUPT;           /* would be waited for forever */
+            if (slot_owner_dead(s, o)) {
                 slot_recover(s, o);               /* completes the claim */
                 rec = load_acquire(&sl->rec);
             }
