@@ -161,6 +161,7 @@ void release_token(shmstm_ctx *c);
 void     ring_init(struct shmstm_seg *s, const shmstm_params *p);
 int      ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *rec);
 int      ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec);
+void     ring_notify(shmstm_ctx *c);
 void     ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec);
 int      ring_after_commit(shmstm_ctx *c, uint64_t wv);
 uint32_t ring_recover_decide(struct shmstm_seg *s, struct shm_commit_rec *r, uint32_t rst);

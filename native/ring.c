@@ -313,7 +313,24 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     /* Committed, the record still VALIDATING: recovery rolls forward by the slot. */
     FAULT_POINT("ring.filled");
     store_relaxed(&c->proc->rec.ring_rec, 0);      /* the flusher owns it now */
-    /* Dekker with the flusher's sleep: fill, fence, read flusher_sleeping.
+    c->last_wv = wv;
+    return 1;
+}
+
+/* After the commit record says COMMITTED (txn.c, just after the fill): wake
+ * the flusher if it sleeps.  Not from ring_fill: a flusher woken there, on
+ * the other vCPU, collected while this committer was still in the futex
+ * syscall with its record VALIDATING, and had to stop at the commit (the
+ * slot may not be recycled under a VALIDATING owner: see the collect), look
+ * at the owner's /proc entry, yield and collect again; measured, about two
+ * such empty collects per LMDB write with 16 sync committers.
+ * A committer killed between the fill and this call leaves the flusher to
+ * its nap's timeout. */
+void ring_notify(shmstm_ctx *c)
+{
+    struct shmstm_seg *s = c->seg;
+    /* Dekker with the flusher's sleep: fill (and COMMITTED), fence, read
+     * flusher_sleeping.
      * FS_ANY: wake it; FS_SYNC (a busy flusher napping between batches):
      * only a sync commit, which waits for it, wakes it.  The exchange makes
      * the wake-up one-shot: of the commits that find the flusher asleep, one
@@ -331,8 +348,6 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
         faa_seq_cst(&s->h->ring_futex, 1);
         futex_wake(&s->h->ring_futex);
     }
-    c->last_wv = wv;
-    return 1;
 }
 
 /* A failed commit: void slot wv if we took one, free the record. */

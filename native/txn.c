@@ -767,6 +767,8 @@ int shmstm_tx_commit(shmstm_ctx *c)
         goto fail;
     }
     store_release(&r->state, CR_COMMITTED);
+    if (s->ring_slots)
+        ring_notify(c);                 /* wake the flusher, now that it can collect us */
     FAULT_POINT("commit.committed");
     /* 7, 8 */
     for (uint32_t i = 0; i < n; i++) {
