@@ -26,14 +26,15 @@ from .errors import (
     BlockedForeverError, CorruptSegmentError, CrossRuntimeError, EncodeError, Error,
     ForkedContextError, HeapFullError, LayoutMismatchError, LimitMismatchError,
     NoSpaceError, NotInTransactionError, PermissionDeniedError, RetryTimeout,
-    RuntimeClosedError, SegmentInitError, DurabilityError, DurabilityMismatchError, SegmentNotFoundError, StaleTVarError,
+    RuntimeClosedError, SegmentInitError, DurabilityError, DurabilityMismatchError, DurableFormatError,
+    SegmentNotFoundError, StaleTVarError,
     TooManyProcessesError, TVarTableFullError, ValueTooLargeError,
 )
 
 __all__ = [
     "__version__", "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
     "check", "or_else", "in_transaction", "list_segments", "cleanup_segments",
-    "durability", "read_durable", "DurabilityError", "DurabilityMismatchError",
+    "durability", "read_durable", "DurabilityError", "DurabilityMismatchError", "DurableFormatError",
     "Error", "StaleTVarError", "EncodeError", "ValueTooLargeError", "HeapFullError",
     "TVarTableFullError", "TooManyProcessesError", "LayoutMismatchError",
     "CorruptSegmentError", "SegmentInitError", "LimitMismatchError", "RuntimeClosedError",

@@ -6,7 +6,11 @@ LMDB layout (one environment per path, a directory):
               endian for inline tags, the encoded bytes otherwise)
   db b"meta": b"flushed_wv" -> u64 LE (the last write version applied by a
               write to "vars"; stored in the same write transaction as the
-              data), b"runtime_id" -> 16 bytes, b"map_size" -> u64 LE
+              data), b"runtime_id" -> 16 bytes, b"map_size" -> u64 LE,
+              b"format" -> u32 LE (DATA_FORMAT; written by the flusher at
+              its start; data without it predates the marker, 0.1.0's
+              included, and is read as before; a larger one is refused:
+              check_format)
   the main DB, besides the named DBs' own records: the log, b"\x00" + u64 BE
               (the last write version of a batch) -> the batch's (name, value)
               pairs, encode_log.  A small batch is written as one log record
@@ -162,7 +166,9 @@ def _resize(env, size, grow_only=False):
 
 def open_env(path, create=True, map_size=None):
     """This process's environment for ``path`` (opened once, reader_check at
-    open), sized with the data's stored map size (see lmdb_open)."""
+    open), sized with the data's stored map size (see lmdb_open).  Each call
+    checks the data's format first (check_format): another process may have
+    written the data since this one opened it."""
     real = os.path.realpath(path)
     with _envs_lock:
         env = _envs.get(real)
@@ -172,9 +178,39 @@ def open_env(path, create=True, map_size=None):
             os.makedirs(real, mode=0o700, exist_ok=True)
             env = lmdb_open(real, map_size if create else None)
             _envs[real] = env
-        elif map_size is not None:
-            adopt_map_size(env, map_size, real)
+        else:
+            check_format(env, real)
+            if map_size is not None:
+                adopt_map_size(env, map_size, real)
         return env
+
+
+DATA_FORMAT = 2              # what this version writes and reads (meta b"format")
+_U32 = struct.Struct("<I")
+
+
+def stored_format(txn, meta):
+    """The data's format marker (None: data from before the marker)."""
+    v = txn.get(b"format", db=meta)
+    if v is None:
+        return None
+    if len(v) != _U32.size:
+        raise errors.CorruptSegmentError("a malformed format marker in the durable data")
+    return _U32.unpack(v)[0]
+
+
+def check_format(env, real):
+    """Refuse data in a format this version does not read (a newer shmstm
+    wrote it), before anything is written to it."""
+    _, meta = _dbs(env)
+    with begin(env, db=meta) as txn:
+        fmt = stored_format(txn, meta)
+    if fmt is not None and fmt > DATA_FORMAT:
+        from .__about__ import __version__
+        raise errors.DurableFormatError(
+            "the durable data at %r is in format %d; shmstm %s reads formats up to %d "
+            "(open it with the shmstm version that wrote it)" % (real, fmt, __version__, DATA_FORMAT))
+    return fmt
 
 
 def lmdb_open(real, map_size=None):
@@ -188,6 +224,7 @@ def lmdb_open(real, map_size=None):
     env = lmdb.open(real, map_size=MAP_SIZE, max_dbs=MAX_DBS, subdir=True)
     try:
         env.reader_check()              # readers left by SIGKILLed processes
+        check_format(env, real)         # before adopt_map_size may write to it
         adopt_map_size(env, map_size, real)
     except BaseException:
         env.close()
@@ -450,20 +487,22 @@ def decode_value(val):
 
 def read_durable(path):
     """The durable state at ``path`` without a segment (backup, inspection):
-    ``{"flushed_wv": int, "runtime_id": hex or None, "values": {name: value}}``.
-    A consistent snapshot (one LMDB read transaction)."""
+    ``{"flushed_wv": int, "runtime_id": hex or None, "format": int or None,
+    "values": {name: value}}`` (format: the data's format marker, None for
+    data from before it).  A consistent snapshot (one LMDB read transaction)."""
     env = open_env(path, create=False)
     vars_db, meta = _dbs(env)
     logs = LogDBs(env)
     with begin(env) as txn:
         fw = stored_flushed(txn, meta, logs)
         rid = txn.get(b"runtime_id", db=meta)
+        fmt = stored_format(txn, meta)
         raw = list(durable_items(txn, vars_db, logs).items())
     # Decoded after the transaction: unpickling may take shmstm's locks (a
     # pickled TVar), which a resize waiting for the gate may hold (_TxnGate).
     values = {k.decode("utf-8", "surrogatepass"): decode_value(v) for k, v in raw}
-    return {"flushed_wv": fw,
-            "runtime_id": bytes(rid).hex() if rid else None, "values": values}
+    return {"flushed_wv": fw, "runtime_id": bytes(rid).hex() if rid else None,
+            "format": fmt, "values": values}
 
 
 # ---------------------------------------------------------------- per-thread override

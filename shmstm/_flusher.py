@@ -33,8 +33,8 @@ import time
 import posix_ipc
 
 from ._binding import ffi, lib
-from ._durable import (LOG_KEY, LogDBs, _lmdb, adopt_map_size, last_log_wv, lmdb_open,
-                       log_items, log_key, log_records, stored_flushed)
+from ._durable import (DATA_FORMAT, LOG_KEY, _U32, LogDBs, _lmdb, adopt_map_size, last_log_wv,
+                       lmdb_open, log_items, log_key, log_records, stored_flushed, stored_format)
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
@@ -248,16 +248,19 @@ class Flusher:
         with self.env.begin() as txn:
             fl = stored_flushed(txn, self.meta, self.logs)
             rid = txn.get(b"runtime_id", db=self.meta)
+            fmt = stored_format(txn, self.meta)     # lmdb_open refused a newer one
         if rid is not None and bytes(rid) != self.rid:
             lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
             return 2
         fs, _ = self.seg_flushed()
         if fl > fs:                      # a predecessor died after its LMDB commit
             lib.shmstm_ring_release(self.seg, fs + 1, fl)
-        if rid is None:
+        if rid is None or fmt != DATA_FORMAT:
             with self.env.begin(write=True, db=self.meta) as txn:
-                txn.put(b"runtime_id", self.rid)
-                txn.put(b"flushed_wv", struct.pack("<Q", max(fl, fs)))
+                if rid is None:
+                    txn.put(b"runtime_id", self.rid)
+                    txn.put(b"flushed_wv", struct.pack("<Q", max(fl, fs)))
+                txn.put(b"format", _U32.pack(DATA_FORMAT))
         nxt = max(fl, fs) + 1
         empty_wv, empty_t = 0, 0.0
         idle = owner_waits = 0

@@ -97,3 +97,8 @@ class DurabilityError(Error):
 class DurabilityMismatchError(DurabilityError):
     """The segment and the durable data at the path belong to different
     runtimes (runtime id or path differ), or the segment is not durable."""
+
+
+class DurableFormatError(DurabilityError):
+    """The durable data at the path is in a format this version of shmstm does
+    not read (a newer version wrote it); nothing was written to it."""

@@ -105,6 +105,41 @@ def test_refuses_foreign_data(segname, dpath, flushers):
         shutil.rmtree(other, ignore_errors=True)
 
 
+def test_data_in_a_newer_format_is_refused_and_left_as_it_is(segname, dpath, flushers):
+    """Data this version writes carries its format (meta b"format"); data
+    marked with a later format (a newer shmstm wrote it) is refused by open()
+    and read_durable() with an error that names the format and the path, and
+    nothing is written to it: its bytes are the same after both refusals."""
+    import struct
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    pid = flusher_pid(rt)
+    rt.tvar("a", 0).value = 1
+    drain(rt)
+    rt.close()
+    shmstm.unlink(segname)
+    assert wait_dead(pid)
+    durable = shmstm.read_durable(dpath)
+    assert durable["format"] == _durable.DATA_FORMAT and durable["values"] == {"a": 1}
+    env = _durable.open_env(dpath)          # this process's (cached) environment
+    _, meta = _durable._dbs(env)
+    newer = _durable.DATA_FORMAT + 1
+    with _durable.begin(env, write=True, db=meta) as txn:
+        txn.put(b"format", struct.pack("<I", newer))
+    data = os.path.join(dpath, "data.mdb")
+    with open(data, "rb") as f:
+        before = f.read()
+    want = "format %d; shmstm .* reads formats up to %d" % (newer, _durable.DATA_FORMAT)
+    with pytest.raises(shmstm.DurableFormatError, match=want) as ei:
+        shmstm.read_durable(dpath)
+    assert dpath in str(ei.value)
+    with pytest.raises(shmstm.DurableFormatError, match=want):
+        shmstm.open(segname, path=dpath, map_size=1 << 26, **LIMITS)   # would store map_size
+    assert isinstance(ei.value, shmstm.DurabilityError)
+    with open(data, "rb") as f:
+        assert f.read() == before
+    shmstm.unlink(segname)
+
+
 @pytest.mark.parametrize("group", ["wait", "nowait"])
 def test_machine_crash_sync(segname, dpath, flushers, tmp_path, monkeypatch, group):
     """Simulated machine crash: sync workers log each acknowledged commit;
@@ -1030,7 +1065,7 @@ def test_a_log_in_the_0_1_0_layout_is_merged_and_folded(segname, dpath, flushers
                 db=legacy)
         txn.put(struct.pack(">Q", 5), _durable.encode_log([(b"b", val(4))]), db=legacy)
         txn.put(b"flushed_wv", struct.pack("<Q", 5), db=meta)
-    assert shmstm.read_durable(dpath) == {"flushed_wv": 5, "runtime_id": None,
+    assert shmstm.read_durable(dpath) == {"flushed_wv": 5, "runtime_id": None, "format": None,
                                           "values": {"a": 2, "b": 4, "c": 7}}
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
     flushers.append(flusher_pid(rt))
@@ -1045,6 +1080,7 @@ def test_a_log_in_the_0_1_0_layout_is_merged_and_folded(segname, dpath, flushers
              "the idle flusher to fold the 0.1.0 log")
     durable = shmstm.read_durable(dpath)
     assert durable["values"] == {"a": 2, "b": 4, "c": 8} and durable["flushed_wv"] == 6
+    assert durable["format"] == _durable.DATA_FORMAT      # the flusher marked it at its start
     rt.close()
     shmstm.unlink(segname)
 
