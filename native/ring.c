@@ -792,7 +792,8 @@ uint32_t shmstm_flusher_poll_sync(shmstm_seg *s, uint32_t target, int64_t timeou
  * as ring_ent + payload padded to 8 (the flusher's LMDB batch).
  * out[0]: next wv not collected; out[1]: bytes used; out[2]: why it stopped
  * (0 reached the clock, 1 slot out[0] still EMPTY, 2 its owner is between
- * fill and COMMITTED, 3 buffer or max_commits reached); out[3]: entries;
+ * fill and COMMITTED, 3 buffer or max_commits reached, 4 slot out[0] fails
+ * its checks: the next collect returns SHMSTM_ECORRUPT); out[3]: entries;
  * out[4]: sync commits among them (group commit, _flusher.py).
  * Returns the number of commits (void ones included) or an error.
  *
@@ -829,7 +830,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     uint32_t *owners = s->collect_owners, *owner_stamp = owners + s->max_procs, n_owners = 0;
     struct shm_header *h = s->h;
     uint64_t wv = from_wv, bound = 0;
-    uint32_t why = 0;
+    uint32_t why = 0, corrupt = 0;
     uint64_t clock = load_acquire(&h->clock);
     for (; wv <= clock; wv++) {
         if (wv - from_wv >= max_commits) {
@@ -860,8 +861,10 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             /* Committed, its inline record not written yet: a few
              * instructions, unless its owner was preempted or died. */
             uint32_t o = ring_owner(rec);
-            if (o >= s->max_procs)
-                return SHMSTM_ECORRUPT;           /* would be waited for forever */
+            if (o >= s->max_procs) {
+                corrupt = 1;                      /* would be waited for forever */
+                break;
+            }
             if (slot_owner_dead(s, o)) {
                 slot_recover(s, o);               /* completes the claim */
                 rec = load_acquire(&sl->rec);
@@ -879,20 +882,27 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         } else if (ring_kind(rec) == RING_INLINE_KIND) {
             owner = ring_owner(rec);
             if (sl->in_n > RING_INL ||
-                rec_sum((const unsigned char *)sl->in_e, sl->in_n * sizeof(struct ring_inl)) != sl->in_sum)
-                return SHMSTM_ECORRUPT;
+                rec_sum((const unsigned char *)sl->in_e, sl->in_n * sizeof(struct ring_inl)) != sl->in_sum) {
+                corrupt = 1;
+                break;
+            }
             need = sl->in_n * (sizeof(struct ring_ent) + 8);
         } else if (ring_kind(rec) == 0) {
             uint32_t blen;
-            if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec))
-                return SHMSTM_ECORRUPT;
+            if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec)) {
+                corrupt = 1;
+                break;
+            }
             rh = (const struct ring_rec *)heap_payload(s, rec);
             if (rh->wv != wv || rh->bytes > blen - sizeof *rh ||
-                rec_sum((const unsigned char *)(rh + 1), rh->bytes) != rh->sum)
-                return SHMSTM_ECORRUPT;
+                rec_sum((const unsigned char *)(rh + 1), rh->bytes) != rh->sum) {
+                corrupt = 1;
+                break;
+            }
             owner = rh->owner & ~RING_OWNER_SYNC;
         } else if (ring_kind(rec) != 1) {
-            return SHMSTM_ECORRUPT;
+            corrupt = 1;
+            break;
         }
         if (owner < s->max_procs && owner_stamp[owner] != stamp) {
             owner_stamp[owner] = stamp;
@@ -906,6 +916,15 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         }
         bound += need;
     }
+    /* A record that fails its checks ends the batch before it, so that the
+     * commits ahead of it still reach LMDB; the next collect, which starts
+     * at it, reports the corruption (the flusher stops there). */
+    if (corrupt) {
+        if (wv == from_wv)
+            return SHMSTM_ECORRUPT;
+        why = 4;
+    }
+
     /* Do not let a slot be recycled while its owner still says VALIDATING
      * for its wv: recovery of that owner decides by the slot (see
      * ring_recover_decide).  One look per owner of the batch, not per commit:

@@ -32,7 +32,7 @@ import time
 
 import posix_ipc
 
-from ._binding import ffi, lib
+from ._binding import error_for, ffi, lib
 from ._durable import (DATA_FORMAT, LOG_KEY, _U32, LogDBs, _lmdb, adopt_map_size, last_log_wv,
                        lmdb_open, log_items, log_key, log_records, stored_flushed, stored_format)
 
@@ -285,6 +285,11 @@ class Flusher:
                     (fills - self.rel_fills) & 0xFFFFFFFF < sync_last:
                 k = self.group(nxt, sync_last)
             if k < 0:
+                # Corrupt (the record of commit nxt fails its checks; every
+                # commit before it is in LMDB) or out of memory: stop, with
+                # the error for committers and the stats.
+                print("flusher: cannot collect commit %d from the ring (%s); stopping with "
+                      "LMDB at commit %d" % (nxt, error_for(k), nxt - 1), file=sys.stderr)
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
             stop, used, why = self.out[0], self.out[1], self.out[2]

@@ -447,6 +447,50 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     shmstm.unlink(segname)
 
 
+def test_a_forged_ring_record_is_never_written_to_lmdb(segname, dpath, flushers):
+    """A ring record whose bytes no longer match its checksum (forged here
+    through the segment's file, behind a stopped flusher) never reaches LMDB:
+    the flusher writes the commits before it, stops at it and sets the
+    runtime's durable error (in the stats, with its message); a later commit
+    is refused before its commit point with a DurabilityError, and nothing
+    of it is in the segment either."""
+    import mmap
+    import struct
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)     # ctr == 0 in LMDB
+    marker = 0x5EC0DE5EC0DE5
+    ctr.value = 1                                  # async: in the ring only
+    ctr.value = marker
+    wv = rt.stats()["durability"]["committed_wv"]
+    # The inline record of commit wv: its slot (a 64-byte line) starts with
+    # seq == wv and holds one entry (in_n at +16) whose value is the marker.
+    with open("/dev/shm/shmstm." + segname, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+        try:
+            needle, hits, i = struct.pack("<q", marker), [], 0
+            while (i := m.find(needle, i)) >= 0:
+                line = i & ~63
+                if struct.unpack_from("<QQI", m, line)[::2] == (wv, 1):
+                    hits.append(i)
+                i += 1
+            assert len(hits) == 1, hits
+            m[hits[0]] ^= 0x10                     # the value the record now says: forged
+        finally:
+            m.close()
+    os.kill(fpid, signal.SIGCONT)
+    assert wait_dead(fpid)
+    st = rt.stats()["durability"]
+    assert st["error"] == _durable.lib.SHMSTM_ECORRUPT and "corrupt" in st["error_message"]
+    durable = shmstm.read_durable(dpath)
+    assert durable["flushed_wv"] == wv - 1 and durable["values"]["ctr"] == 1
+    other = rt.tvar("other", 5)
+    with pytest.raises(shmstm.DurabilityError):
+        other.value = 6
+    assert other.value == 5 and ctr.value == marker
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 1
+    rt.close()
+    shmstm.unlink(segname)
+
+
 def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flushers):
     """shmstm_flusher_poll (the flusher's wait after a batch of few sync
     commits) returns 1 for a filled slot, also one filled by another thread
