@@ -447,29 +447,40 @@ def test_full_ring_stopped_flusher(segname, dpath, flushers):
     shmstm.unlink(segname)
 
 
-def test_a_forged_ring_record_is_never_written_to_lmdb(segname, dpath, flushers):
+@pytest.mark.parametrize("kind", ["inline", "heap"])
+def test_a_forged_ring_record_is_never_written_to_lmdb(segname, dpath, flushers, kind):
     """A ring record whose bytes no longer match its checksum (forged here
     through the segment's file, behind a stopped flusher) never reaches LMDB:
     the flusher writes the commits before it, stops at it and sets the
     runtime's durable error (in the stats, with its message); a later commit
     is refused before its commit point with a DurabilityError, and nothing
-    of it is in the segment either."""
+    of it is in the segment either.  Both record kinds: an int's inline
+    record in its ring slot, a string's heap record."""
     import mmap
     import struct
     rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)     # ctr == 0 in LMDB
-    marker = 0x5EC0DE5EC0DE5
+    marker = 0x5EC0DE5EC0DE5 if kind == "inline" else "forged-record-marker-5EC0DE"
     ctr.value = 1                                  # async: in the ring only
     ctr.value = marker
     wv = rt.stats()["durability"]["committed_wv"]
-    # The inline record of commit wv: its slot (a 64-byte line) starts with
-    # seq == wv and holds one entry (in_n at +16) whose value is the marker.
+
+    def is_record(m, i):
+        if kind == "inline":
+            # Its slot (a 64-byte line) starts with seq == wv and holds one
+            # entry (in_n at +16) whose value is the marker.
+            return struct.unpack_from("<QQI", m, i & ~63)[::2] == (wv, 1)
+        # The heap record: ring_rec {wv, n, owner, bytes, sum}, then one
+        # ring_ent {idx, tag, len, pad} before the payload (the TVar's own
+        # value block holds the same bytes under another header).
+        return i >= 40 and struct.unpack_from("<QI", m, i - 40) == (wv, 1) and \
+            struct.unpack_from("<I", m, i - 8)[0] == len(marker)
     with open("/dev/shm/shmstm." + segname, "r+b") as f:
         m = mmap.mmap(f.fileno(), 0)
         try:
-            needle, hits, i = struct.pack("<q", marker), [], 0
+            needle = struct.pack("<q", marker) if kind == "inline" else marker.encode()
+            hits, i = [], 0
             while (i := m.find(needle, i)) >= 0:
-                line = i & ~63
-                if struct.unpack_from("<QQI", m, line)[::2] == (wv, 1):
+                if is_record(m, i):
                     hits.append(i)
                 i += 1
             assert len(hits) == 1, hits
