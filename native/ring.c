@@ -65,6 +65,16 @@ static inline uint32_t rec_sum(const unsigned char *p, size_t n)
     return (uint32_t)(x ^ (x >> 32));
 }
 
+/* Does write entry e go to LMDB?  A named TVar's, unless the commit frees
+ * it.  The one test of ring_prepare (which builds the record) and of
+ * inline_complete (which rebuilds a dead owner's inline record from its
+ * commit record, hence the bound). */
+static inline int durable_entry(struct shmstm_seg *s, const struct shm_wentry *e)
+{
+    return e->idx < s->max_tvars && !(e->flags & WE_FREE) &&
+           (load_relaxed(&s->tvars[e->idx].flags) & TV_NAMED);
+}
+
 /* ring_mask: ring_slots - 1 when a power of two (the default sizes), else 0
  * and a division. */
 static inline struct shm_ring_slot *slot_of(struct shmstm_seg *s, uint64_t wv)
@@ -182,7 +192,7 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
     size_t bytes = 0;
     uint32_t m = 0, heap_vals = 0;
     for (uint32_t i = 0; i < n; i++) {
-        if (e[i].flags & WE_FREE || !(load_relaxed(&s->tvars[e[i].idx].flags) & TV_NAMED))
+        if (!durable_entry(s, &e[i]))
             continue;
         uint32_t len = 8;
         if (tag_is_heap(e[i].new_tag)) {
@@ -451,8 +461,7 @@ static void inline_complete(struct shmstm_seg *s, struct shm_ring_slot *sl,
     uint32_t m = 0, n = load_relaxed(&r->n);
     struct shm_wentry *e = rec_entries(s, r);
     for (uint32_t i = 0; e && i < n && m < RING_INL; i++) {
-        if (e[i].idx >= s->max_tvars || e[i].flags & WE_FREE ||
-            !(load_relaxed(&s->tvars[e[i].idx].flags) & TV_NAMED) || tag_is_heap(e[i].new_tag))
+        if (!durable_entry(s, &e[i]) || tag_is_heap(e[i].new_tag))
             continue;
         in[m++] = (struct ring_inl){.idx = e[i].idx, .tag = e[i].new_tag, .val = e[i].new_val};
     }
@@ -886,6 +895,10 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 corrupt = 1;
                 break;
             }
+            for (uint32_t i = 0; i < sl->in_n; i++)
+                corrupt |= sl->in_e[i].idx >= s->max_tvars || tag_is_heap(sl->in_e[i].tag);
+            if (corrupt)
+                break;
             need = sl->in_n * (sizeof(struct ring_ent) + 8);
         } else if (ring_kind(rec) == 0) {
             uint32_t blen;
@@ -954,9 +967,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             syncs += (rec & RING_NOOP_SYNC) != 0;
         if (ring_kind(rec) == RING_INLINE_KIND) {
             for (uint32_t i = 0; i < sl->in_n; i++) {
-                const struct ring_inl *in = &sl->in_e[i];
-                if (in->idx >= s->max_tvars || tag_is_heap(in->tag))
-                    return SHMSTM_ECORRUPT;
+                const struct ring_inl *in = &sl->in_e[i];     /* checked in the first pass */
                 if (s->collect_seen[in->idx] != stamp) {
                     s->collect_seen[in->idx] = stamp;
                     struct ring_ent en = {.idx = in->idx, .tag = in->tag, .len = 8};
