@@ -3,6 +3,7 @@
 #ifndef SHMSTM_CORE_H
 #define SHMSTM_CORE_H
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <sys/types.h>
@@ -46,7 +47,23 @@ struct shmstm_seg {
      * name block never change, so an entry, once found, stays true.
      * Allocated at the first lookup, freed at detach. */
     uint64_t *name_off;          /* [max_tvars] */
+    /* Process-local: this attachment's contexts (txn.c, "contexts").  A
+     * context claims a process slot; shmstm_seg_detach releases the slots of
+     * every context still linked here, so a context that Python lost (an
+     * asynchronous exception between two bytecodes) never keeps a slot past
+     * close.  ctx_lock guards ctx_head, the links and each linked context's
+     * `gone` word against other threads (frees may run in any thread).  refs:
+     * one for the attachment plus one per context (the struct outlives the
+     * mapping while a context still points here); the last to drop it frees
+     * the struct (faa_acq_rel: the frees' writes happen before). */
+    pthread_mutex_t ctx_lock;
+    struct shmstm_ctx *ctx_head;
+    a32 refs;
+    int detached;                /* under ctx_lock: no new context */
 };
+
+void seg_unref(struct shmstm_seg *s);        /* segment.c: drop one of s->refs */
+void seg_release_ctxs(struct shmstm_seg *s); /* txn.c: detach's give-back, ctx_lock held */
 
 /* The name block of named TVar idx (tvar.c): 0, or SHMSTM_ENOTFOUND /
  * SHMSTM_ECORRUPT / SHMSTM_ENOMEM. */
@@ -65,7 +82,13 @@ struct shmstm_ctx {
     struct shmstm_seg *seg;
     struct shm_proc *proc;   /* == &seg->procs[slot] */
     pid_t pid;
-    int orphaned;            /* set in a fork child: slot belongs to the parent */
+    int gone;                /* 0 while the context owns its slot; else the code every
+                              * entry point returns: SHMSTM_EFORKED in a fork child
+                              * (the slot is the parent's), SHMSTM_ECLOSED once
+                              * shmstm_seg_detach released it.  Written under
+                              * seg->ctx_lock (or by the owner before it is linked) */
+    struct shmstm_ctx *next, *prev;   /* seg->ctx_head's list, under seg->ctx_lock */
+    int linked;              /* on that list (under seg->ctx_lock) */
     int active;              /* an attempt is under way (rv valid) */
     int doomed;              /* a read failed: the attempt can only abort */
     int has_token;

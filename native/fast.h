@@ -33,7 +33,7 @@ struct shmstm_gil {
     int released;               /* the core dropped the GIL; the entry point re-takes it */
 };
 
-#define SHMSTM_FAST_ABI 2
+#define SHMSTM_FAST_ABI 3
 
 struct shmstm_fast_table {
     uint32_t abi;               /* SHMSTM_FAST_ABI */
@@ -43,6 +43,12 @@ struct shmstm_fast_table {
     int64_t (*readv)(shmstm_ctx *c, const shmstm_ref *r, struct shmstm_gil *g);
     /* Stage n (handle, value) int pairs, then commit (as shmstm_tx_commit_ints). */
     int (*commit_ints)(shmstm_ctx *c, const int64_t *pairs, uint32_t n, struct shmstm_gil *g);
+    /* Owned resources (pyfast.c's Ctx and detach): taken and given back in one
+     * call each, so that no Python code runs between the C call and the
+     * bookkeeping that says whether the resource is held. */
+    int (*ctx_new)(shmstm_seg *s, shmstm_ctx **out);
+    int (*ctx_free)(shmstm_ctx *c);
+    int (*seg_detach)(shmstm_seg *s);
 };
 
 #endif

@@ -16,9 +16,22 @@
  *   set_tx(obj or None)         (in the thread state's dict, which CPython
  *                               clears when the thread ends: a lookup there
  *                               costs a fraction of a threading.local's)
+ *   call(tx, active, fn, a, kw) fn(*a, **kw) with tx.running set (and tx in
+ *                               the set active) for the call's length only
+ *   Ctx                         the owner of one C context (one process slot)
+ *   detach(box)                 take the segment out of its box and unmap it
+ *
+ * Why the owned resources are here: an asynchronous exception (a signal
+ * handler that raises, KeyboardInterrupt, PyThreadState_SetAsyncExc) lands
+ * between any two bytecodes.  A context freed by one cffi call and marked
+ * free by the next bytecode could be freed twice (another owner's slot) or
+ * never.  Here each take and each give-back is one C call that runs no Python
+ * code, and the object that owns a context gives it back when it dies, so it
+ * is given back exactly once whatever interrupts its owner.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include "fast.h"
 
 static const struct shmstm_fast_table *T;   /* set once by bind() */
@@ -149,6 +162,158 @@ static PyObject *fast_commit(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLong(rc);
 }
 
+/* ---- Ctx: the owner of a C context ----
+ *
+ * claim(seg) takes a context (a process slot) of the segment at address seg
+ * and returns 0 or the core's error code; release() gives it back; so does
+ * the object's death (a context lost to an asynchronous exception, or left by
+ * a thread that ended).  Python keeps its cffi views of the context in ptr,
+ * out and outf, which release() clears in the same call.  addr is the
+ * context's address (0 once released).  A fork child's copy gives nothing
+ * back (the core checks the pid): the slot is the parent's. */
+typedef struct {
+    PyObject_HEAD
+    shmstm_ctx *c;
+    PyObject *ptr, *out, *outf;
+} CtxObject;
+
+static void ctx_drop(CtxObject *o)
+{
+    shmstm_ctx *c = o->c;
+    PyObject *a = o->ptr, *b = o->out, *d = o->outf;
+    o->c = NULL;
+    o->ptr = o->out = o->outf = NULL;
+    if (c)
+        T->ctx_free(c);         /* no Python code runs in it */
+    /* cffi views: their deallocation runs no Python code either. */
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(d);
+}
+
+static void ctx_dealloc(CtxObject *o)
+{
+    ctx_drop(o);
+    Py_TYPE(o)->tp_free((PyObject *)o);
+}
+
+static PyObject *ctx_claim(CtxObject *o, PyObject *arg)
+{
+    shmstm_seg *s = addr_arg(arg);
+    if (!s || !bound())
+        return NULL;
+    if (o->c) {
+        PyErr_SetString(PyExc_RuntimeError, "shmstm._fast.Ctx: already holds a context");
+        return NULL;
+    }
+    shmstm_ctx *c = NULL;
+    int rc;
+    /* A claim may recover dead processes' slots: without the GIL. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = T->ctx_new(s, &c);
+    Py_END_ALLOW_THREADS
+    if (rc == 0)
+        o->c = c;
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *ctx_release(CtxObject *o, PyObject *unused)
+{
+    (void)unused;
+    ctx_drop(o);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ctx_addr(CtxObject *o, void *closure)
+{
+    (void)closure;
+    return PyLong_FromVoidPtr(o->c);
+}
+
+static PyMethodDef ctx_methods[] = {
+    {"claim", (PyCFunction)ctx_claim, METH_O, "claim(seg) -> 0 or SHMSTM_E*: take a context"},
+    {"release", (PyCFunction)ctx_release, METH_NOARGS, "give the context back (idempotent)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef ctx_members[] = {
+    {"ptr", T_OBJECT, offsetof(CtxObject, ptr), 0, "cffi view (shmstm_ctx *); None once released"},
+    {"out", T_OBJECT, offsetof(CtxObject, out), 0, "cffi view of the context's out words"},
+    {"outf", T_OBJECT, offsetof(CtxObject, outf), 0, "cffi view of out as doubles"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef ctx_getset[] = {
+    {"addr", (getter)ctx_addr, NULL, "the context's address; 0 once released", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CtxType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmstm._fast.Ctx",
+    .tp_basicsize = sizeof(CtxObject),
+    .tp_dealloc = (destructor)ctx_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The owner of one C context (a process slot): see native/pyfast.c.",
+    .tp_methods = ctx_methods,
+    .tp_members = ctx_members,
+    .tp_getset = ctx_getset,
+    .tp_new = PyType_GenericNew,
+};
+
+static PyObject *fast_detach(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    shmstm_seg **box = addr_arg(arg);
+    if (!box || !bound())
+        return NULL;
+    shmstm_seg *s = *box;
+    *box = NULL;
+    if (s)
+        T->seg_detach(s);
+    Py_RETURN_NONE;
+}
+
+/* call(tx, active, fn, args, kwargs): fn(*args, **kwargs) with tx.running
+ * set and tx in the set active for the length of the call.  The flag and the
+ * set are the hot path's "am I in a transaction" (shmstm/_stm.py): set in
+ * Python, an asynchronous exception landing in the cleanup would leave them
+ * set, and the thread's next atomically() would take itself for a nested
+ * one and never commit.  Here they are undone in C after the call returns,
+ * where no Python code can run. */
+static PyObject *s_running;                  /* "running", interned */
+
+static PyObject *fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5 || !PySet_Check(args[1]) || !PyTuple_Check(args[3]) ||
+        (args[4] != Py_None && !PyDict_Check(args[4]))) {
+        PyErr_SetString(PyExc_TypeError, "call(tx, active, fn, args, kwargs)");
+        return NULL;
+    }
+    PyObject *tx = args[0], *active = args[1];
+    if (PySet_Add(active, tx) < 0)
+        return NULL;
+    if (PyObject_SetAttr(tx, s_running, Py_True) < 0) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PySet_Discard(active, tx);
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    PyObject *kw = args[4] == Py_None ? NULL : args[4];
+    PyObject *r = PyObject_Call(args[2], args[3], kw);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    /* Neither can fail for shmstm's _Tx (a __slots__ attribute, identity hash). */
+    if (PyObject_SetAttr(tx, s_running, Py_False) < 0)
+        PyErr_Clear();
+    if (PySet_Discard(active, tx) < 0)
+        PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return r;
+}
+
 static PyObject *tx_key;                     /* "shmstm._fast.tx", interned */
 
 static PyObject *fast_tx(PyObject *self, PyObject *unused)
@@ -195,6 +360,9 @@ static PyMethodDef methods[] = {
      "commit(ctx, writes) -> int: stage the dict's int writes and commit"},
     {"tx", fast_tx, METH_NOARGS, "tx() -> this thread's transaction object, or None"},
     {"set_tx", fast_set_tx, METH_O, "set_tx(obj or None): set or clear it"},
+    {"call", (PyCFunction)(void (*)(void))fast_call, METH_FASTCALL,
+     "call(tx, active, fn, args, kwargs): fn(*args, **kwargs) with tx.running set"},
+    {"detach", fast_detach, METH_O, "detach(box): take the segment out of the box and unmap it"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -207,7 +375,19 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fast(void)
 {
     tx_key = PyUnicode_InternFromString("shmstm._fast.tx");
-    if (!tx_key)
+    s_running = PyUnicode_InternFromString("running");
+    if (!tx_key || !s_running)
         return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&CtxType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&CtxType);
+    if (PyModule_AddObject(m, "Ctx", (PyObject *)&CtxType) < 0) {
+        Py_DECREF(&CtxType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

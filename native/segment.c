@@ -100,6 +100,10 @@ static void fill_seg(struct shmstm_seg *s, unsigned char *base, const struct shm
     s->base = base;
     s->size = h->seg_size;
     s->read_only = ro;
+    pthread_mutex_init(&s->ctx_lock, NULL);
+    s->ctx_head = NULL;
+    s->detached = 0;
+    store_relaxed(&s->refs, 1u);        /* the attachment's (shmstm_seg_detach) */
     s->h = (struct shm_header *)base;
     s->procs = (struct shm_proc *)(base + h->off_procs);
     s->tvars = (struct shm_tvar *)(base + h->off_tvars);
@@ -338,16 +342,36 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
     return 0;
 }
 
+/* Unmap the segment.  Every context still linked gives its slot back first
+ * (txn.c, "contexts"); their memory stays until their owners free them, and
+ * they answer SHMSTM_ECLOSED meanwhile.  The caller must not detach while
+ * another of its threads is inside a call on this segment. */
 int shmstm_seg_detach(shmstm_seg *s)
 {
     if (!s)
         return 0;
+    pthread_mutex_lock(&s->ctx_lock);
+    s->detached = 1;
+    seg_release_ctxs(s);
+    pthread_mutex_unlock(&s->ctx_lock);
     munmap(s->base, s->size);
     free(s->collect_seen);
     free(s->collect_owners);
     free(s->name_off);
-    free(s);
+    s->collect_seen = NULL;
+    s->collect_owners = NULL;
+    s->name_off = NULL;
+    seg_unref(s);
     return 0;
+}
+
+void seg_unref(struct shmstm_seg *s)
+{
+    /* acq_rel: every earlier use of s by the dropper happens before the free. */
+    if (faa_acq_rel(&s->refs, (uint32_t)-1) == 1u) {
+        pthread_mutex_destroy(&s->ctx_lock);
+        free(s);
+    }
 }
 
 int shmstm_seg_info_get(shmstm_seg *s, shmstm_seg_info *o)

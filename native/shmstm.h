@@ -177,8 +177,8 @@ int shmstm_fault_set(const char *point, int64_t countdown, int32_t delay_permill
 
 /* contexts */
 int shmstm_ctx_new(shmstm_seg *seg, shmstm_ctx **out);
-int shmstm_ctx_free(shmstm_ctx *c);       /* releases the slot */
-int shmstm_ctx_orphan(shmstm_ctx *c);     /* after fork, in the child: forget, keep slot */
+int shmstm_ctx_free(shmstm_ctx *c);       /* gives the slot back (unless gone), frees it */
+int shmstm_seg_after_fork(shmstm_seg *seg); /* in a fork child: the contexts' slots are the parent's */
 
 /* TVars */
 int shmstm_tvar_new(shmstm_ctx *c, uint32_t tag, int64_t iv, double fv,

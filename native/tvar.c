@@ -117,13 +117,15 @@ static int init_tvar(shmstm_ctx *c, uint32_t tag, int64_t iv, double fv, const c
 int shmstm_tvar_new(shmstm_ctx *c, uint32_t tag, int64_t iv, double fv, const char *buf,
                     size_t len, uint32_t *out_idx, uint32_t *out_gen)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     return init_tvar(c, tag, iv, fv, buf, len, 0, out_idx, out_gen);
 }
 
 int shmstm_tvar_check(shmstm_ctx *c, uint32_t idx, uint32_t gen)
 {
+    if (c->gone)
+        return c->gone;
     if (idx >= c->seg->max_tvars)
         return SHMSTM_EBADHANDLE;
     return load_acquire(&c->seg->tvars[idx].gen) == gen && (gen & 1u) ? 0 : SHMSTM_ESTALE;
@@ -255,8 +257,8 @@ static int dir_find(shmstm_ctx *c, const char *name, size_t nlen, int create,
 int shmstm_tvar_lookup(shmstm_ctx *c, const char *name, size_t nlen,
                        uint32_t *out_idx, uint32_t *out_gen)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     return dir_find(c, name, nlen, 0, 0, 0, 0, NULL, 0, out_idx, out_gen);
 }
 
@@ -265,8 +267,8 @@ int shmstm_tvar_named(shmstm_ctx *c, const char *name, size_t nlen, uint32_t tag
                       int64_t iv, double fv, const char *buf, size_t len,
                       uint32_t *out_idx, uint32_t *out_gen)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     return dir_find(c, name, nlen, 1, tag, iv, fv, buf, len, out_idx, out_gen);
 }
 

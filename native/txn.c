@@ -166,8 +166,8 @@ static void note_abort(shmstm_ctx *c, uint32_t reason, uint32_t idx)
 static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, int record)
 {
     struct shmstm_seg *s = c->seg;
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     if (idx >= s->max_tvars)
         return SHMSTM_EBADHANDLE;
     if (record) {
@@ -350,8 +350,8 @@ static int stage(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag, uint64
 
 static int stage_check(shmstm_ctx *c, uint32_t idx)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     if (idx >= c->seg->max_tvars)
         return SHMSTM_EBADHANDLE;
     return 0;
@@ -403,6 +403,8 @@ int shmstm_tx_stage_b(shmstm_ctx *c, uint32_t idx, uint32_t gen, uint32_t tag,
 
 static int stage_int(shmstm_ctx *c, int64_t h, int64_t v)
 {
+    if (c->gone)
+        return c->gone;         /* before note_abort: a gone slot is not ours */
     uint32_t idx = h_idx(h);
     int rc = stage_check(c, idx);
     if (rc == 0)
@@ -471,6 +473,7 @@ static int fast_commit_ints(shmstm_ctx *c, const int64_t *pairs, uint32_t n,
 static const struct shmstm_fast_table fast_table = {
     SHMSTM_FAST_ABI, sizeof(struct shmstm_fast_table), sizeof(struct shmstm_gil),
     shmstm_peek, fast_readv, fast_commit_ints,
+    shmstm_ctx_new, shmstm_ctx_free, shmstm_seg_detach,
 };
 
 const void *shmstm_fast_table(void) { return &fast_table; }
@@ -508,8 +511,8 @@ static void drop_staged(shmstm_ctx *c)
 
 int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     /* reason >= AB_NREASONS: end silently (cleanup after an error that was
      * already counted, or after a timed-out wait).  Conflicts were counted
      * where they were found; count the others here. */
@@ -525,8 +528,8 @@ int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason)
 
 int shmstm_tx_end_ro(shmstm_ctx *c)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     if (c->doomed) {
         drop_staged(c);
         return SHMSTM_ECONFLICT;
@@ -573,8 +576,8 @@ static int wait_token(shmstm_ctx *c, int64_t timeout_ns)
  * many aborts so that no transaction starves. */
 int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     if (c->has_token)
         return 0;
     struct shm_header *h = c->seg->h;
@@ -658,8 +661,8 @@ static void note_latency(struct shm_proc *p, uint64_t t0)
  */
 int shmstm_tx_commit(shmstm_ctx *c)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     uint32_t n = c->n_staged;
     if (n == 0)
         return shmstm_tx_end_ro(c);
@@ -825,7 +828,57 @@ fail:
     return reason == AB_STALE ? SHMSTM_ESTALE : SHMSTM_ECONFLICT;
 }
 
-/* ---- contexts ---- */
+/* ---- contexts ----
+ *
+ * A context is claimed by shmstm_ctx_new and given back exactly once: by
+ * shmstm_ctx_free, or by shmstm_seg_detach for every context still linked to
+ * the attachment (the Python object that owns a context may be lost to an
+ * asynchronous exception, or outlive close() in a traceback).  Which of the
+ * two may run concurrently (threads of one process; other processes never
+ * see these structs):
+ *
+ *                   ctx_new   ctx_free(other)   seg_detach   seg_after_fork
+ *   ctx_new          yes        yes              ctx_lock      (child only)
+ *   ctx_free         yes        yes              ctx_lock      (child only)
+ *
+ * ctx_lock orders them; a context's own memory is freed only by
+ * shmstm_ctx_free (its owner's call), never by detach, so a handle the owner
+ * still holds stays valid and answers SHMSTM_ECLOSED (`gone`). */
+
+/* Give the slot back (ctx_lock held, or the context not yet linked).  The
+ * slot's shared words are written only while the context owns it. */
+static void ctx_give_back(shmstm_ctx *c, int why)
+{
+    if (c->gone)
+        return;
+    c->gone = why;
+    if (c->pid != getpid())
+        return;                 /* a fork child: the slot is the parent's */
+    drop_staged(c);
+    release_token(c);
+    struct shm_proc *p = c->proc;
+    store_relaxed(&p->sleeping, 0);
+    clear_waiter_bits(c->seg, c->slot);
+    store_relaxed(&p->start_time, 0);
+    /* Pairs with claimers' load_acquire of owner.  Relaxed load: only
+     * this owner changes an ACTIVE word of a live process. */
+    store_release(&p->owner, ps_next(load_relaxed(&p->owner), 0, PS_FREE));
+}
+
+static void ctx_unlink(shmstm_ctx *c)
+{
+    struct shmstm_seg *s = c->seg;
+    if (!c->linked)
+        return;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->ctx_head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->next = c->prev = NULL;
+    c->linked = 0;
+}
 
 int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
 {
@@ -879,11 +932,33 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
             c->slot = i;
             c->proc = p;
             c->pid = (pid_t)pid;
+            /* Linked under ctx_lock, not claimed under it: a claim may recover
+             * dead slots (slow), and frees wait for the lock holding the GIL. */
+            pthread_mutex_lock(&s->ctx_lock);
+            int closed = s->detached;
+            if (!closed) {
+                c->next = s->ctx_head;
+                if (c->next)
+                    c->next->prev = c;
+                s->ctx_head = c;
+                c->linked = 1;
+                faa_relaxed(&s->refs, 1u);  /* under ctx_lock; dropped by ctx_free */
+            }
+            pthread_mutex_unlock(&s->ctx_lock);
+            if (closed)
+                break;      /* detached meanwhile (the caller's bug): give it back */
             *out = c;
             return 0;
         }
-        if (pass == 0 && shmstm_seg_reclaim_dead(s) == 0)
+        if (c->proc || (pass == 0 && shmstm_seg_reclaim_dead(s) == 0))
             break;
+    }
+    if (c->proc) {
+        ctx_give_back(c, SHMSTM_ECLOSED);
+        free(c->rs);
+        free(c->buf);
+        free(c);
+        return SHMSTM_ECLOSED;
     }
     free(c->rs);
     free(c->buf);
@@ -891,30 +966,40 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
     return SHMSTM_EPROCSFULL;
 }
 
+/* Give back the slot (unless detach or a fork did) and free the context's
+ * memory.  Call it once per context: the owner's handle (shmstm._fast.Ctx)
+ * guarantees that. */
 int shmstm_ctx_free(shmstm_ctx *c)
 {
     if (!c)
         return 0;
-    if (!c->orphaned) {
-        drop_staged(c);
-        release_token(c);
-        struct shm_proc *p = c->proc;
-        store_relaxed(&p->sleeping, 0);
-        clear_waiter_bits(c->seg, c->slot);
-        store_relaxed(&p->start_time, 0);
-        /* Pairs with claimers' load_acquire of owner.  Relaxed load: only
-         * this owner changes an ACTIVE word of a live process. */
-        store_release(&p->owner, ps_next(load_relaxed(&p->owner), 0, PS_FREE));
-    }
+    struct shmstm_seg *s = c->seg;
+    pthread_mutex_lock(&s->ctx_lock);
+    ctx_unlink(c);
+    ctx_give_back(c, SHMSTM_ECLOSED);
+    pthread_mutex_unlock(&s->ctx_lock);
     free(c->rs);
     free(c->buf);
     free(c);
+    seg_unref(s);
     return 0;
 }
 
-int shmstm_ctx_orphan(shmstm_ctx *c)
+/* Release the slots of every context still linked (segment.c, detach). */
+void seg_release_ctxs(struct shmstm_seg *s)
 {
-    if (c)
-        c->orphaned = 1;
+    for (shmstm_ctx *c = s->ctx_head; c; c = c->next)
+        ctx_give_back(c, SHMSTM_ECLOSED);
+}
+
+/* In a fork child: every inherited context's slot is the parent's.  Only the
+ * forking thread exists, so nobody holds ctx_lock but perhaps a thread of the
+ * parent that is gone: it is re-initialised, not taken. */
+int shmstm_seg_after_fork(shmstm_seg *s)
+{
+    pthread_mutex_init(&s->ctx_lock, NULL);
+    for (shmstm_ctx *c = s->ctx_head; c; c = c->next)
+        if (!c->gone)
+            c->gone = SHMSTM_EFORKED;
     return 0;
 }

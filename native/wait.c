@@ -140,8 +140,8 @@ static int reads_current(shmstm_ctx *c)
  * the wait could never end). */
 int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns)
 {
-    if (c->orphaned)
-        return SHMSTM_EFORKED;
+    if (c->gone)
+        return c->gone;
     struct shmstm_seg *s = c->seg;
     struct shm_proc *p = c->proc;
     free_staged(c);            /* drop the attempt's writes, keep its reads */
@@ -197,6 +197,8 @@ int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns)
  * slot's futex word, which only this slot's waits use. */
 int shmstm_ctx_interrupt(shmstm_ctx *c)
 {
+    if (c->gone)
+        return c->gone;
     store_seq_cst(&c->interrupted, 1u);
     faa_seq_cst(&c->proc->futex, 1u);
     futex_wake(&c->proc->futex);

@@ -19,7 +19,7 @@ import stat
 import posix_ipc
 
 from . import errors
-from ._binding import error_for, ffi, lib
+from ._binding import _fast, address, error_for, ffi, lib
 
 SHM_DIR = "/dev/shm"
 PREFIX = "shmstm."
@@ -44,7 +44,9 @@ def create_segment(name, lim, params, segp, fill=None):
 
     Returns True if this call created it (``segp[0]`` is the mapped segment, and
     ``params`` its parameters), False if the name already exists (nothing is left
-    mapped).  Raises on errors; never leaves the temporary name behind unless
+    mapped).  ``segp`` (a ``shmstm_seg *[1]``) is the caller's box: the core
+    writes it, and shmstm._fast.detach empties it, so no bytecode runs with a
+    mapping that no box holds.  Raises on errors; never leaves the temporary name behind unless
     killed."""
     tmp = "%s.init-%d-%s" % (shm_name(name), os.getpid(), os.urandom(4).hex())
     try:
@@ -66,12 +68,10 @@ def create_segment(name, lim, params, segp, fill=None):
         try:
             os.link(_path(tmp), _path(shm_name(name)))
         except FileExistsError:
-            lib.shmstm_seg_detach(segp[0])
-            segp[0] = ffi.NULL
+            _fast.detach(address(segp))        # takes it out of segp and unmaps, in one call
             return False
         except BaseException:
-            lib.shmstm_seg_detach(segp[0])
-            segp[0] = ffi.NULL
+            _fast.detach(address(segp))
             raise
         return True
     finally:

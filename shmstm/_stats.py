@@ -19,7 +19,7 @@ import posix_ipc
 import psutil
 
 from . import errors
-from ._binding import error_for, ffi, lib
+from ._binding import _fast, address, error_for, ffi, lib
 
 SCHEMA = "shmstm-stats/1"
 ABORT_REASONS = ("locked", "validate", "user", "stale", "resource")
@@ -224,7 +224,9 @@ class StatsReader:
             raise errors.PermissionDeniedError(
                 "runtime %r: cannot open %s for reading: %s" % (name, shm_name, e)) from None
         params = ffi.new("shmstm_params *")
-        segp = ffi.new("shmstm_seg **")
+        # The mapping's only holder: written by the core on success, emptied
+        # by shmstm._fast.detach in the same call that unmaps (close).
+        self._box = segp = ffi.new("shmstm_seg *[1]")
         try:
             rc = lib.shmstm_seg_attach(shm.fd, 1, int(wait * 1e9), params, segp)
         finally:
@@ -236,9 +238,14 @@ class StatsReader:
                     "%s (this shmstm reads layout version %d; wrong version, or not a "
                     "shmstm segment)" % (err, lib.SHMSTM_LAYOUT_VERSION_))
             raise err
-        self._seg = segp[0]
         self._ring_slots = params.ring_slots
         self._cache = _Cache()
+
+    @property
+    def _seg(self):
+        box = getattr(self, "_box", None)
+        s = box[0] if box is not None else ffi.NULL
+        return None if s == ffi.NULL else s
 
     def read(self, hot=DEFAULT_HOT):
         """The statistics document (a dict, schema in docs/stats.md)."""
@@ -249,9 +256,9 @@ class StatsReader:
         return runtime_stats(self._seg, self.name, self._ring_slots, hot, self._cache)
 
     def close(self):
-        if self._seg is not None:
-            lib.shmstm_seg_detach(self._seg)
-            self._seg = None
+        box = getattr(self, "_box", None)
+        if box is not None:
+            _fast.detach(address(box))      # idempotent, one call
 
     def __enter__(self):
         return self

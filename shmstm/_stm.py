@@ -15,6 +15,7 @@ import pickle
 import random
 import threading
 import time
+import weakref
 
 import posix_ipc
 
@@ -93,6 +94,22 @@ class _RetrySignal(BaseException):
 # ~150 instructions where a threading.local attribute cost ~600.
 _get_tx = _fast.tx
 _set_tx = _fast.set_tx
+_call = _fast.call
+
+# _Tx.doomed while a rollback (_Tx._rollback) is under way: truthy, so the
+# attempt never commits, but not True, so the exception that cut the rollback
+# short is raised, not taken for a symptom of an inconsistent view.
+_UNDOING = 2
+
+
+class _ForkedRuntime:
+    """_Tx.rt in a fork child of a transaction: the transaction is the
+    parent's; every TVar access and the commit raise ForkedContextError."""
+    name = "<forked>"
+    _durable = None
+
+
+_FORKED = _ForkedRuntime()
 
 
 def _current():
@@ -217,36 +234,27 @@ _FREED = _Enc(T_FREE, None, None)
 
 # ---------------------------------------------------------------- contexts
 
-class _Ctx:
-    """A thread's context on a runtime: the C context and its out-parameters,
-    allocated once (never an ffi.new per operation)."""
-    __slots__ = ("ptr", "addr", "out", "outf", "rt", "sync", "__weakref__")
+class _Ctx(_fast.Ctx):
+    """A thread's context on a runtime: the C context (one process slot) and
+    its out-parameters, allocated once (never an ffi.new per operation).
 
-    def __init__(self, rt, ptr):
+    The base class (shmstm._fast.Ctx, native/pyfast.c) owns the C context:
+    ``claim`` takes it and ``release`` gives it back, each in one C call that
+    clears ``ptr``/``out``/``outf`` with it, and the object's death gives it
+    back too.  So an asynchronous exception at any bytecode can neither free
+    it twice nor lose it: a context dropped half-made, or left by a thread
+    that ended (its threading.local and its _Tx are the only strong
+    references; Runtime._ctxs is weak), is given back when the object dies,
+    and close() (shmstm_seg_detach) gives back any that is still alive.
+    ``addr`` is the context's address for shmstm._fast (0 once released)."""
+    __slots__ = ("rt", "sync", "__weakref__")
+
+    def __init__(self, rt):
         self.rt = rt
-        self.ptr = ptr
         self.sync = 0               # durable sync commits (the C context's dsync; close())
-        self.addr = _address(ptr)   # for shmstm._fast; valid while ptr is not None
-        self.out = ptr.out          # views of the context's own out-words
-        self.outf = ffi.cast("double *", ptr.out)
-
-
-class _CtxHolder:
-    """Lives in a thread's threading.local; frees the context (and its slot)
-    when the thread ends."""
-    __slots__ = ("ctx",)
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def __del__(self):
-        ctx = self.ctx
-        if ctx is not None and ctx.ptr is not None:
-            ctx.rt._release_ctx(ctx)
 
 
 class _Local(threading.local):
-    holder = None
     ctx = None
 
 
@@ -275,19 +283,20 @@ class Runtime:
 
     def __init__(self, name):
         self.name = name
-        self._seg = None
-        # _seg again, for the C fast paths (every TVar's shmstm_ref points
-        # here): NULL while not attached, so a read after close() misses.
+        # The mapped segment (NULL while not attached): the only place it is
+        # kept, so that shmstm._fast.detach takes it out and unmaps it in one
+        # call.  Every TVar's shmstm_ref points here, so a read after close()
+        # misses.  Read it as self._seg.
         self._segbox = ffi.new("shmstm_seg *[1]")
+        self._boxaddr = _address(self._segbox)
         self._params = None
         self._local = _Local()
-        self._ctxs = []            # every live _Ctx of this process
+        self._ctxs = weakref.WeakSet()   # every live _Ctx of this process (weak: see _Ctx)
         self._lock = threading.RLock()
         self._waits = threading.Condition(self._lock)
         self._waiting = 0          # threads of this process in a retry() wait or a sync commit (close)
         self._refs = 0
         self._closed = False
-        self._max_value_size = 0
         self._pid = os.getpid()
         self._durable = None       # a _durable.Durable when opened with a path
         self._created = False
@@ -300,8 +309,10 @@ class Runtime:
         never re-create a segment that was unlinked."""
         if wait_ns is None:
             wait_ns = _WAIT_FOR_INIT_NS      # read at call time (tests lower it)
-        params = ffi.new("shmstm_params *")
-        segp = ffi.new("shmstm_seg **")
+        # The core fills params and the box together, on success only; params
+        # is in place first, so no bytecode sees the segment without it.
+        params = self._params = ffi.new("shmstm_params *")
+        segp = self._segbox
         shm_name = _shm_name(self.name)
         for _ in range(3):
             # Created under a temporary name and linked into place once complete
@@ -336,16 +347,27 @@ class Runtime:
                 for k, v in sorted(limits.items()) if getattr(params, k) != v
             ]
             if mismatch:
-                lib.shmstm_seg_detach(segp[0])
+                _fast.detach(self._boxaddr)
                 raise errors.LimitMismatchError(
                     "runtime %r exists with other limits: %s" % (self.name, ", ".join(mismatch)))
             break
         else:
             raise errors.Error("runtime %r: segment kept vanishing while opening" % self.name)
-        self._seg = self._segbox[0] = segp[0]
-        self._params = params
-        self._max_value_size = params.max_value_size
         self._pid = os.getpid()
+
+    @property
+    def _max_value_size(self):
+        p = self._params
+        if p is None or self._seg is None:
+            self._ensure()
+            p = self._params
+        return p.max_value_size
+
+    @property
+    def _seg(self):
+        """The mapped segment (a cffi pointer), or None while not attached."""
+        s = self._segbox[0]
+        return None if s == ffi.NULL else s
 
     def _ensure(self):
         if self._seg is None:
@@ -361,27 +383,23 @@ class Runtime:
         if self._closed:
             raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
         self._ensure()
-        out = ffi.new("shmstm_ctx **")
+        ctx = _Ctx(self)
         with self._lock:
-            _check_rc(lib.shmstm_ctx_new(self._seg, out), "runtime %r" % self.name)
-            ctx = _Ctx(self, out[0])
-            self._ctxs.append(ctx)
-        self._local.holder = _CtxHolder(ctx)
-        self._local.ctx = ctx
+            if self._closed:            # by another thread meanwhile
+                raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
+            # From here the object owns the context: dropped at any bytecode,
+            # it gives it back (see _Ctx).
+            _check_rc(ctx.claim(_address(self._segbox[0])),
+                      "runtime %r" % self.name)
+            ptr = ffi.cast("shmstm_ctx *", ctx.addr)
+            ctx.out = ptr.out           # views of the context's own out-words
+            ctx.outf = ffi.cast("double *", ptr.out)
+            ctx.ptr = ptr               # last: a ctx with ptr set is complete
+            self._ctxs.add(ctx)
         if self._durable is not None:
-            self._durable.on_new_ctx(ctx)
+            self._durable.on_new_ctx(ctx)   # before the thread uses it
+        self._local.ctx = ctx
         return ctx
-
-    def _release_ctx(self, ctx):
-        with self._lock:
-            if ctx.ptr is not None:
-                if os.getpid() == self._pid:
-                    lib.shmstm_ctx_free(ctx.ptr)
-                ctx.ptr = None
-                try:
-                    self._ctxs.remove(ctx)
-                except ValueError:
-                    pass
 
     def _ctx(self):
         ctx = self._local.ctx
@@ -416,33 +434,41 @@ class Runtime:
         RuntimeClosedError, and those waiting for a sync commit's flush raise
         DurabilityError (committed, not known durable); close waits until they
         have left the core.  Other threads must not be inside a transaction
-        on it."""
+        on it.
+
+        Interrupted (KeyboardInterrupt, a signal handler that raises), it
+        can be called again: it finishes what the interrupted call began."""
         with _registry_lock:
             with self._lock:
-                if self._closed:
-                    return
-                self._refs -= 1
-                if self._refs > 0:
-                    return
-                self._closed = True
-                if self._waiting:
-                    mine = self._local.ctx
-                    for ctx in self._ctxs:
-                        if ctx is not mine and ctx.ptr is not None:
-                            lib.shmstm_ctx_interrupt(ctx.ptr)
-                    while self._waiting:
-                        self._waits.wait()      # releases self._lock, not _registry_lock
-                if self._durable is not None:
-                    self._durable.close()
-                for ctx in list(self._ctxs):
-                    self._release_ctx(ctx)
-                if self._seg is not None:
-                    self._segbox[0] = ffi.NULL
-                    lib.shmstm_seg_detach(self._seg)
-                    self._seg = None
-                self._local = _Local()
-                if _registry.get(self.name) is self:
-                    del _registry[self.name]
+                if not self._closed:
+                    if self._refs > 1:
+                        self._refs -= 1
+                        return
+                    self._closed = True
+                self._teardown()
+
+    def _teardown(self):
+        """Give back everything this process holds of the runtime (close();
+        _registry_lock and self._lock held).  Every step is idempotent, so an
+        interrupted teardown is finished by the next close()."""
+        if self._waiting:
+            mine = self._local.ctx
+            for ctx in list(self._ctxs):
+                p = ctx.ptr
+                if ctx is not mine and p is not None:
+                    lib.shmstm_ctx_interrupt(p)
+            while self._waiting:
+                self._waits.wait()      # releases self._lock, not _registry_lock
+        if self._durable is not None:
+            self._durable.close()
+        for ctx in list(self._ctxs):
+            ctx.release()
+        # Gives back the slot of any context still alive that no list knows
+        # (a traceback may hold one), then unmaps.
+        _fast.detach(self._boxaddr)
+        self._local = _Local()
+        if _registry.get(self.name) is self:
+            del _registry[self.name]
 
     @property
     def closed(self):
@@ -496,13 +522,14 @@ class Runtime:
         """A new anonymous TVar holding ``value``.  Inside a transaction it
         exists only if the transaction commits."""
         tag, payload = _encode(value, self._max_value_size)
+        tx = _current()
+        if tx is not None:
+            tx._bind(self)              # raises before anything is created
         ctx = self._ctx()
         oi = ffi.new("uint32_t[2]")
         _check_rc(_new_call(lib.shmstm_tvar_new, ctx.ptr, (), tag, payload, oi), "new TVar")
         tv = TVar(self, oi[0], oi[1], None)
-        tx = _current()
         if tx is not None:
-            tx._bind(self)
             tx.created.append(tv)
         return tv
 
@@ -623,8 +650,8 @@ def _open_durable(name, path, mode, ring_slots, map_size, limits):
     shared with plain open() calls in this process)."""
     lim = _check_limits(limits)
     with _registry_lock:
-        old = _registry.get(name)
-        if old is not None and not old._closed and old._pid == os.getpid():
+        old = _registered(name)
+        if old is not None and old._pid == os.getpid():
             return _reopen_durable(old, path, mode, map_size, limits)
     if path is None:
         if map_size is not None:
@@ -634,11 +661,15 @@ def _open_durable(name, path, mode, ring_slots, map_size, limits):
         lim2 = dict(lim, ring_slots=ring_slots)
         prep = _durable_mod().Durable.prepare(path, lim2, map_size)
     with _registry_lock:
-        old = _registry.get(name)       # another thread may have opened it meanwhile
-        if old is not None and not old._closed and old._pid == os.getpid():
+        old = _registered(name)         # another thread may have opened it meanwhile
+        if old is not None and old._pid == os.getpid():
             return _reopen_durable(old, path, mode, map_size, limits)
-        rt = Runtime(name)
-        rt._attach(limits, lim, create=prep is not None, durable=prep)
+        rt = _register_new(name)
+        try:
+            rt._attach(limits, lim, create=prep is not None, durable=prep)
+        except BaseException:
+            _unregister_unattached(rt)
+            raise
         rt._durable = _durable_mod().Durable(rt, path, mode)
         try:
             rt._durable.after_attach(rt._created)
@@ -688,21 +719,50 @@ def _check_same_limits(rt, limits):
                 "runtime %r exists with other limits: %s" % (rt.name, ", ".join(bad)))
 
 
+def _registered(name):
+    """The runtime ``name`` registered in this process and not closed, or
+    None; one whose close() was interrupted is closed for good first
+    (_registry_lock held)."""
+    rt = _registry.get(name)
+    if rt is not None and rt._closed:
+        with rt._lock:
+            rt._teardown()
+        rt = None
+    return rt
+
+
+def _register_new(name):
+    """A new Runtime registered before it holds anything (_registry_lock
+    held), so that an open() interrupted at any bytecode leaves whatever it
+    took where the next open(), close() or the exit finds it."""
+    rt = Runtime(name)
+    _registry[name] = rt
+    return rt
+
+
+def _unregister_unattached(rt):
+    if rt._seg is None and _registry.get(rt.name) is rt:
+        del _registry[rt.name]
+
+
 def _open_plain(name, limits):
     lim = _check_limits(limits)
     with _registry_lock:
-        rt = _registry.get(name)
-        if rt is not None and not rt._closed and rt._pid == os.getpid():
+        rt = _registered(name)
+        if rt is not None and rt._pid == os.getpid():
             if rt._seg is None:
                 rt._attach(limits, lim)
             else:
                 _check_same_limits(rt, limits)
             rt._refs += 1
             return rt
-        rt = Runtime(name)
-        rt._attach(limits, lim)
+        rt = _register_new(name)
+        try:
+            rt._attach(limits, lim)
+        except BaseException:
+            _unregister_unattached(rt)
+            raise
         rt._refs = 1
-        _registry[name] = rt
         _adopt_durable(rt)
         return rt
 
@@ -733,19 +793,33 @@ def _after_fork_child():
     """In a fork child: the parent's contexts (and slots) are not ours.  Forget
     them without releasing the slots; the child claims its own lazily."""
     global _registry_lock
-    _set_tx(None)                   # the forking thread's transaction object
+    tx = _get_tx()                  # the forking thread's transaction object
     _active.clear()
+    if tx is not None and tx.running:
+        # Forked inside a transaction: the child must commit nothing of it.
+        # Its writes are dropped and every TVar access, and the commit, raise
+        # ForkedContextError (_bind, _commit); _active keeps it, so that reads
+        # do not take the no-transaction path.
+        _active.add(tx)
+        tx.writes.clear()
+        del tx.undo[:]
+        tx.created = []
+        tx.nonint = 0
+        tx.rt = _FORKED
+        tx.brt = None
+    elif tx is not None:
+        tx.brt = None               # the parent's context: never bound again here
     _registry_lock = threading.RLock()
     for rt in list(_registry.values()):
         rt._lock = threading.RLock()
         rt._waits = threading.Condition(rt._lock)
         rt._waiting = 0             # the parent's waiting threads do not exist here
-        for ctx in rt._ctxs:
-            if ctx.ptr is not None:
-                lib.shmstm_ctx_orphan(ctx.ptr)
-                lib.shmstm_ctx_free(ctx.ptr)     # frees memory only: orphaned
-                ctx.ptr = None
-        rt._ctxs = []
+        seg = rt._seg
+        if seg is not None:
+            # Every inherited context answers SHMSTM_EFORKED from now on; its
+            # object frees its memory, never the parent's slot.
+            lib.shmstm_seg_after_fork(seg)
+        rt._ctxs = weakref.WeakSet()
         rt._local = _Local()
         rt._pid = os.getpid()
 
@@ -898,11 +972,18 @@ class _Tx:
     nonint, an upper bound, so that an all-int write set is staged in one
     call)."""
     __slots__ = ("rt", "brt", "ctx", "ptr", "pa", "writes", "undo", "depth", "created",
-                 "doomed", "nonint", "running", "deadline")
+                 "doomed", "nonint", "running", "clean", "__weakref__")
 
     def __init__(self):
-        self.running = False            # inside atomically() now
-        self.deadline = None            # set by @atomic(timeout=...) for its next run
+        # Inside the transaction's function now: set and cleared by
+        # shmstm._fast.call around each call of it, in C, so that no
+        # asynchronous exception can leave it set.
+        self.running = False
+        # The last transaction ended through its own cleanup.  False from the
+        # start of a transaction until its cleanup is complete: if an
+        # asynchronous exception cut that cleanup short, the thread's next
+        # transaction resets everything first (_reset).
+        self.clean = True
         self.rt = self.brt = self.ctx = self.ptr = self.pa = None
         self.writes = {}
         self.undo = []
@@ -915,6 +996,10 @@ class _Tx:
         if self.rt is not None:
             if rt is self.rt:
                 return
+            if self.rt is _FORKED:
+                raise errors.ForkedContextError(
+                    "this process was forked inside a transaction: the transaction belongs to "
+                    "the parent and commits nothing here")
             raise errors.CrossRuntimeError(
                 "a transaction cannot use TVars of two runtimes (%r and %r)" % (self.rt.name, rt.name))
         ctx = self.ctx
@@ -946,14 +1031,51 @@ class _Tx:
     def _end(self, reason):
         """End the attempt without committing (idempotent)."""
         if self.rt is not None:
-            if self.ctx.ptr is not None:
+            ctx = self.ctx
+            if ctx is not None and ctx.ptr is not None:
                 self._discard_created()
-                lib.shmstm_tx_abort(self.ptr, reason)
+                lib.shmstm_tx_abort(ctx.ptr, reason)
             self.rt = None
         self.writes.clear()
         del self.undo[:]
         self.doomed = False
         self.nonint = 0
+
+    def _reset(self):
+        """Everything back to the state between transactions, the C context's
+        staged writes and read set included: the previous transaction's
+        cleanup was cut short (see clean)."""
+        ctx = self.ctx
+        p = ctx.ptr if ctx is not None else None
+        if p is not None:
+            self.ptr = p
+            self._discard_created()
+            lib.shmstm_tx_abort(p, AB_SILENT)
+        self.created = []
+        self.rt = None
+        self.depth = 0
+        self._end(AB_SILENT)
+        self.clean = True
+
+    def _rollback(self, mark, created):
+        """Undo the writes logged since undo mark ``mark`` and free the TVars
+        created since ``created`` (or_else's failed branch, a nested
+        atomically that raised).  The reads stay.  Marked doomed for the
+        length of it: if an asynchronous exception cuts it short, the
+        attempt can never commit half undone (it re-runs)."""
+        was = self.doomed
+        self.doomed = _UNDOING
+        undo = self.undo
+        writes = self.writes
+        while len(undo) > mark:
+            h, prev = undo.pop()
+            if prev is None:
+                writes.pop(h, None)
+            else:
+                writes[h] = prev
+        if self.rt is not None:
+            self._discard_created(created)
+        self.doomed = was
 
     def _read_miss(self):
         """A read the fast path did not answer: the tag or error is in the
@@ -977,6 +1099,11 @@ class _Tx:
         if self.doomed:
             self._end(AB_SILENT)
             return False
+        if self.rt is _FORKED:
+            self._end(AB_SILENT)
+            raise errors.ForkedContextError(
+                "this process was forked inside a transaction: the transaction belongs to "
+                "the parent and commits nothing here")
         ptr = self.ptr
         writes = self.writes
         if self.nonint:
@@ -1050,6 +1177,11 @@ class _Tx:
         if self.rt is None:
             raise errors.BlockedForeverError(
                 "retry() in a transaction that read no TVar would wait forever")
+        if self.rt is _FORKED:
+            self._end(AB_SILENT)
+            raise errors.ForkedContextError(
+                "this process was forked inside a transaction: the transaction belongs to "
+                "the parent and commits nothing here")
         self._discard_created()
         self.writes.clear()
         del self.undo[:]
@@ -1106,43 +1238,63 @@ def atomically(fn, *args, **kwargs):
 
     The function is re-run if it conflicts with another commit, so it must
     not have side effects outside TVars.  Inside a transaction, a nested
-    ``atomically`` joins the outer transaction."""
-    # The hot path of every transaction: one thread-state read, no extra
-    # call frame (tools/bench measures it).
+    ``atomically`` joins the outer transaction; if it raises, its writes
+    (and the TVars it created) are undone before the exception leaves it."""
+    # The hot path of every transaction: one thread-state read (tools/bench
+    # measures it).
     tx = _get_tx()
     if tx is None:
         tx = _Tx()
         _set_tx(tx)
     elif tx.running:
-        return fn(*args, **kwargs)      # nested: joins the outer transaction
+        return _nested(tx, fn, args, kwargs)
+    return _run(tx, fn, args, kwargs, None)
+
+
+def _nested(tx, fn, args, kwargs):
+    """A nested atomically: joins the running transaction; an exception
+    leaving it undoes what it did (GHC's catchSTM, ScalaSTM's nested atomic
+    blocks).  A conflict or a retry() is the whole transaction's."""
+    mark = len(tx.undo)
+    created = len(tx.created)
+    tx.depth += 1
+    try:
+        return fn(*args, **kwargs)
+    except (_Conflict, _RetrySignal):
+        raise
+    except BaseException:
+        tx._rollback(mark, created)
+        raise
+    finally:
+        tx.depth -= 1
+
+
+def _run(tx, fn, args, kwargs, deadline):
+    """The transaction loop of an outermost atomically (tx not running)."""
     if not callable(fn):
         raise TypeError("atomically() needs a callable, not %s" % type(fn).__name__)
-    deadline = tx.deadline
-    if deadline is not None:
-        tx.deadline = None
+    if not tx.clean:
+        tx._reset()                     # the last one's cleanup was cut short
+    tx.clean = False
     conflicts = 0
     try:
-        # Inside the try: a KeyboardInterrupt from a signal handler can land
-        # between any two statements, and running must never stay True.
-        tx.running = True
-        _active.add(tx)
         while True:
             try:
-                result = fn(*args, **kwargs)
+                # running is set (and undone) in C around the call.
+                result = _call(tx, _active, fn, args, kwargs)
             except _Conflict:
                 tx._end(AB_SILENT)
             except _RetrySignal:
                 tx._block(deadline)
                 continue
-            except BaseException:
-                if tx.doomed:          # the body failed on a view we cannot trust: re-run
-                    tx._end(AB_SILENT)
-                else:
-                    tx._end(AB_USER)
+            except Exception:
+                if tx.doomed is not True:
                     raise
+                tx._end(AB_SILENT)      # failed on a view we cannot trust: re-run
             else:
                 done = tx._commit()
                 if done:
+                    tx.clean = True
                     return result
                 if done is None:
                     continue            # interrupted wait, not a conflict: no backoff
@@ -1151,15 +1303,12 @@ def atomically(fn, *args, **kwargs):
             if conflicts == IRREVOCABLE_AFTER and tx.ctx is not None and tx.ctx.ptr is not None:
                 lib.shmstm_tx_irrevocable(tx.ptr, -1)
     except BaseException:
-        # Never reuse a _Tx whose transaction ended by an exception: an
-        # asynchronous one may cut the cleanup below short.  Dropped first, so
-        # the next transaction's new _Tx clears the C context (_bind).
-        _set_tx(None)
-        tx._end(AB_SILENT)
+        # Ends the attempt now (the irrevocable token, the C context's
+        # writes).  If another asynchronous exception cuts this short, clean
+        # stays False and the thread's next transaction resets (_reset).
+        tx._end(AB_USER)
+        tx.clean = True
         raise
-    finally:
-        tx.running = False
-        _active.discard(tx)
 
 
 def _run_with_timeout(f, args, kwargs, timeout):
@@ -1168,12 +1317,8 @@ def _run_with_timeout(f, args, kwargs, timeout):
         tx = _Tx()
         _set_tx(tx)
     elif tx.running:
-        return f(*args, **kwargs)       # nested: the outer transaction's timeout rules
-    tx.deadline = time.monotonic() + timeout
-    try:
-        return atomically(f, *args, **kwargs)
-    finally:
-        tx.deadline = None              # consumed by atomically(), unless interrupted first
+        return _nested(tx, f, args, kwargs)     # the outer transaction's timeout rules
+    return _run(tx, f, args, kwargs, time.monotonic() + timeout)
 
 
 def atomic(fn=None, *, timeout=None, durability=None):
@@ -1261,16 +1406,7 @@ def or_else(*branches):
         try:
             return b()
         except _RetrySignal:
-            undo = tx.undo
-            writes = tx.writes
-            while len(undo) > mark:
-                idx, prev = undo.pop()
-                if prev is None:
-                    writes.pop(idx, None)
-                else:
-                    writes[idx] = prev
-            if tx.rt is not None:
-                tx._discard_created(created)
+            tx._rollback(mark, created)
         finally:
             tx.depth -= 1
     return branches[-1]()

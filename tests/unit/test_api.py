@@ -262,10 +262,17 @@ def test_thread_slot_released_at_thread_exit(segname):
         rt.close()
 
 
+class _LeaveTx(Exception):
+    pass
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_fork_child_gets_own_slot_and_no_transaction(runtime):
-    """After fork the child has its own process slot and no transaction in
-    flight, even when fork happens inside a transaction."""
+def test_fork_inside_a_transaction_the_child_commits_nothing_of_it(runtime):
+    """Regression: a child forked inside a transaction read committed values
+    instead of the transaction's writes, and committed the rest of the body's
+    writes one by one.  Now the transaction stays the parent's: in the child
+    every TVar access raises ForkedContextError before any write lands; once
+    out of it, the child's own transactions work, on a slot of its own."""
     tv = runtime.new_tvar(0)
     parent_slot = runtime._ctx().ptr.slot
     r, w = os.pipe()
@@ -274,19 +281,99 @@ def test_fork_child_gets_own_slot_and_no_transaction(runtime):
         tv.value = 1
         pid = os.fork()
         if pid == 0:
-            try:
-                ok = (not shmstm.in_transaction()
-                      and tv.modify(lambda v: v + 10) in (10, 11)
-                      and runtime._ctx().ptr.slot != parent_slot)
-                os.write(w, b"1" if ok else b"0")
-            finally:
-                os._exit(0)
+            seen = [shmstm.in_transaction()]
+            for op in (lambda: tv.value, lambda: setattr(tv, "value", 5), runtime.new_tvar):
+                try:
+                    op()
+                    seen.append(False)
+                except shmstm.ForkedContextError:
+                    seen.append(True)
+            raise _LeaveTx(seen)
         return pid
-    pid = atomically(body)
+    try:
+        pid = atomically(body)
+    except _LeaveTx as e:               # the child only
+        try:
+            ok = (all(e.args[0]) and not shmstm.in_transaction()
+                  and tv.modify(lambda v: v + 10) in (10, 11)
+                  and runtime._ctx().ptr.slot != parent_slot)
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1"
     # The parent's blind write of 1 and the child's +10 serialise either way.
     assert tv.value in (1, 11)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_inside_a_transaction_its_commit_in_the_child_raises(runtime):
+    """The body returns normally in the child: its commit raises
+    ForkedContextError and writes nothing (the parent's attempt is abandoned,
+    so any value here would be the child's)."""
+    tv = runtime.new_tvar(0)
+    r, w = os.pipe()
+
+    def body():
+        tv.value = 1
+        pid = os.fork()
+        if pid:
+            raise _LeaveTx(pid)         # the parent commits nothing
+        return "child"
+    me = os.getpid()
+    try:
+        atomically(body)
+    except _LeaveTx as e:
+        pid = e.args[0]
+    except BaseException as e:
+        if os.getpid() == me:
+            raise
+        os.write(w, b"1" if isinstance(e, shmstm.ForkedContextError) else b"0")
+        os._exit(0)
+    else:
+        if os.getpid() == me:
+            pytest.fail("the parent's attempt committed")
+        os.write(w, b"0")               # the child's commit returned
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(r, 1) == b"1"
+    assert tv.value == 0
+
+
+def test_a_nested_atomically_that_raises_undoes_its_writes(runtime):
+    """Regression: the outer transaction caught the inner one's exception and
+    committed the inner writes.  A nested atomically that raises leaves the
+    enclosing transaction as it was before the call, TVars it created
+    included (GHC's catchSTM, ScalaSTM's nested atomic blocks)."""
+    a, b = runtime.new_tvar(0), runtime.new_tvar(0)
+    made = []
+
+    def inner():
+        a.value = 2
+        b.value = 2
+        made.append(runtime.new_tvar("x"))
+        raise ValueError("inner")
+
+    def outer():
+        a.value = 1
+        with pytest.raises(ValueError):
+            atomically(inner)
+        return a.value, b.value
+
+    assert atomically(outer) == (1, 0)
+    assert (a.value, b.value) == (1, 0)
+    with pytest.raises(shmstm.StaleTVarError):
+        made[0].value
+
+
+def test_a_nested_atomically_that_returns_keeps_its_writes(runtime):
+    a = runtime.new_tvar(0)
+
+    def outer():
+        atomically(lambda: a.set(5))
+        return a.value
+    assert atomically(outer) == 5
+    assert a.value == 5
 
 
 def test_lazy_attach_never_recreates_an_unlinked_segment(segname):
