@@ -136,6 +136,7 @@ int      proc_alive(uint32_t pid, uint64_t start);
 int      slot_owner_dead(struct shmstm_seg *s, uint32_t slot);
 int      slot_recover(struct shmstm_seg *s, uint32_t slot);
 int      lock_owner_gone(struct shmstm_seg *s, uint64_t lockword);
+int      lock_repair_orphan(struct shmstm_seg *s, a64 *lk, uint64_t lockword);
 /* FNV-1a, 64 bits: ring record and header checksums (not a defence
  * against an attacker: segments are 0600, owner-only). */
 static inline uint64_t fnv1a(const unsigned char *p, size_t n)

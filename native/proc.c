@@ -282,6 +282,64 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     return 1;
 }
 
+/* A lock word whose owner cannot hold it: an owner beyond max_procs (other
+ * than LK_LOST_OWNER) or a FREE slot.  No commit leaves such a word (a slot
+ * is freed only after its locks are released: txn.c, R5 here), so it is a
+ * corrupted word, and no live process will ever release it.  It is released
+ * at the clock's current value, as R2b releases the locks a record cannot
+ * name before the commit point: the value stays as it is, and a new version
+ * only makes readers validate.  A FREE owner slot is claimed for the length
+ * of the repair, so that no new owner of it can take a lock meanwhile (its
+ * lock word would be the same).  Returns 1 if w was such a word. */
+int lock_repair_orphan(struct shmstm_seg *s, a64 *lk, uint64_t w)
+{
+    if (s->read_only || !lk_locked(w) || lk_owner(w) == LK_LOST_OWNER)
+        return 0;
+    uint32_t slot = lk_owner(w);
+    if (slot >= s->max_procs) {
+        uint64_t want = w;
+        /* Pairs with readers' load_acquire of the lock word. */
+        cas_acq_rel(lk, &want, lk_make_unlocked(load_acquire(&s->h->clock)));
+        return 1;
+    }
+    struct shm_proc *p = &s->procs[slot];
+    uint64_t o = load_acquire(&p->owner);       /* pairs with the FREE release */
+    if (ps_state(o) != PS_FREE)
+        return 0;
+    uint64_t claimed = ps_next(o, (uint32_t)getpid(), PS_CLAIMING);
+    if (!cas_acq_rel(&p->owner, &o, claimed))
+        return 0;                               /* claimed meanwhile: not an orphan now */
+    uint64_t want = w;
+    cas_acq_rel(lk, &want, lk_make_unlocked(load_acquire(&s->h->clock)));
+    /* Pairs with claimers' load_acquire of owner. */
+    store_release(&p->owner, ps_next(claimed, 0, PS_FREE));
+    return 1;
+}
+
+/* At attach: every lock of a dead owner is recovered (with its slot), and
+ * every lock no owner can hold is released (lock_repair_orphan).  Returns the
+ * number of locks repaired or recovered. */
+int shmstm_seg_repair_locks(shmstm_seg *s)
+{
+    if (s->read_only)
+        return 0;
+    uint32_t bump = load_relaxed(&s->h->tvar_bump);   /* advisory bound */
+    if (bump > s->max_tvars)
+        bump = s->max_tvars;
+    int n = 0;
+    for (uint32_t i = 0; i < bump; i++) {
+        a64 *lk = &s->tvars[i].lock;
+        uint64_t w = load_acquire(lk);   /* pairs with the release that locked it */
+        if (!lk_locked(w))
+            continue;
+        if (lock_repair_orphan(s, lk, w))
+            n++;
+        else if (lock_owner_gone(s, w) && slot_recover(s, lk_owner(w)))
+            n++;
+    }
+    return n;
+}
+
 int shmstm_seg_reclaim_dead(shmstm_seg *s)
 {
     int n = 0;

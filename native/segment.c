@@ -40,6 +40,7 @@
 /* Python reads the layout version through shmstm.h (stats, error messages). */
 _Static_assert(SHMSTM_LAYOUT_VERSION_ == SHMSTM_LAYOUT_VERSION,
                "SHMSTM_LAYOUT_VERSION_ (shmstm.h) differs from layout.h");
+_Static_assert(SHMSTM_LOST_OWNER == LK_LOST_OWNER, "shmstm.h and layout.h disagree");
 
 #define MIN_HEAP (64u * 1024u)
 #define MAX_HEAP (1ull << 36)            /* 32-bit unit offsets in free-list heads */
@@ -338,6 +339,9 @@ int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, 
     }
     fill_seg(s, base, &copy, read_only);
     params_out(&copy, p);
+    /* Locks that no live process will ever release: a dead owner's (its slot
+     * is recovered) and corrupt words naming no possible owner (proc.c). */
+    shmstm_seg_repair_locks(s);
     *out = s;
     return 0;
 }

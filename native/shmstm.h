@@ -47,6 +47,7 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_ELOST        -24  /* the TVar is locked for good: its commit died past its
                                     commit point with an unreadable record (proc.c R2b) */
 #define SHMSTM_ECLOSED      -25  /* retry() wait ended: another thread closed the runtime */
+#define SHMSTM_ENAMED       -26  /* a named TVar cannot be freed */
 #define SHMSTM_PENDING       1   /* durable sync commit: committed, durability wait unfinished */
 
 #define SHMSTM_TAG_EMPTY   0
@@ -69,6 +70,7 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_LAT_BUCKETS 32
 #define SHMSTM_MAX_NAME    400
 #define SHMSTM_LAYOUT_VERSION_ 8
+#define SHMSTM_LOST_OWNER 65535   /* a lock word's owner after a lost record (layout.h LK_LOST_OWNER) */
 
 typedef struct {
     uint32_t max_tvars;
@@ -155,6 +157,7 @@ const char *shmstm_build_info(void);
 int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out);
 int shmstm_seg_attach(int fd, int read_only, int64_t wait_ns, shmstm_params *p, shmstm_seg **out);
 int shmstm_seg_detach(shmstm_seg *seg);
+int shmstm_seg_repair_locks(shmstm_seg *seg);   /* at attach: dead and impossible owners' locks */
 int shmstm_seg_info_get(shmstm_seg *seg, shmstm_seg_info *out);
 int shmstm_seg_proc_info(shmstm_seg *seg, uint32_t slot, shmstm_proc_info *out);
 int shmstm_seg_hot_tvars(shmstm_seg *seg, uint32_t *idx, uint32_t *gen, uint32_t *conflicts,

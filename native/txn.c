@@ -67,8 +67,8 @@ void release_token(shmstm_ctx *c)
  * (two cores: the holder may need ours), and every 64 yields ask the kernel
  * whether the holder still exists; a dead holder is recovered here.
  * Returns 0 when the caller should give up (limit reached). */
-static int lock_wait(shmstm_ctx *c, struct shmstm_seg *s, uint64_t w, uint32_t *spins,
-                     uint32_t limit)
+static int lock_wait(shmstm_ctx *c, struct shmstm_seg *s, a64 *lk, uint64_t w,
+                     uint32_t *spins, uint32_t limit)
 {
     uint32_t n = (*spins)++;
     if (n < 64) {
@@ -81,8 +81,12 @@ static int lock_wait(shmstm_ctx *c, struct shmstm_seg *s, uint64_t w, uint32_t *
      * descheduled): from here on without the GIL (fast.h). */
     ctx_gil_release(c);
     sched_yield();
-    if (n % 64 == 63 && lock_owner_gone(s, w))
-        slot_recover(s, lk_owner(w));
+    if (n % 64 == 63) {
+        if (lock_owner_gone(s, w))
+            slot_recover(s, lk_owner(w));
+        else
+            lock_repair_orphan(s, lk, w);   /* a corrupt word: no owner can hold it */
+    }
     return 1;
 }
 
@@ -196,7 +200,7 @@ static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, in
                 c->failed_idx = idx;
                 return SHMSTM_ELOST;
             }
-            if (!lock_wait(c, s, v1, &spins, record ? READ_SPIN_LIMIT : 0)) {
+            if (!lock_wait(c, s, &t->lock, v1, &spins, record ? READ_SPIN_LIMIT : 0)) {
                 c->doomed = 1;
                 c->failed_idx = idx;
                 note_abort(c, AB_LOCKED, idx);
@@ -209,6 +213,15 @@ static int read_tvar(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out, in
                 c->doomed = 1;
                 note_abort(c, AB_VALIDATE, c->failed_idx);
                 return SHMSTM_ECONFLICT;
+            }
+            /* extend read the clock after v1 (acquire, both): every commit
+             * raises the clock before it stores its version, so a version
+             * above it was never written by a commit.  Extending again would
+             * never end (a livelock). */
+            if (lk_version(v1) > c->rv) {
+                c->doomed = 1;
+                c->failed_idx = idx;
+                return SHMSTM_ECORRUPT;
             }
             continue;
         }
@@ -483,6 +496,11 @@ int shmstm_tx_stage_free(shmstm_ctx *c, uint32_t idx, uint32_t gen)
     int rc = stage_check(c, idx);
     if (rc)
         return rc;
+    /* Early and advisory (the commit checks again under the lock).  Pairs
+     * with the store_release of gen in init_tvar. */
+    struct shm_tvar *t = &c->seg->tvars[idx];
+    if (load_acquire(&t->gen) == gen && (load_relaxed(&t->flags) & TV_NAMED))
+        return SHMSTM_ENAMED;
     return stage(c, idx, gen, TAG_EMPTY, 0, WE_FREE);
 }
 
@@ -707,7 +725,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
     store_release(&r->state, CR_LOCKING);
     FAULT_POINT("commit.locking");
     uint64_t mine = lk_make_locked(c->slot);
-    uint32_t locked = 0, reason = AB_LOCKED, bad = 0, lost = 0;
+    uint32_t locked = 0, reason = AB_LOCKED, bad = 0, lost = 0, named = 0;
     for (; locked < n; locked++) {
         struct shm_tvar *t = &s->tvars[e[locked].idx];
         uint64_t w = load_relaxed(&t->lock);
@@ -719,7 +737,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
                     bad = e[locked].idx;
                     goto fail;
                 }
-                if (!lock_wait(c, s, w, &spins, COMMIT_SPIN_LIMIT)) {
+                if (!lock_wait(c, s, &t->lock, w, &spins, COMMIT_SPIN_LIMIT)) {
                     bad = e[locked].idx;
                     goto fail;
                 }
@@ -730,9 +748,21 @@ int shmstm_tx_commit(shmstm_ctx *c)
             if (cas_acq_rel(&t->lock, &w, mine))
                 break;
         }
-        if (load_relaxed(&t->gen) != e[locked].gen || !(e[locked].gen & 1u)) {
+        /* Acquire: pairs with the store_release of gen in init_tvar (tvar.c),
+         * so the creator's flags word is visible for the check below. */
+        if (load_acquire(&t->gen) != e[locked].gen || !(e[locked].gen & 1u)) {
             locked++;
             reason = AB_STALE;
+            bad = e[locked - 1].idx;
+            goto fail;
+        }
+        /* A named TVar is never freed, whatever the handle claims (a forged
+         * one, say): its name would then name a reused slot in every process.
+         * Authoritative here, under the lock and for this generation. */
+        if ((e[locked].flags & WE_FREE) && (load_relaxed(&t->flags) & TV_NAMED)) {
+            locked++;
+            reason = AB_USER;
+            named = 1;
             bad = e[locked - 1].idx;
             goto fail;
         }
@@ -825,6 +855,8 @@ fail:
     drop_staged(c);
     if (lost)
         return SHMSTM_ELOST;
+    if (named)
+        return SHMSTM_ENAMED;
     return reason == AB_STALE ? SHMSTM_ESTALE : SHMSTM_ECONFLICT;
 }
 

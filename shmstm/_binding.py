@@ -55,6 +55,7 @@ _ERRORS = {
     lib.SHMSTM_ENOFLUSHER: (errors.DurabilityError, "the commit ring is full and its flusher is not running"),
     lib.SHMSTM_EDURABLE: (errors.DurabilityError, "the flusher cannot write the durable data (LMDB); commit refused"),
     lib.SHMSTM_ECLOSED: (errors.RuntimeClosedError, "the runtime was closed by another thread"),
+    lib.SHMSTM_ENAMED: (errors.Error, "a named TVar cannot be freed"),
     lib.SHMSTM_ELOST: (errors.CorruptSegmentError,
                        "the TVar is locked for good: a process died past the commit point of a commit "
                        "on it whose record in shared memory was corrupt, so that commit can be neither "

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from . import _segments
 from ._segments import cleanup_segments, list_segments
 
 
@@ -29,9 +30,8 @@ def _human(segs, removed, dry_run):
         elif d.get("unflushed"):
             note = "%d commit(s) not yet in LMDB: open the runtime to flush them %s" % (
                 d["unflushed"], note)
-        elif d["dead_locks"]:
-            note = "%d lock(s) of dead processes (recovered at next attach) %s" % (
-                d["dead_locks"], note)
+        elif _segments.lock_note(d):
+            note = "%s %s" % (_segments.lock_note(d), note)
         rows.append((d["name"], str(d["size"]), "%d/%d" % (d["live_processes"], len(d["processes"])),
                      state, note.strip()))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

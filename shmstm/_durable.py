@@ -289,8 +289,7 @@ def adopt_map_size(env, map_size, real):
                     cur = map_size
             stored = cur
     size = stored or MAP_SIZE
-    with _gate(env).shared():
-        current = env.info()["map_size"]
+    current = _shared(env, lambda: env.info()["map_size"])
     if current != size:
         _resize(env, size)
 
@@ -303,9 +302,24 @@ def _check_map_size(map_size):
                          % (MIN_MAP_SIZE, MAX_MAP_SIZE, map_size))
 
 
+def _shared(env, fn):
+    """``fn()`` holding env's gate shared, adopting a map size another process
+    raised (as begin() does: LMDB refuses any transaction, opening a DB
+    included, once the data grew beyond this process's map)."""
+    lmdb = _lmdb()
+    for resized in (False, True):
+        with _gate(env).shared():
+            try:
+                return fn()
+            except lmdb.MapResizedError:
+                if resized:
+                    raise
+        _resize(env, 0)
+
+
 def _dbs(env):
-    with _gate(env).shared():       # opening a DB is a transaction
-        return env.open_db(b"vars"), env.open_db(b"meta")
+    # Opening a DB is a transaction.
+    return _shared(env, lambda: (env.open_db(b"vars"), env.open_db(b"meta")))
 
 
 class LogDBs:
@@ -314,17 +328,15 @@ class LogDBs:
 
     def __init__(self, env):
         lmdb = _lmdb()
-        with _gate(env).shared():        # opening a DB is a transaction
-            self.main = env.open_db(None)
+        self.main = _shared(env, lambda: env.open_db(None))    # a transaction
         with begin(env, db=self.main) as txn:
             had = txn.get(b"log") is not None
         self.legacy = None
         if had:
-            with _gate(env).shared():
-                try:
-                    self.legacy = env.open_db(b"log", create=False)
-                except lmdb.NotFoundError:    # pragma: no cover - never dropped once there
-                    pass
+            try:
+                self.legacy = _shared(env, lambda: env.open_db(b"log", create=False))
+            except lmdb.NotFoundError:    # pragma: no cover - never dropped once there
+                pass
 
 
 LOG_KEY = b"\x00"              # the main DB's log records: LOG_KEY + u64 BE
@@ -478,10 +490,15 @@ def decode_value(val):
         return p
     if tag == T_BYTES:
         return p
-    if tag == T_STR:
-        return p.decode("utf-8", "surrogatepass")
-    if tag == T_PICKLE:
-        return pickle.loads(p)
+    try:
+        if tag == T_STR:
+            return p.decode("utf-8", "surrogatepass")
+        if tag == T_PICKLE:
+            return pickle.loads(p)
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as e:
+        raise errors.CorruptSegmentError(
+            "a value in LMDB cannot be decoded (%s: %s): the data is corrupt"
+            % (type(e).__name__, e)) from e
     raise errors.CorruptSegmentError("unknown value tag %d in LMDB" % tag)
 
 
@@ -768,8 +785,9 @@ class Durable:
             lib.shmstm_ring_info_get(seg, info)
             if info.durable_error:
                 raise errors.DurabilityError(
-                    "committed (wv %d) but the flusher cannot write %r (%s); the commit "
-                    "stays in the ring" % (wv, self.path, error_for(info.durable_error)))
+                    "committed (wv %d) but not yet durable: the flusher cannot write %r (%s); "
+                    "the commit stays in the ring until it can"
+                    % (wv, self.path, flusher_error_text(info.durable_error)))
             if rc == lib.SHMSTM_ETIMEOUT:
                 try:
                     self.ensure_flusher()
@@ -785,6 +803,13 @@ class Durable:
 
     def close(self):
         _runtimes.discard(self)
+
+
+def flusher_error_text(code):
+    """What stops the flusher, in words that do not speak of one commit."""
+    if code == lib.SHMSTM_EDURABLE:
+        return "LMDB could not take its write: a full map or an I/O error (the flusher's stderr says which)"
+    return str(error_for(code))
 
 
 _GROUP_NAMES = {lib.SHMSTM_FG_WAIT: "wait", lib.SHMSTM_FG_NOWAIT: "nowait"}
@@ -811,7 +836,7 @@ def ring_stats_dict(info, mode, path):
         "error": code or None,
         "group_commit": _GROUP_NAMES.get(info.flusher_group & ~lib.SHMSTM_FG_FIXED),
         "group_commit_fixed": bool(info.flusher_group & lib.SHMSTM_FG_FIXED),
-        "error_message": str(error_for(code, "the flusher writing LMDB")) if code else None,
+        "error_message": flusher_error_text(code) if code else None,
     }
 
 

@@ -171,7 +171,7 @@ def _describe(fn, maps):
         "name": fn[len(PREFIX):], "shm_path": path, "size": None, "uid": None, "mode": None,
         "layout_ok": False, "error": None, "processes": [], "live_processes": 0,
         "stale": False, "mapped_by": [], "locked_tvars": 0,
-        "dead_locks": 0, "creating": None, "unflushed": 0,
+        "dead_locks": 0, "orphan_locks": 0, "lost_locks": 0, "creating": None, "unflushed": 0,
     }
     try:
         st = os.lstat(path)
@@ -202,7 +202,13 @@ def _describe(fn, maps):
             owners = {p["slot"]: p["alive"] for p in d["processes"]}
             locked, n = _locked(seg)
             d["locked_tvars"] = n
-            d["dead_locks"] = sum(1 for _, slot in locked if not owners.get(slot, False))
+            # Locks of a dead owner (recovered with its slot), locks naming no
+            # owner at all (a FREE or impossible slot: corrupt words, released),
+            # both at the next attach; and locks a lost record left (for good).
+            d["dead_locks"] = sum(1 for _, slot in locked if owners.get(slot) is False)
+            d["lost_locks"] = sum(1 for _, slot in locked if slot == lib.SHMSTM_LOST_OWNER)
+            d["orphan_locks"] = n - d["dead_locks"] - d["lost_locks"] - sum(
+                1 for _, slot in locked if owners.get(slot) is True)
             ri = ffi.new("shmstm_ring_info *")
             lib.shmstm_ring_info_get(seg, ri)
             if ri.ring_slots and ri.committed_wv > ri.flushed_wv:
@@ -226,7 +232,10 @@ def list_segments():
     """Every shmstm segment in /dev/shm, as a list of dicts (see docs/api.md):
     ``name``, ``shm_path``, ``size``, ``uid``, ``mode``, ``layout_ok``, ``error``,
     ``processes`` (``[{slot, pid, alive}]``), ``live_processes``, ``stale``, plus
-    ``mapped_by`` (pids mapping it), ``locked_tvars``, ``dead_locks``,
+    ``mapped_by`` (pids mapping it), ``locked_tvars``, ``dead_locks`` (held by
+    dead processes: recovered at the next attach), ``orphan_locks`` (corrupt
+    lock words naming no process: released at the next attach), ``lost_locks``
+    (held for good after a lost commit record: docs/reliability.md),
     ``creating`` (for a temporary name: ``{runtime, pid, alive}`` of its creator)
     and ``unflushed`` (commits of a durable runtime not yet in LMDB: such a
     segment is never stale; opening the runtime lets its flusher write them).
@@ -272,6 +281,20 @@ def cleanup_segments(dry_run=False, names=None):
                 continue
         removed.append(d["name"])
     return removed
+
+
+def lock_note(d):
+    """What happens to a listed segment's held locks, in words ("" if none)."""
+    parts = []
+    if d.get("dead_locks"):
+        parts.append("%d lock(s) of dead processes (recovered at the next attach)" % d["dead_locks"])
+    if d.get("orphan_locks"):
+        parts.append("%d corrupt lock word(s) naming no process (released at the next attach)"
+                     % d["orphan_locks"])
+    if d.get("lost_locks"):
+        parts.append("%d lock(s) held for good by a commit whose record was lost "
+                     "(re-create the runtime; docs/reliability.md)" % d["lost_locks"])
+    return "; ".join(parts)
 
 
 def lock_report(name):

@@ -178,12 +178,23 @@ def _decode(tag, ctx):
         data = _unpack(ctx.ptr.buf, ctx.out[1])
         if tag == T_BYTES:
             return data
-        if tag == T_STR:
-            return data.decode("utf-8", "surrogatepass")
-        return _loads(data)
+        try:
+            if tag == T_STR:
+                return data.decode("utf-8", "surrogatepass")
+            return _loads(data)
+        except (pickle.UnpicklingError, EOFError, UnicodeDecodeError) as e:
+            raise _undecodable(tag, e) from e
     if tag == E_CONFLICT:
         raise _Conflict()
     raise error_for(tag)
+
+
+def _undecodable(tag, e):
+    """A value block whose bytes are not a value of its tag: only a corrupted
+    segment (or LMDB file) holds one, since values are encoded when written."""
+    what = "str" if tag == T_STR else "pickled value"
+    return errors.CorruptSegmentError("a stored %s cannot be decoded (%s: %s): the data is "
+                                      "corrupt" % (what, type(e).__name__, e))
 
 
 def _handle(idx, gen):
@@ -776,6 +787,9 @@ def unlink(name):
         return True
     except posix_ipc.ExistentialError:
         return False
+    except posix_ipc.PermissionsError as e:
+        raise errors.PermissionDeniedError(
+            "cannot remove runtime %r: %s (another user's segment?)" % (name, e)) from None
 
 
 def _close_all():

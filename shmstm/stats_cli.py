@@ -23,6 +23,7 @@ import sys
 import time
 
 from . import errors
+from . import _segments
 from ._segments import list_segments
 from ._stats import ABORT_REASONS, DEFAULT_HOT, StatsReader, rates
 
@@ -444,9 +445,8 @@ def render_list(segs):
             note = ""
         if d["error"]:
             note = (note + "  " if note else "") + d["error"]
-        if d["dead_locks"]:
-            note = (note + "  " if note else "") + \
-                "%d lock(s) held by dead processes (recovered at next attach)" % d["dead_locks"]
+        if _segments.lock_note(d):
+            note = (note + "  " if note else "") + _segments.lock_note(d)
         rows.append([d["name"], _bytes(d["size"]), "%d/%d" % (d["live_processes"],
                      len(d["processes"])), str(len(d["mapped_by"])), state, note])
         for p in d["processes"]:

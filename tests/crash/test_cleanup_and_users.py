@@ -128,7 +128,8 @@ def test_other_user_cannot_attach(segname):
     """Segments are private to their user: a segment created by another uid (a child
     that switched to uid/gid 65534 with os.setuid) is refused by open() with
     PermissionDeniedError even for root, listed with an ownership error and never
-    removed by cleanup; and that other user cannot attach to ours either."""
+    removed by cleanup; and that other user can neither attach to ours nor
+    unlink it (PermissionDeniedError, a PermissionError)."""
     other = unique_name()
     with shmstm.open(other, **LIMITS) as mine:
         mine.tvar("x", 1)
@@ -140,11 +141,17 @@ def test_other_user_cannot_attach(segname):
             shmstm.open(other, **LIMITS)
             return "ATTACHED"
         except shmstm.PermissionDeniedError:
-            return "refused"
+            pass
+        try:                                # regression: a raw posix_ipc.PermissionsError
+            shmstm.unlink(other)
+            return "UNLINKED"
+        except shmstm.PermissionDeniedError as e:
+            return "refused" if isinstance(e, PermissionError) else "not a PermissionError"
 
     try:
         verdict = as_other_user(the_other_user)     # fails on the child's error
         assert verdict == "refused", "other user's view of ours: %s" % verdict
+        assert os.path.exists("/dev/shm/shmstm." + other)
         st_ = os.stat("/dev/shm/shmstm." + segname)
         assert st_.st_uid == 65534 and (st_.st_mode & 0o777) == 0o600
         with pytest.raises(shmstm.PermissionDeniedError):

@@ -1213,3 +1213,65 @@ def test_log_folds_keep_the_state_across_many_batches(segname, dpath, flushers):
     assert most > 0, "no batch went to the log"
     rt.close()
     shmstm.unlink(segname)
+
+
+def test_a_map_size_raised_by_another_process_is_adopted(segname, dpath, flushers):
+    """Regression: once another process raised map_size and the flusher wrote
+    past this process's map, every later open(path=) and read_durable() here
+    raised lmdb.MapResizedError (the cached environment kept the old map)."""
+    from _dhelpers import worker_env
+
+    rt = shmstm.open(segname, path=dpath, durability="sync", map_size=1 << 20, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    rt.tvar("a", 0).value = 1
+    rt.close()
+    assert shmstm.read_durable(dpath)["values"] == {"a": 1}      # this process's env: 1 MiB
+    code = (
+        "import shmstm, sys\n"
+        "rt = shmstm.open(sys.argv[1], path=sys.argv[2], durability='sync', map_size=16 << 20,"
+        " max_tvars=4096, heap_size=4 << 20, max_procs=8)\n"
+        "for i in range(60):\n"
+        "    rt.tvar('k%d' % i, b'').value = b'x' * 50000\n"   # 3 MB: past the old map
+        "rt.close()\n")
+    subprocess.run([sys.executable, "-c", code, segname, dpath], env=worker_env(), check=True,
+                   timeout=120)
+    assert os.path.getsize(os.path.join(dpath, "data.mdb")) > 1 << 20
+    vals = shmstm.read_durable(dpath)["values"]
+    assert vals["a"] == 1 and len(vals) == 61 and vals["k59"] == b"x" * 50000
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    assert rt.tvar("k0").value == b"x" * 50000
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def test_a_full_map_error_says_one_thing_in_sync_mode(segname, dpath, flushers):
+    """Regression: the first full-map DurabilityError of a sync commit said
+    both "committed" and "commit refused".  Each error now says one: a sync
+    commit that committed and could not be made durable says so (and its value
+    is there), a refused one says refused (and changed nothing)."""
+    rt = shmstm.open(segname, path=dpath, durability="sync", map_size=1 << 18, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    blobs = [rt.tvar("blob:%d" % i, b"") for i in range(8)]
+    seen = []
+    for i in range(64):
+        val = bytes([i]) * 30000
+        before = blobs[i % 8].value
+        try:
+            blobs[i % 8].value = val
+        except shmstm.DurabilityError as e:
+            msg = str(e)
+            assert not ("committed" in msg and "refused" in msg), msg
+            now = blobs[i % 8].value
+            assert now == (val if "committed" in msg else before), msg
+            seen.append(msg)
+            if len(seen) == 2:
+                break
+    assert seen, "256 KiB of map took 64 values of 30 kB"
+    rt.close()
+    # Leave nothing behind: a larger map drains what the ring kept.
+    rt = shmstm.open(segname, path=dpath, map_size=1 << 24, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    drain(rt)
+    rt.close()
+    shmstm.unlink(segname)

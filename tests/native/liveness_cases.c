@@ -219,6 +219,64 @@ int main(void)
     store_release(&ap->owner, ps_next(now_w, 0, PS_FREE));
     printf("ok reclaimed_slot_aba\n");
 
+    /* free_owner_lock_released: a lock word naming slot 3, which is FREE
+     * (a corrupt word: no commit leaves one).  A read outside a transaction
+     * used to wait for it forever; a commit gave up and re-ran forever. */
+    int64_t h2 = ((int64_t)gen2 << 32) | idx2;
+    uint64_t before = load_relaxed(&t2->lock);
+    CHECK(ps_state(load_acquire(&s->procs[3].owner)) == PS_FREE, "free_owner: slot 3 not free");
+    store_relaxed(&t2->lock, lk_make_locked(3));
+    CHECK(shmstm_read1(c, idx2, gen2, got) == SHMSTM_TAG_INT && got[0] == 10,
+          "free_owner_lock_released: read");
+    uint64_t after = load_relaxed(&t2->lock);
+    CHECK(!lk_locked(after) && lk_version(after) >= lk_version(before),
+          "free_owner_lock_released: not released at a version as high");
+    CHECK(ps_state(load_acquire(&s->procs[3].owner)) == PS_FREE,
+          "free_owner_lock_released: the slot was left claimed");
+    store_relaxed(&t2->lock, lk_make_locked(3));
+    CHECK(shmstm_tx_commit_1(c, h2, 11) == 0, "free_owner_lock_released: commit");
+    printf("ok free_owner_lock_released\n");
+
+    /* impossible_owner_lock_released: an owner beyond max_procs (4). */
+    store_relaxed(&t2->lock, lk_make_locked(100));
+    CHECK(shmstm_read1(c, idx2, gen2, got) == SHMSTM_TAG_INT && got[0] == 11,
+          "impossible_owner_lock_released: read");
+    CHECK(!lk_locked(load_relaxed(&t2->lock)), "impossible_owner_lock_released: still locked");
+    store_relaxed(&t2->lock, lk_make_locked(100));
+    CHECK(shmstm_tx_commit_1(c, h2, 12) == 0, "impossible_owner_lock_released: commit");
+    printf("ok impossible_owner_lock_released\n");
+
+    /* attach_releases_orphans: both kinds, released by the next attach
+     * (shmstm-cleanup says "released at the next attach"). */
+    uint32_t idx3, gen3;
+    CHECK(shmstm_tvar_new(c, SHMSTM_TAG_INT, 3, 0, NULL, 0, &idx3, &gen3) == 0, "tvar 3");
+    store_relaxed(&t2->lock, lk_make_locked(3));
+    store_relaxed(&s->tvars[idx3].lock, lk_make_locked(200));
+    int fd = shm_open(case_name, O_RDWR, 0600);
+    CHECK(fd >= 0, "attach_releases_orphans: shm_open");
+    shmstm_params ap2;
+    shmstm_seg *s2;
+    CHECK(shmstm_seg_attach(fd, 0, 0, &ap2, &s2) == 0, "attach_releases_orphans: attach");
+    close(fd);
+    CHECK(!lk_locked(load_relaxed(&t2->lock)) && !lk_locked(load_relaxed(&s->tvars[idx3].lock)),
+          "attach_releases_orphans: a lock left");
+    CHECK(load_relaxed(&t->lock) == lk_make_locked(LK_LOST_OWNER),
+          "attach_releases_orphans: a lost record's lock was released");
+    shmstm_seg_detach(s2);
+    printf("ok attach_releases_orphans\n");
+
+    /* future_version_is_corrupt: an unlocked word with a version above the
+     * clock used to make every transactional read extend and retry forever. */
+    uint64_t clk = load_relaxed(&s->h->clock);
+    store_relaxed(&t2->lock, lk_make_unlocked(clk + 1000));
+    CHECK(shmstm_tx_read(c, idx2, gen2, got) == SHMSTM_ECORRUPT, "future_version_is_corrupt: read");
+    CHECK(shmstm_tx_abort(c, SHMSTM_AB_USER) == 0, "future_version_is_corrupt: abort");
+    store_relaxed(&t2->lock, lk_make_unlocked(clk));
+    CHECK(shmstm_tx_read(c, idx2, gen2, got) == SHMSTM_TAG_INT && got[0] == 12,
+          "future_version_is_corrupt: a sound word read");
+    CHECK(shmstm_tx_end_ro(c) == 0, "future_version_is_corrupt: end");
+    printf("ok future_version_is_corrupt\n");
+
     shmstm_ctx_free(c);
     case_done(s);
     return 0;

@@ -403,3 +403,19 @@ def test_named_tvar_declared_in_aborted_transaction_keeps_its_default(runtime):
         atomically(body)
     again = runtime.tvar("declared-in-abort", 1234)
     assert again.value == 5
+
+
+def test_a_forged_handle_cannot_free_a_named_tvar(runtime):
+    """Regression: a named TVar's handle unpickled with name=None could be
+    freed; the name then named an unrelated TVar in every process once the
+    slot was reused.  The core refuses, whatever the Python object claims."""
+    named = runtime.tvar("acct", 5)
+    fn, args = named.__reduce__()
+    forged = fn(args[0], args[1], args[2], None)        # as a tampered pickle would
+    assert forged.name is None
+    with pytest.raises(shmstm.Error, match="named TVar cannot be freed"):
+        forged.free()
+    for _ in range(3):
+        runtime.new_tvar(0)                             # would take a freed slot
+    assert runtime.tvar("acct").value == 5
+    assert named.value == 5 and forged.value == 5

@@ -257,3 +257,35 @@ def test_build_info_names_the_version_and_the_layout():
     assert info[0] == shmstm.__version__
     assert info[1] == "layout=%d" % lib.SHMSTM_LAYOUT_VERSION_
     assert info[2] in ("debug", "release")
+
+
+def test_a_value_block_that_does_not_decode_is_corrupt_segment_error(runtime):
+    """Regression: corrupt value bytes surfaced as a raw UnpicklingError or
+    UnicodeDecodeError; they are CorruptSegmentError (the bytes were encoded
+    when written, so only a corrupted segment holds such a block)."""
+    import mmap
+
+    import posix_ipc
+
+    p = runtime.new_tvar(("PICKLE-MARKER-4f2a", 1))
+    s = runtime.new_tvar("STR-MARKER-8c1d and more text")
+    shm = posix_ipc.SharedMemory("/shmstm." + runtime.name, 0)
+    try:
+        m = mmap.mmap(shm.fd, 0)
+    finally:
+        shm.close_fd()
+    try:
+        i = m.find(b"PICKLE-MARKER-4f2a")
+        j = m.find(b"STR-MARKER-8c1d")
+        assert i > 0 and j > 0
+        m[i - 2:i] = b"\xff\xff"          # the string's opcode and length: an invalid load key
+        m[j:j + 2] = b"\xff\xfe"          # not UTF-8
+    finally:
+        m.close()
+    for tv in (p, s):
+        with pytest.raises(shmstm.CorruptSegmentError, match="cannot be decoded"):
+            tv.value
+        with pytest.raises(shmstm.CorruptSegmentError, match="cannot be decoded"):
+            shmstm.atomically(lambda: tv.value)
+    tv = runtime.new_tvar(5)              # the runtime still works
+    assert tv.value == 5
