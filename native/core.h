@@ -60,6 +60,11 @@ struct shmstm_seg {
     struct shmstm_ctx *ctx_head;
     a32 refs;
     int detached;                /* under ctx_lock: no new context */
+    /* Process-local, durable runtimes: the largest wv a context of this
+     * attachment committed (ring_fill: a CAS loop, acq_rel; any thread of
+     * the process).  Runtime.flush() and close() wait for flushed_wv to reach
+     * it (shmstm_seg_last_wv, acquire). */
+    a64 my_last_wv;
 };
 
 void seg_unref(struct shmstm_seg *s);        /* segment.c: drop one of s->refs */

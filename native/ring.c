@@ -324,6 +324,9 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
     FAULT_POINT("ring.filled");
     store_relaxed(&c->proc->rec.ring_rec, 0);      /* the flusher owns it now */
     c->last_wv = wv;
+    uint64_t mine = load_relaxed(&s->my_last_wv);
+    while (mine < wv && !cas_acq_rel(&s->my_last_wv, &mine, wv))
+        ;                                   /* another thread of ours raised it */
     return 1;
 }
 
@@ -519,6 +522,9 @@ int shmstm_ctx_set_sync(shmstm_ctx *c, int sync)
 }
 
 uint64_t shmstm_ctx_last_wv(shmstm_ctx *c) { return c->last_wv; }
+
+/* The largest wv any context of this attachment committed (0: none). */
+uint64_t shmstm_seg_last_wv(shmstm_seg *s) { return load_acquire(&s->my_last_wv); }
 
 int shmstm_ring_info_get(shmstm_seg *s, shmstm_ring_info *o)
 {

@@ -284,6 +284,7 @@ uint32_t shmstm_flusher_wait_sync(shmstm_seg *seg, uint32_t target, int64_t time
 uint32_t shmstm_flusher_poll_sync(shmstm_seg *seg, uint32_t target, int64_t timeout_ns);
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);
 uint64_t shmstm_ctx_last_wv(shmstm_ctx *c);
+uint64_t shmstm_seg_last_wv(shmstm_seg *seg);   /* this process's last durable commit */
 /* CDEF END */
 
 #endif

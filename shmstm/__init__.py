@@ -27,7 +27,7 @@ from .errors import (
     ForkedContextError, HeapFullError, LayoutMismatchError, LimitMismatchError,
     NoSpaceError, NotInTransactionError, PermissionDeniedError, RetryTimeout,
     RuntimeClosedError, SegmentInitError, DurabilityError, DurabilityMismatchError, DurableFormatError,
-    SegmentNotFoundError, StaleTVarError,
+    RuntimeExistsError, SegmentNotFoundError, StaleTVarError,
     TooManyProcessesError, TVarTableFullError, ValueTooLargeError,
 )
 
@@ -38,6 +38,6 @@ __all__ = [
     "Error", "StaleTVarError", "EncodeError", "ValueTooLargeError", "HeapFullError",
     "TVarTableFullError", "TooManyProcessesError", "LayoutMismatchError",
     "CorruptSegmentError", "SegmentInitError", "LimitMismatchError", "RuntimeClosedError",
-    "SegmentNotFoundError", "PermissionDeniedError", "NoSpaceError", "CrossRuntimeError",
+    "SegmentNotFoundError", "RuntimeExistsError", "PermissionDeniedError", "NoSpaceError", "CrossRuntimeError",
     "NotInTransactionError", "RetryTimeout", "BlockedForeverError", "ForkedContextError",
 ]

@@ -9,8 +9,16 @@ from .__about__ import __version__
 try:
     from ._native import ffi, lib
     from . import _fast
-except ImportError as e:  # pragma: no cover - a broken install
-    raise ImportError(
+except ImportError as e:
+    _pkg = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(os.path.dirname(_pkg), "setup.py")):
+        # Python found the source tree first (the current directory, or the
+        # directory of the script, comes first on sys.path).
+        raise ImportError(
+            "shmstm was imported from its source tree %s, which has no compiled modules, "
+            "instead of the installed package: run Python from another directory, or "
+            "build it in place with 'pip install -e .' (%s)" % (_pkg, e)) from e
+    raise ImportError(  # pragma: no cover - a broken install
         "shmstm's compiled modules (shmstm._native, shmstm._fast) are missing: install "
         "the package with 'pip install .' so that setup.py builds them (%s)" % e
     ) from e

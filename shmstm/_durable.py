@@ -771,30 +771,55 @@ class Durable:
         """A sync commit came back SHMSTM_PENDING: it is committed; wait until
         it is in LMDB, restarting a dead flusher."""
         wv = lib.shmstm_ctx_last_wv(ptr)
+        self.wait_flushed(wv, None, "committed (wv %d) but" % wv)
+
+    def flush(self, timeout=None):
+        """Wait until every commit this process made on the runtime is in
+        LMDB (Runtime.flush, close)."""
+        seg = self.rt._seg
+        wv = lib.shmstm_seg_last_wv(seg) if seg is not None else 0
+        if wv:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.wait_flushed(wv, deadline, "the commits of this process up to wv %d are" % wv)
+
+    def wait_flushed(self, wv, deadline, what):
+        """Wait until the flusher has written commit ``wv`` to LMDB,
+        restarting a dead flusher; DurabilityError (naming ``what``) if it
+        cannot write, or at ``deadline`` (time.monotonic(); None: never)."""
         seg = self.rt._seg
         while True:
             if self.rt._closed:             # by another thread, which waits for us (close)
                 raise errors.DurabilityError(
-                    "committed (wv %d), but the runtime %r was closed by another thread before "
-                    "the commit was known durable; the flusher still writes it to LMDB unless "
-                    "the machine goes down first" % (wv, self.rt.name))
-            rc = lib.shmstm_ring_wait(seg, wv, 100_000_000)
+                    "%s not known durable: the runtime %r was closed by another thread; the "
+                    "flusher still writes them to LMDB unless the machine goes down first"
+                    % (what, self.rt.name))
+            ns = 100_000_000
+            if deadline is not None:
+                ns = max(0, min(ns, int((deadline - time.monotonic()) * 1e9)))
+            rc = lib.shmstm_ring_wait(seg, wv, ns)
             if rc == 0:
                 return
             info = ffi.new("shmstm_ring_info *")
             lib.shmstm_ring_info_get(seg, info)
             if info.durable_error:
                 raise errors.DurabilityError(
-                    "committed (wv %d) but not yet durable: the flusher cannot write %r (%s); "
-                    "the commit stays in the ring until it can"
-                    % (wv, self.path, flusher_error_text(info.durable_error)))
+                    "%s not yet durable: the flusher cannot write %r (%s); they stay in the "
+                    "segment's commit ring until it can"
+                    % (what, self.path, flusher_error_text(info.durable_error)))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.DurabilityError(
+                    "%s not yet durable: LMDB at %r has commits up to wv %d, and the flusher "
+                    "(%s) did not write the rest in time; they stay in the segment's commit "
+                    "ring, which the flusher drains while the segment exists"
+                    % (what, self.path, info.flushed_wv,
+                       "running, pid %d" % info.flusher_pid if info.flusher_alive else "not running"))
             if rc == lib.SHMSTM_ETIMEOUT:
                 try:
                     self.ensure_flusher()
                 except errors.DurabilityError as e:
                     raise errors.DurabilityError(
-                        "committed (wv %d) but not yet durable: %s; the commit stays in the "
-                        "ring for the next flusher" % (wv, e)) from None
+                        "%s not yet durable: %s; they stay in the segment's commit ring for "
+                        "the next flusher" % (what, e)) from None
 
     def stats(self):
         info = ffi.new("shmstm_ring_info *")

@@ -78,6 +78,10 @@ DEFAULT_LIMITS = {
 
 _WAIT_FOR_INIT_NS = 5_000_000_000
 
+# Seconds the last close() of a durable runtime waits for its commits to reach
+# LMDB by default (Runtime.close).
+CLOSE_FLUSH_TIMEOUT = 30.0
+
 
 class _Conflict(BaseException):
     """Internal: the attempt must re-run.  A BaseException so that a user's
@@ -314,10 +318,12 @@ class Runtime:
 
     # -- attach / detach
 
-    def _attach(self, limits, create_limits=None, wait_ns=None, create=True, durable=None):
+    def _attach(self, limits, create_limits=None, wait_ns=None, create=True, durable=None,
+                must_create=False, not_found_hint="; open it with shmstm.open()"):
         """Attach to the segment, creating it first when ``create`` (open());
         a lazy attach (an unpickled runtime) passes create=False, so it can
-        never re-create a segment that was unlinked."""
+        never re-create a segment that was unlinked.  ``must_create``:
+        RuntimeExistsError if the segment exists (open(create=True))."""
         if wait_ns is None:
             wait_ns = _WAIT_FOR_INIT_NS      # read at call time (tests lower it)
         # The core fills params and the box together, on success only; params
@@ -336,13 +342,15 @@ class Runtime:
                                              params, segp, fill):
                 self._created = True
                 break
+            if must_create:
+                raise _exists_error(self.name, "its segment %s is in /dev/shm" % shm_name)
             try:
                 shm = posix_ipc.SharedMemory(shm_name, 0)
             except posix_ipc.ExistentialError:
                 if not create:
                     raise errors.SegmentNotFoundError(
-                        "runtime %r does not exist (unlinked, or never created); open it "
-                        "with shmstm.open()" % self.name) from None
+                        "runtime %r does not exist (unlinked, or never created)%s"
+                        % (self.name, not_found_hint)) from None
                 continue            # unlinked between our two opens: create again
             except posix_ipc.PermissionsError as e:
                 raise errors.PermissionDeniedError(
@@ -439,9 +447,18 @@ class Runtime:
             if not self._waiting and self._closed:
                 self._waits.notify_all()
 
-    def close(self):
-        """Detach this process from the runtime (idempotent).  Threads of this
-        process blocked in retry() on it are woken and raise
+    def close(self, timeout=CLOSE_FLUSH_TIMEOUT):
+        """Detach this process from the runtime (idempotent).  ``open()`` is
+        counted per process: the last ``close()`` detaches.
+
+        For a durable runtime the last ``close()`` first waits, at most
+        ``timeout`` seconds (None: no limit), until the flusher has written
+        every commit this process made to LMDB (``flush()``); if it cannot,
+        the runtime is closed all the same and ``DurabilityError`` says which
+        commits are not yet durable (they stay in the segment's commit ring,
+        which the flusher drains while the segment exists).
+
+        Threads of this process blocked in retry() on it are woken and raise
         RuntimeClosedError, and those waiting for a sync commit's flush raise
         DurabilityError (committed, not known durable); close waits until they
         have left the core.  Other threads must not be inside a transaction
@@ -449,6 +466,13 @@ class Runtime:
 
         Interrupted (KeyboardInterrupt, a signal handler that raises), it
         can be called again: it finishes what the interrupted call began."""
+        unflushed = None
+        if self._durable is not None and not self._closed and self._refs <= 1 \
+                and self._seg is not None and _current() is None:
+            try:
+                self._durable.flush(timeout)
+            except errors.DurabilityError as e:
+                unflushed = e
         with _registry_lock:
             with self._lock:
                 if not self._closed:
@@ -457,6 +481,30 @@ class Runtime:
                         return
                     self._closed = True
                 self._teardown()
+        if unflushed is not None:
+            raise errors.DurabilityError("runtime %r closed; %s" % (self.name, unflushed))
+
+    def flush(self, timeout=None):
+        """Wait until every commit this process made on this durable runtime
+        is in LMDB (a barrier for ``durability="async"`` commits); returns at
+        once for a runtime without durability.  ``DurabilityError`` if the
+        flusher cannot write them (a full map, an I/O error) or, with a
+        ``timeout`` in seconds, if they are not written in time; the commits
+        stay in the segment's commit ring either way."""
+        if _current() is not None:
+            raise errors.Error("flush() inside a transaction would wait for itself")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or
+                                    isinstance(timeout, bool) or not timeout >= 0):
+            raise ValueError("timeout must be a non-negative number of seconds or None")
+        self._ensure()
+        d = self._durable
+        if d is None:
+            return
+        self._wait_begin()                  # close() from another thread waits for us
+        try:
+            d.flush(timeout)
+        finally:
+            self._wait_done()
 
     def _teardown(self):
         """Give back everything this process holds of the runtime (close();
@@ -483,7 +531,14 @@ class Runtime:
 
     @property
     def closed(self):
+        """True once close() has detached this process (the last handle)."""
         return self._closed
+
+    @property
+    def created(self):
+        """True if this process created the runtime's segment when it
+        attached (open() created it), False if it attached to an existing one."""
+        return self._created
 
     def __enter__(self):
         return self
@@ -601,8 +656,15 @@ def _adopt_durable(rt):
         d.after_attach(False)
 
 
-def open(name, path=None, *, durability=None, ring_slots=None, map_size=None, **limits):   # noqa: A001
+def open(name, path=None, *, create=None, durability=None, ring_slots=None, map_size=None,  # noqa: A001
+         **limits):
     """Create the runtime ``name`` or attach to it if it exists.
+
+    ``create``: None (the default) creates it or attaches to it; True must
+    create it (``RuntimeExistsError``, a ``FileExistsError``, if it exists,
+    in this process or any other); False must attach to an existing one
+    (``SegmentNotFoundError``).  ``Runtime.created`` says whether this
+    process created it.
 
     Limits (keyword arguments): ``max_tvars`` (65536), ``heap_size`` (64 MiB),
     ``max_procs`` (64 process/thread slots), ``max_value_size`` (1 MiB, at
@@ -619,6 +681,8 @@ def open(name, path=None, *, durability=None, ring_slots=None, map_size=None, **
     it (the remedy for a full map), a smaller one is refused.
     """
     _check_name(name)
+    if create not in (None, True, False):
+        raise TypeError("create must be None, True or False, not %r" % (create,))
     if durability is None:
         durability = "async" if path is not None else "none"
     if durability not in ("none", "async", "sync"):
@@ -628,12 +692,15 @@ def open(name, path=None, *, durability=None, ring_slots=None, map_size=None, **
     if path is not None or durability != "none":
         if map_size is not None:
             _durable_mod()._check_map_size(map_size)    # before anything is created
-        return _open_durable(name, path, durability, ring_slots, map_size, limits)
+        if create is True and path is None:
+            raise ValueError("creating a durable runtime needs path=, the directory of its "
+                             "LMDB data")
+        return _open_durable(name, path, durability, ring_slots, map_size, limits, create)
     if ring_slots is not None:
         raise ValueError("ring_slots needs a path (a durable runtime)")
     if map_size is not None:
         raise ValueError("map_size needs a path (a durable runtime)")
-    return _open_plain(name, limits)
+    return _open_plain(name, limits, create)
 
 
 def _check_limits(limits):
@@ -656,16 +723,18 @@ def _check_limits(limits):
     return lim
 
 
-def _open_durable(name, path, mode, ring_slots, map_size, limits):
+def _open_durable(name, path, mode, ring_slots, map_size, limits, create=None):
     """open() with a path or a durability mode: a runtime of its own (not
     shared with plain open() calls in this process)."""
     lim = _check_limits(limits)
     with _registry_lock:
         old = _registered(name)
         if old is not None and old._pid == os.getpid():
+            if create is True:
+                raise _exists_error(name, "open in this process")
             return _reopen_durable(old, path, mode, map_size, limits)
-    if path is None:
-        if map_size is not None:
+    if path is None or create is False:
+        if map_size is not None and path is None:
             raise ValueError("map_size needs the path of the durable data")
         prep = None         # attach only: the segment knows its path
     else:
@@ -674,10 +743,16 @@ def _open_durable(name, path, mode, ring_slots, map_size, limits):
     with _registry_lock:
         old = _registered(name)         # another thread may have opened it meanwhile
         if old is not None and old._pid == os.getpid():
+            if create is True:
+                raise _exists_error(name, "open in this process")
             return _reopen_durable(old, path, mode, map_size, limits)
         rt = _register_new(name)
+        hint = (" and open(create=False) only attaches" if create is False else
+                "; a durable runtime is created by open() with path=, the directory of its "
+                "LMDB data")
         try:
-            rt._attach(limits, lim, create=prep is not None, durable=prep)
+            rt._attach(limits, lim, create=prep is not None, durable=prep,
+                       must_create=create is True, not_found_hint=hint)
         except BaseException:
             _unregister_unattached(rt)
             raise
@@ -689,7 +764,7 @@ def _open_durable(name, path, mode, ring_slots, map_size, limits):
             rt._refs = 1
             rt.close()
             if created:
-                unlink(name)            # a half-loaded segment must not stay
+                unlink(name, discard=True)      # a half-loaded segment must not stay
             raise
         rt._refs = 1
         _registry[name] = rt
@@ -756,20 +831,29 @@ def _unregister_unattached(rt):
         del _registry[rt.name]
 
 
-def _open_plain(name, limits):
+def _exists_error(name, where):
+    return errors.RuntimeExistsError(
+        "runtime %r exists (%s) and open(create=True) must create it: close it and "
+        "shmstm.unlink(%r) first, or open it with create=None to attach" % (name, where, name))
+
+
+def _open_plain(name, limits, create=None):
     lim = _check_limits(limits)
     with _registry_lock:
         rt = _registered(name)
         if rt is not None and rt._pid == os.getpid():
+            if create is True:
+                raise _exists_error(name, "open in this process")
             if rt._seg is None:
-                rt._attach(limits, lim)
+                rt._attach(limits, lim, create=create is None)
             else:
                 _check_same_limits(rt, limits)
             rt._refs += 1
             return rt
         rt = _register_new(name)
         try:
-            rt._attach(limits, lim)
+            rt._attach(limits, lim, create=create is not False, must_create=create is True,
+                       not_found_hint=" and open(create=False) only attaches")
         except BaseException:
             _unregister_unattached(rt)
             raise
@@ -778,10 +862,18 @@ def _open_plain(name, limits):
         return rt
 
 
-def unlink(name):
+def unlink(name, *, discard=False, timeout=CLOSE_FLUSH_TIMEOUT):
     """Remove the runtime's shared-memory segment.  Processes still attached
-    keep their mapping until they close.  Returns False if it did not exist."""
+    keep their mapping until they close.  Returns False if it did not exist.
+
+    A durable runtime's segment may hold commits its flusher has not yet
+    written to LMDB (acknowledged ``async`` commits): unlink first has them
+    written (waiting at most ``timeout`` seconds), and refuses with
+    ``DurabilityError`` if that fails; ``discard=True`` removes the segment
+    with them, on purpose."""
     _check_name(name)
+    if not discard:
+        _drain_before_unlink(name, timeout)
     try:
         posix_ipc.unlink_shared_memory(_shm_name(name))
         return True
@@ -790,6 +882,42 @@ def unlink(name):
     except posix_ipc.PermissionsError as e:
         raise errors.PermissionDeniedError(
             "cannot remove runtime %r: %s (another user's segment?)" % (name, e)) from None
+
+
+def _drain_before_unlink(name, timeout):
+    """unlink(): the commits only this segment's ring holds go to LMDB first."""
+    path = _segments.SHM_DIR + _shm_name(name)
+    seg, _ = _segments._attach_ro(path)
+    if seg is None:
+        return                          # gone, not ours, not shmstm: nothing of ours to keep
+    try:
+        info = ffi.new("shmstm_ring_info *")
+        lib.shmstm_ring_info_get(seg, info)
+        pending = info.ring_slots and info.committed_wv > info.flushed_wv
+        target = info.committed_wv
+    finally:
+        lib.shmstm_seg_detach(seg)
+    if not pending:
+        return
+    try:
+        rt = open(name)                 # attaches, and starts a flusher if none runs
+    except errors.SegmentNotFoundError:
+        return
+    try:
+        rt._wait_begin()
+        try:
+            rt._durable.wait_flushed(
+                target, time.monotonic() + timeout,
+                "runtime %r: its commits up to wv %d are" % (name, target))
+        finally:
+            rt._wait_done()
+    except errors.DurabilityError as e:
+        raise errors.DurabilityError(
+            "%s; unlink refused, so that they are not lost: open the runtime again (with a "
+            "larger map_size if the map is full) to have them written, or call "
+            "shmstm.unlink(%r, discard=True) to remove it with them" % (e, name)) from None
+    finally:
+        rt.close()
 
 
 def _close_all():

@@ -61,9 +61,13 @@ def auditor(rt):
 
 
 def main():
+    # Demos killed before their cleanup left their segments: remove those no
+    # live process uses (a demo running now keeps its own).
+    shmstm.cleanup_segments(names=[d["name"] for d in shmstm.list_segments()
+                                   if d["name"].startswith("demo-")])
     name = "demo-%d" % os.getpid()
     ctx = mp.get_context("spawn")
-    with shmstm.open(name, max_tvars=1024, heap_size=1 << 20) as rt:
+    with shmstm.open(name, create=True, max_tvars=1024, heap_size=1 << 20) as rt:
         try:
             accounts = [rt.tvar("acct:%d" % i, START) for i in range(ACCOUNTS)]
             done = rt.tvar("workers-done", 0)
@@ -78,7 +82,9 @@ def main():
             elapsed = time.monotonic() - t0
             balances = shmstm.atomically(lambda: [a.value for a in accounts])
             for pid, moved in results:
-                print("worker %d: %d of %d transfers committed" % (pid, moved, TRANSFERS))
+                print("worker %d: %d transfers committed: %d moved money, %d found both "
+                      "source accounts short and moved nothing"
+                      % (pid, TRANSFERS, moved, TRANSFERS - moved))
             print("auditor: %d consistent snapshots while transfers ran" % audits)
             print("balances:", balances)
             total = sum(balances)

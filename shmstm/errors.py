@@ -60,6 +60,10 @@ class SegmentNotFoundError(Error, FileNotFoundError):
     """No segment with that name exists."""
 
 
+class RuntimeExistsError(Error, FileExistsError):
+    """``open(name, create=True)``: the runtime exists already."""
+
+
 class PermissionDeniedError(Error, PermissionError):
     """The segment belongs to another user or has a mode other than 0600."""
 

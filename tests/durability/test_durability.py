@@ -498,8 +498,11 @@ def test_a_forged_ring_record_is_never_written_to_lmdb(segname, dpath, flushers,
         other.value = 6
     assert other.value == 5 and ctr.value == marker
     assert shmstm.read_durable(dpath)["values"]["ctr"] == 1
-    rt.close()
-    shmstm.unlink(segname)
+    with pytest.raises(shmstm.DurabilityError, match="closed;.*corrupt"):
+        rt.close()                      # the last close says what is not durable
+    with pytest.raises(shmstm.DurabilityError, match="discard=True"):
+        shmstm.unlink(segname)
+    shmstm.unlink(segname, discard=True)
 
 
 def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flushers):
@@ -602,7 +605,8 @@ def test_close_from_another_thread_ends_a_sync_commit_wait(segname, dpath, flush
         th.start()
         wait_for(lambda: rt.stats()["durability"]["committed_wv"] > c0, 30,
                  "the sync commit to pass its commit point")
-        rt.close()
+        with pytest.raises(shmstm.DurabilityError, match="closed;"):
+            rt.close(timeout=0.2)       # its own flush wait ends too
         th.join(30)
         assert not th.is_alive()
     finally:
@@ -751,7 +755,8 @@ def test_full_map_is_an_error_and_loses_nothing(segname, dpath, flushers):
     disk = shmstm.read_durable(dpath)
     prefix = [vals for wv, vals in states if wv <= disk["flushed_wv"]]
     assert prefix and disk["values"] == prefix[-1]
-    rt.close()
+    with pytest.raises(shmstm.DurabilityError, match="closed;.*not yet durable"):
+        rt.close()
     assert wait_dead(fpid, 30), "a failing flusher with nobody attached must exit"
     # The commits LMDB lacks are in the segment's ring: cleanup must keep it...
     from shmstm._segments import cleanup_segments, list_segments
@@ -1233,8 +1238,10 @@ def test_a_map_size_raised_by_another_process_is_adopted(segname, dpath, flusher
         "for i in range(60):\n"
         "    rt.tvar('k%d' % i, b'').value = b'x' * 50000\n"   # 3 MB: past the old map
         "rt.close()\n")
+    # cwd: "python -c" puts it first on sys.path, and a source checkout there
+    # would shadow the installed package.
     subprocess.run([sys.executable, "-c", code, segname, dpath], env=worker_env(), check=True,
-                   timeout=120)
+                   timeout=120, cwd=dpath)
     assert os.path.getsize(os.path.join(dpath, "data.mdb")) > 1 << 20
     vals = shmstm.read_durable(dpath)["values"]
     assert vals["a"] == 1 and len(vals) == 61 and vals["k59"] == b"x" * 50000
@@ -1268,10 +1275,77 @@ def test_a_full_map_error_says_one_thing_in_sync_mode(segname, dpath, flushers):
             if len(seen) == 2:
                 break
     assert seen, "256 KiB of map took 64 values of 30 kB"
-    rt.close()
+    with pytest.raises(shmstm.DurabilityError, match="closed;.*not yet durable"):
+        rt.close()
     # Leave nothing behind: a larger map drains what the ring kept.
     rt = shmstm.open(segname, path=dpath, map_size=1 << 24, **LIMITS)
     flushers.append(flusher_pid(rt))
     drain(rt)
     rt.close()
     shmstm.unlink(segname)
+
+
+def test_async_commits_survive_close_then_unlink(segname, dpath, flushers):
+    """Regression (a new user's first program): 200 async commits, the
+    runtime closed by its with block, unlinked at once: LMDB had none of them.
+    The last close waits until the flusher wrote every commit of the process."""
+    with shmstm.open(segname, path=dpath, durability="async", **LIMITS) as rt:
+        flushers.append(flusher_pid(rt))
+        c = rt.tvar("c", 0)
+        for _ in range(200):
+            c.value += 1
+    assert shmstm.unlink(segname)
+    assert shmstm.read_durable(dpath)["values"] == {"c": 200}
+
+
+def test_flush_is_a_barrier_for_async_commits(segname, dpath, flushers):
+    """rt.flush(): every commit this process made is in LMDB when it returns
+    (the runtime stays open); a runtime without durability returns at once."""
+    rt = shmstm.open(segname, path=dpath, durability="async", **LIMITS)
+    flushers.append(flusher_pid(rt))
+    c = rt.tvar("c", 0)
+    for i in range(1, 51):
+        c.value = i
+        if i % 10 == 0:
+            rt.flush()
+            assert shmstm.read_durable(dpath)["values"]["c"] == i
+    with pytest.raises(ValueError):
+        rt.flush(timeout=-1)
+    with pytest.raises(shmstm.Error, match="inside a transaction"):
+        shmstm.atomically(rt.flush)
+    rt.close()
+    shmstm.unlink(segname)
+
+
+def test_close_that_cannot_flush_raises_and_unlink_keeps_the_commits(segname, dpath, flushers):
+    """The flusher is stopped: the last close() waits its timeout, closes all
+    the same and raises DurabilityError naming the commits not yet durable;
+    unlink() then refuses (it would lose them), saying how to discard them;
+    once the flusher runs again, unlink drains them into LMDB first."""
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
+    for i in range(1, 6):
+        ctr.value = i                        # async: acknowledged, not yet in LMDB
+    t0 = time.monotonic()
+    with pytest.raises(shmstm.DurabilityError, match=r"closed; the commits of this process up "
+                                                     r"to wv \d+ are not yet durable"):
+        rt.close(timeout=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 10 and rt.closed
+    with pytest.raises(shmstm.DurabilityError, match=r"discard=True"):
+        shmstm.unlink(segname, timeout=0.5)
+    assert os.path.exists("/dev/shm/shmstm." + segname)
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 0
+    os.kill(fpid, signal.SIGCONT)
+    assert shmstm.unlink(segname)
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 5
+
+
+def test_unlink_discard_removes_a_segment_with_unflushed_commits(segname, dpath, flushers):
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
+    ctr.value = 1
+    with pytest.raises(shmstm.DurabilityError):
+        rt.close(timeout=0.2)
+    assert shmstm.unlink(segname, discard=True)
+    assert not os.path.exists("/dev/shm/shmstm." + segname)
+    os.kill(fpid, signal.SIGCONT)
+    assert wait_dead(fpid, 30)
+    assert shmstm.read_durable(dpath)["values"]["ctr"] in (0, 1)
