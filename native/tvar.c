@@ -300,6 +300,26 @@ int name_block(struct shmstm_seg *s, uint32_t idx, const unsigned char **name, u
     return 0;
 }
 
+/* The TVar indices of every named TVar (at most cap of them); returns how
+ * many there are.  A snapshot of the directory: READY entries never change
+ * (names are never removed), so each one found is true. */
+int shmstm_seg_named(shmstm_seg *s, uint32_t *idx, uint32_t cap)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < s->dir_slots; i++) {
+        /* Pairs with the creator's store_release of key (READY after val). */
+        if ((load_acquire(&s->dir[i].key) & 3u) != DE_READY)
+            continue;
+        uint32_t t = (uint32_t)(load_relaxed(&s->dir[i].val) >> 32);
+        if (t >= s->max_tvars)
+            return SHMSTM_ECORRUPT;
+        if (n < cap)
+            idx[n] = t;
+        n++;
+    }
+    return (int)n;
+}
+
 int shmstm_seg_name_of(shmstm_seg *s, uint32_t idx, char *buf, uint32_t cap)
 {
     const unsigned char *name;

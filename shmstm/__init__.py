@@ -17,6 +17,7 @@ that run truly in parallel in several processes (GHC-STM semantics:
 See docs/api.md for the whole API.
 """
 from .__about__ import __version__
+from ._aio import atomically_async
 from ._durable import durability, read_durable
 from ._stm import (
     Runtime, TVar, atomic, atomically, check, in_transaction, open, or_else, retry, unlink,
@@ -32,7 +33,8 @@ from .errors import (
 )
 
 __all__ = [
-    "__version__", "Runtime", "TVar", "open", "unlink", "atomically", "atomic", "retry",
+    "__version__", "Runtime", "TVar", "open", "unlink", "atomically", "atomically_async",
+    "atomic", "retry",
     "check", "or_else", "in_transaction", "list_segments", "cleanup_segments",
     "durability", "read_durable", "DurabilityError", "DurabilityMismatchError", "DurableFormatError",
     "Error", "StaleTVarError", "EncodeError", "ValueTooLargeError", "HeapFullError",

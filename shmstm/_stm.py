@@ -207,10 +207,6 @@ def _handle(idx, gen):
     return h - (1 << 64) if h >= 1 << 63 else h
 
 
-def _hstr(h):
-    return "#%d.%d" % (h & 0xFFFFFFFF, (h >> 32) & 0xFFFFFFFF)
-
-
 class _Enc:
     """A buffered write of anything but an int64: encoded when it is written
     (so bad values raise at the assignment), staged at commit.  An int is
@@ -408,8 +404,9 @@ class Runtime:
                 raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
             # From here the object owns the context: dropped at any bytecode,
             # it gives it back (see _Ctx).
-            _check_rc(ctx.claim(_address(self._segbox[0])),
-                      "runtime %r" % self.name)
+            rc = ctx.claim(_address(self._segbox[0]))
+            if rc < 0:
+                raise self._error(rc, "runtime %r" % self.name)
             ptr = ffi.cast("shmstm_ctx *", ctx.addr)
             ctx.out = ptr.out           # views of the context's own out-words
             ctx.outf = ffi.cast("double *", ptr.out)
@@ -569,20 +566,84 @@ class Runtime:
 
     def tvar(self, name, default=None):
         """The TVar named ``name``, created with ``default`` if it does not exist
-        (atomic across processes: exactly one creator wins)."""
-        if not isinstance(name, str):
-            raise TypeError("TVar name must be a str, not %s" % type(name).__name__)
-        b = name.encode("utf-8", "surrogatepass")
-        if not 0 < len(b) <= lib.SHMSTM_MAX_NAME:
-            raise ValueError("TVar name must be 1-%d bytes of UTF-8" % lib.SHMSTM_MAX_NAME)
+        (atomic across processes: exactly one creator wins).  ``lookup(name)``
+        finds one without creating it."""
+        b = _name_bytes(name)
         ctx = self._ctx()
         oi = ffi.new("uint32_t[2]")
         rc = lib.shmstm_tvar_lookup(ctx.ptr, b, len(b), oi, oi + 1)
         if rc == lib.SHMSTM_ENOTFOUND:
             tag, payload = _encode(default, self._max_value_size)
             rc = _new_call(lib.shmstm_tvar_named, ctx.ptr, (b, len(b)), tag, payload, oi)
+        if rc < 0:
+            raise self._error(rc, "TVar %r" % name)
+        return TVar(self, oi[0], oi[1], name)
+
+    def lookup(self, name):
+        """The existing TVar named ``name``; ``KeyError`` if there is none
+        (``tvar()`` would create it)."""
+        b = _name_bytes(name)
+        ctx = self._ctx()
+        oi = ffi.new("uint32_t[2]")
+        rc = lib.shmstm_tvar_lookup(ctx.ptr, b, len(b), oi, oi + 1)
+        if rc == lib.SHMSTM_ENOTFOUND:
+            raise KeyError(name)
         _check_rc(rc, "TVar %r" % name)
         return TVar(self, oi[0], oi[1], name)
+
+    _LIMIT_HINTS = {
+        lib.SHMSTM_ETVARSFULL: ("max_tvars", "TVars"),
+        lib.SHMSTM_EDIRFULL: ("max_tvars", "TVars"),
+        lib.SHMSTM_EHEAPFULL: ("heap_size", "bytes of values"),
+        lib.SHMSTM_EPROCSFULL: ("max_procs", "process slots (one per thread and process)"),
+    }
+
+    def _error(self, rc, what):
+        """The exception for core code ``rc``; a full table, heap or slot
+        table names the limit, its value and the way out."""
+        e = error_for(rc, what)
+        hint = self._LIMIT_HINTS.get(rc)
+        p = self._params
+        if hint is None or p is None:
+            return e
+        key, unit = hint
+        extra = ("free the TVars you no longer need, or " if key != "max_procs" else
+                 "close runtimes in threads that no longer use them, or ")
+        durable = (" (a durable runtime's named TVars come back from LMDB)"
+                   if self._durable is not None else "")
+        return type(e)(
+            "%s: %s=%d %s reached; limits are fixed when the runtime is created: %sclose "
+            "it everywhere, shmstm.unlink(%r) and open it again with a larger %s%s"
+            % (what, key, getattr(p, key), unit, extra, self.name, key, durable))
+
+    def _describe(self, idx):
+        """A TVar for an error message: its name, or its index."""
+        seg = self._seg
+        if seg is not None:
+            buf = ffi.new("char[]", lib.SHMSTM_MAX_NAME + 1)
+            n = lib.shmstm_seg_name_of(seg, idx, buf, lib.SHMSTM_MAX_NAME + 1)
+            if n >= 0:
+                return "TVar %r" % ffi.buffer(buf, n)[:].decode("utf-8", "surrogatepass")
+        return "anonymous TVar #%d" % idx
+
+    def names(self):
+        """The names of the runtime's named TVars, sorted (a snapshot)."""
+        self._ensure()
+        seg = self._seg
+        cap = 1024
+        while True:
+            idx = ffi.new("uint32_t[]", cap)
+            n = _check_rc(lib.shmstm_seg_named(seg, idx, cap), "runtime %r" % self.name)
+            if n <= cap:
+                break
+            cap = n
+        buf = ffi.new("char[]", lib.SHMSTM_MAX_NAME + 1)
+        out = []
+        for i in range(n):
+            k = _check_rc(lib.shmstm_seg_name_of(seg, idx[i], buf, lib.SHMSTM_MAX_NAME + 1),
+                          "runtime %r: TVar #%d" % (self.name, idx[i]))
+            out.append(ffi.buffer(buf, k)[:].decode("utf-8", "surrogatepass"))
+        return sorted(out)
 
     def new_tvar(self, value=None):
         """A new anonymous TVar holding ``value``.  Inside a transaction it
@@ -593,7 +654,9 @@ class Runtime:
             tx._bind(self)              # raises before anything is created
         ctx = self._ctx()
         oi = ffi.new("uint32_t[2]")
-        _check_rc(_new_call(lib.shmstm_tvar_new, ctx.ptr, (), tag, payload, oi), "new TVar")
+        rc = _new_call(lib.shmstm_tvar_new, ctx.ptr, (), tag, payload, oi)
+        if rc < 0:
+            raise self._error(rc, "new TVar")
         tv = TVar(self, oi[0], oi[1], None)
         if tx is not None:
             tx.created.append(tv)
@@ -612,6 +675,15 @@ class Runtime:
         if self._durable is not None:       # this process knows the mode and path
             st["durability"] = self._durable.stats()
         return st
+
+
+def _name_bytes(name):
+    if not isinstance(name, str):
+        raise TypeError("TVar name must be a str, not %s" % type(name).__name__)
+    b = name.encode("utf-8", "surrogatepass")
+    if not 0 < len(b) <= lib.SHMSTM_MAX_NAME:
+        raise ValueError("TVar name must be 1-%d bytes of UTF-8" % lib.SHMSTM_MAX_NAME)
+    return b
 
 
 def _new_call(fn, cptr, name_args, tag, payload, oi):
@@ -1253,8 +1325,9 @@ class _Tx:
                 if type(w) is not int:
                     rc = w.stage(ptr, h)
                     if rc < 0:
+                        rt = self.rt
                         self._end(AB_RESOURCE)
-                        raise error_for(rc, "committing TVar %s" % _hstr(h))
+                        raise rt._error(rc, "committing %s" % rt._describe(h & 0xFFFFFFFF))
         # The TVars this attempt created leave self.created before the call:
         # an interrupt (KeyboardInterrupt from a signal handler) landing just
         # after a successful commit makes atomically() end the attempt, and
@@ -1285,7 +1358,7 @@ class _Tx:
         if rc == E_INTR or (rt._durable is not None and rt._durable.retryable(rc)):
             return None                     # re-run, not a conflict (signal handlers ran,
                                             # or the flusher was restarted)
-        raise error_for(rc, "commit (TVar #%d)" % lib.shmstm_tx_failed_idx(ptr))
+        raise rt._error(rc, "commit (%s)" % rt._describe(lib.shmstm_tx_failed_idx(ptr)))
 
     def _commit_sync(self, ptr, writes, created):
         """A durable sync commit: it waits for the flusher (in the core, then
@@ -1451,6 +1524,18 @@ def _run(tx, fn, args, kwargs, deadline):
         tx._end(AB_USER)
         tx.clean = True
         raise
+
+
+def _run_until(f, args, kwargs, deadline):
+    """An outermost transaction whose retry() waits until ``deadline``
+    (time.monotonic()) at most, then raises RetryTimeout (atomically_async)."""
+    tx = _get_tx()
+    if tx is None:
+        tx = _Tx()
+        _set_tx(tx)
+    elif tx.running:
+        raise errors.Error("atomically_async() inside a transaction")
+    return _run(tx, f, args, kwargs, deadline)
 
 
 def _run_with_timeout(f, args, kwargs, timeout):

@@ -419,3 +419,37 @@ def test_a_forged_handle_cannot_free_a_named_tvar(runtime):
         runtime.new_tvar(0)                             # would take a freed slot
     assert runtime.tvar("acct").value == 5
     assert named.value == 5 and forged.value == 5
+
+
+def test_lookup_raises_keyerror_for_a_missing_name_and_names_lists_them(runtime):
+    """rt.tvar() creates a TVar for any name, a typo included; rt.lookup()
+    finds an existing one or raises KeyError, and creates nothing."""
+    runtime.tvar("user:17", 5)
+    runtime.tvar("user:2", 6)
+    runtime.new_tvar(7)                           # anonymous: not listed
+    assert runtime.lookup("user:17").value == 5
+    with pytest.raises(KeyError):
+        runtime.lookup("user:71")
+    assert runtime.names() == ["user:17", "user:2"]
+    with pytest.raises(TypeError):
+        runtime.lookup(17)
+
+
+def test_limit_errors_name_the_limit_its_value_and_the_tvar(segname):
+    rt = shmstm.open(segname, heap_size=1 << 16, max_tvars=8, max_value_size=1 << 14)
+    try:
+        with pytest.raises(shmstm.TVarTableFullError,
+                           match=r"max_tvars=8 TVars reached.*unlink.*larger max_tvars"):
+            for i in range(20):
+                rt.new_tvar(i)
+    finally:
+        rt.close()
+        shmstm.unlink(segname)
+    rt = shmstm.open(segname, heap_size=1 << 16, max_tvars=64, max_value_size=1 << 14)
+    try:
+        tvs = [rt.tvar("big%d" % j, b"") for j in range(8)]
+        with pytest.raises(shmstm.HeapFullError,
+                           match=r"committing TVar 'big\d': heap_size=65536 bytes"):
+            shmstm.atomically(lambda: [t.set(b"x" * 10000) for t in tvs])
+    finally:
+        rt.close()
