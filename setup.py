@@ -37,7 +37,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=["shmstm"],
-    package_data={"shmstm": ["py.typed"]},
+    package_data={"shmstm": ["py.typed", "*.pyi"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["native/build_shmstm.py:ffibuilder"],
     ext_modules=[FAST],
@@ -45,7 +45,8 @@ setup(
     # a plain install.  The "durable" extra stays (empty) for old requirements.
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9", "lmdb>=1.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16",
+                 "mypy>=1.8"],
         "durable": [],
     },
     entry_points={"console_scripts": [

@@ -450,6 +450,27 @@ int shmstm_seg_proc_info(shmstm_seg *s, uint32_t slot, shmstm_proc_info *o)
 /* The n live TVars with the most conflicts, most first, with their generations
  * (a freed anonymous TVar's index is reused with a new generation and conflicts
  * from zero: index and generation name one TVar).  Returns how many. */
+/* Every live TVar with a waiter: its index and waiter bitmap (bit slot % 64,
+ * wait.c), at most cap of them; returns how many there are.  Advisory: a
+ * snapshot for the stats tool. */
+int shmstm_seg_waited(shmstm_seg *s, uint32_t *idx, uint64_t *bits, uint32_t cap)
+{
+    uint32_t k = 0, bump = load_relaxed(&s->h->tvar_bump);
+    if (bump > s->max_tvars)
+        bump = s->max_tvars;
+    for (uint32_t i = 0; i < bump; i++) {
+        uint64_t w = load_relaxed(&s->tvars[i].waiters);
+        if (!w || !(load_relaxed(&s->tvars[i].gen) & 1u))
+            continue;
+        if (k < cap) {
+            idx[k] = i;
+            bits[k] = w;
+        }
+        k++;
+    }
+    return (int)k;
+}
+
 int shmstm_seg_hot_tvars(shmstm_seg *s, uint32_t *idx, uint32_t *gen, uint32_t *conf,
                          uint32_t n)
 {

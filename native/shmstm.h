@@ -162,6 +162,7 @@ int shmstm_seg_info_get(shmstm_seg *seg, shmstm_seg_info *out);
 int shmstm_seg_proc_info(shmstm_seg *seg, uint32_t slot, shmstm_proc_info *out);
 int shmstm_seg_hot_tvars(shmstm_seg *seg, uint32_t *idx, uint32_t *gen, uint32_t *conflicts,
                          uint32_t n);
+int shmstm_seg_waited(shmstm_seg *seg, uint32_t *idx, uint64_t *bits, uint32_t cap);
 int shmstm_seg_name_of(shmstm_seg *seg, uint32_t idx, char *buf, uint32_t cap);
 int shmstm_seg_named(shmstm_seg *seg, uint32_t *idx, uint32_t cap);   /* named TVars' indices */
 int shmstm_seg_reclaim_dead(shmstm_seg *seg);

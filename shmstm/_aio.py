@@ -9,6 +9,7 @@ awaits the outcome.
 """
 import threading
 import time
+from typing import Any, Callable, TypeVar
 
 from . import errors
 from ._stm import _run_until
@@ -17,8 +18,10 @@ from ._stm import _run_until
 # (seconds): its wait is cut into waits this long, each a re-run.
 CANCEL_POLL = 0.1
 
+R = TypeVar("R")
 
-async def atomically_async(fn, *args, **kwargs):
+
+async def atomically_async(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """``await atomically_async(fn, *args, **kwargs)``: ``atomically`` for
     asyncio code, which never blocks the event loop.
 

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any, Dict
 
 from . import errors
 from ._binding import error_for, ffi, lib
@@ -502,7 +503,7 @@ def decode_value(val):
     raise errors.CorruptSegmentError("unknown value tag %d in LMDB" % tag)
 
 
-def read_durable(path):
+def read_durable(path: str) -> Dict[str, Any]:
     """The durable state at ``path`` without a segment (backup, inspection):
     ``{"flushed_wv": int, "runtime_id": hex or None, "format": int or None,
     "values": {name: value}}`` (format: the data's format marker, None for
@@ -542,19 +543,19 @@ class durability:
     ``mode`` ("async" or "sync") on every durable runtime.  ``@atomic(durability=...)``
     uses it around each call.  Runtimes without a path ignore it."""
 
-    def __init__(self, mode):
+    def __init__(self, mode: str) -> None:
         if mode not in ("async", "sync"):
             raise ValueError("durability override must be 'async' or 'sync', not %r" % (mode,))
         self.mode = mode
         self._prev = None
 
-    def __enter__(self):
+    def __enter__(self) -> "durability":
         self._prev = _override.mode
         _override.mode = self.mode
         _apply_override()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         _override.mode = self._prev
         _apply_override()
 

@@ -15,6 +15,7 @@
 import os
 import re
 import stat
+from typing import Any, Dict, Iterable, List, Optional
 
 import posix_ipc
 
@@ -228,7 +229,7 @@ def _describe(fn, maps):
     return d
 
 
-def list_segments():
+def list_segments() -> List[Dict[str, Any]]:
     """Every shmstm segment in /dev/shm, as a list of dicts (see docs/api.md):
     ``name``, ``shm_path``, ``size``, ``uid``, ``mode``, ``layout_ok``, ``error``,
     ``processes`` (``[{slot, pid, alive}]``), ``live_processes``, ``stale``, plus
@@ -250,7 +251,7 @@ def list_segments():
     return [_describe(fn, maps) for fn in names]
 
 
-def cleanup_segments(dry_run=False, names=None):
+def cleanup_segments(dry_run: bool = False, names: Optional[Iterable[str]] = None) -> List[str]:
     """Remove every segment of this user that no live process uses: no slot owned
     by a live process (the kernel's answer: pid + start time), no process
     mapping it, and no durable commit that only its ring holds; a temporary

@@ -74,6 +74,42 @@ def _os_view(pid, cache):
     return None  # pragma: no cover - the second pass always returns
 
 
+def _name_of(seg, idx, cache):
+    """TVar idx's name, or None (anonymous); cached per reader."""
+    name = cache.names.get(idx) if cache is not None else None
+    if name is None:
+        buf = ffi.new("char[]", _NAME_CAP)
+        r = lib.shmstm_seg_name_of(seg, idx, buf, _NAME_CAP)
+        if r >= 0:
+            # Names are stored as UTF-8 with surrogatepass (Runtime.tvar).
+            name = ffi.unpack(buf, r).decode("utf-8", "surrogatepass")
+            if cache is not None:
+                cache.names[idx] = name
+    return name
+
+
+WAITED_CAP = 4096          # TVars with waiters listed per read
+
+
+def _waited_by_slot(seg, max_procs, cache):
+    """{slot: [TVar name, or "#index" for an anonymous one]} from the TVars'
+    waiter bitmaps: what each process blocked in retry() waits for.  With
+    more than 64 slots a bit stands for slots s, s+64, ...: the list of each
+    is then what any of them waits for."""
+    idx = ffi.new("uint32_t[]", WAITED_CAP)
+    bits = ffi.new("uint64_t[]", WAITED_CAP)
+    n = min(lib.shmstm_seg_waited(seg, idx, bits, WAITED_CAP), WAITED_CAP)
+    out = {}
+    for k in range(n):
+        name = _name_of(seg, idx[k], cache)
+        label = name if name is not None else "#%d" % idx[k]
+        w = bits[k]
+        for slot in range(max_procs):
+            if w >> (slot % 64) & 1:
+                out.setdefault(slot, []).append(label)
+    return out
+
+
 def _hot_tvars(seg, hot, cache):
     if hot <= 0:
         return []
@@ -81,20 +117,10 @@ def _hot_tvars(seg, hot, cache):
     gen = ffi.new("uint32_t[]", hot)
     conf = ffi.new("uint32_t[]", hot)
     n = lib.shmstm_seg_hot_tvars(seg, idx, gen, conf, hot)
-    namebuf = None
     out = []
     for i in range(n):
-        name = cache.names.get(idx[i]) if cache is not None else None
-        if name is None:
-            if namebuf is None:
-                namebuf = ffi.new("char[]", _NAME_CAP)
-            r = lib.shmstm_seg_name_of(seg, idx[i], namebuf, _NAME_CAP)
-            if r >= 0:
-                # Names are stored as UTF-8 with surrogatepass (Runtime.tvar).
-                name = ffi.unpack(namebuf, r).decode("utf-8", "surrogatepass")
-                if cache is not None:
-                    cache.names[idx[i]] = name
-        out.append({"index": idx[i], "generation": gen[i], "name": name, "conflicts": conf[i]})
+        out.append({"index": idx[i], "generation": gen[i], "name": _name_of(seg, idx[i], cache),
+                    "conflicts": conf[i]})
     return out
 
 
@@ -114,6 +140,7 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
     info = ffi.new("shmstm_seg_info *")
     lib.shmstm_seg_info_get(seg, info)
     procs = []
+    waited = None
     pi = ffi.new("shmstm_proc_info *")
     for slot in range(info.max_procs):
         lib.shmstm_seg_proc_info(seg, slot, pi)
@@ -134,6 +161,11 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
                 status = "unknown"
         if not alive:
             status = "dead"
+        waiting_on = []
+        if pi.waiting:
+            if waited is None:
+                waited = _waited_by_slot(seg, info.max_procs, cache)
+            waiting_on = sorted(waited.get(slot, ()))
         aborts = {r: pi.aborts[i] for i, r in enumerate(ABORT_REASONS)}
         age = (now_ns - pi.attach_ns) / 1e9 if pi.attach_ns else 0.0
         done = pi.commits + pi.ro_commits
@@ -145,6 +177,7 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
             "alive": alive,
             "status": status,
             "waiting": bool(pi.waiting),
+            "waiting_on": waiting_on,
             "commit_state": (COMMIT_STATES[pi.rec_state] if pi.rec_state < len(COMMIT_STATES)
                              else str(pi.rec_state)),
             "cpu_seconds": cpu_s,

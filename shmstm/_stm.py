@@ -15,6 +15,7 @@ import pickle
 import random
 import threading
 import time
+import types
 import weakref
 
 import posix_ipc
@@ -1047,6 +1048,8 @@ class TVar:
     """A transactional variable in a runtime's shared segment.  Holds an
     immutable snapshot of a Python value: read it and write it back."""
     __slots__ = ("_rt", "_idx", "_gen", "_h", "_ref", "_refa", "_name", "__weakref__")
+    # TVar[int] in annotations evaluated at run time (the stub makes it generic).
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     def __init__(self, rt, idx, gen, name):
         self._rt = rt

@@ -19,6 +19,7 @@ import http.server
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -85,19 +86,59 @@ def _state(p):
     return _STATUS.get(p["status"], p["status"][:5])
 
 
-def _table(header, rows, left=()):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+def _table(header, rows, left=(), width=None, drop=()):
+    """Aligned rows.  With ``width``, the columns named in ``drop`` are left
+    out, in that order, until the table fits; returns (lines, dropped)."""
+    keep = list(range(len(header)))
+    dropped = []
+    while True:
+        widths = {i: max(len(str(r[i])) for r in [header] + rows) for i in keep}
+        total = sum(widths.values()) + 2 * (len(keep) - 1)
+        if width is None or total <= width:
+            break
+        left_to_drop = [c for c in drop if c in header and header.index(c) in keep]
+        if not left_to_drop:
+            break
+        keep.remove(header.index(left_to_drop[0]))
+        dropped.append(left_to_drop[0])
     lines = []
     for r in [header] + rows:
-        cells = [str(c).ljust(w) if i in left else str(c).rjust(w)
-                 for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [str(r[i]).ljust(widths[i]) if i in left else str(r[i]).rjust(widths[i])
+                 for i in keep]
         lines.append("  ".join(cells).rstrip())
-    return lines
+    return (lines, dropped) if width is not None else lines
 
 
-def render_text(doc, rate=None):
+def _fold(line, width, indent="    "):
+    """A line cut at its two-space separators into lines of at most ``width``
+    (a part longer than that stands alone)."""
+    if width is None or len(line) <= width:
+        return [line]
+    lead = line[:len(line) - len(line.lstrip(" "))]
+    parts = [p for p in line.strip(" ").split("  ") if p]
+    out, cur = [], lead
+    for p in parts:
+        cand = cur + ("  " if cur.strip() else "") + p
+        if len(cand) <= width or not cur.strip():
+            cur = cand
+        else:
+            out.append(cur)
+            cur = indent + p
+    out.append(cur)
+    return out
+
+
+# Columns left out first when the terminal is narrow (abort reasons are then
+# summed on a line of their own).
+_DROP = ["STALE", "RES", "USER", "VALID", "LOCKED", "RO", "RO/s", "WAKEUPS", "WAKE/s", "RSS",
+         "RETRIES", "RETRY/s", "CPU%"]
+
+
+def render_text(doc, rate=None, width=None):
     """The one-screen view of a statistics document; with ``rate`` (from
-    ``rates()``) the counters are per second over rate["interval_s"]."""
+    ``rates()``) the counters are per second over rate["interval_s"].  With
+    ``width`` (the terminal's columns) every line fits in it: long lines are
+    folded and the least needed columns left out."""
     created = datetime.datetime.fromtimestamp(doc["created_ns"] / 1e9).strftime("%Y-%m-%d %H:%M:%S")
     lim, tv, heap = doc["limits"], doc["tvars"], doc["heap"]
     procs = doc["processes"]
@@ -134,7 +175,7 @@ def render_text(doc, rate=None):
                          p["retries"], p["wakeups"], _rate(p["commit_rate"])])
         tot = [sum(r[i] for r in rows) for i in range(5, 15)]
         rows.append(["all", "", "", "", ""] + tot + [_rate(sum(p["commit_rate"] for p in procs))])
-        lines += _table(header, rows, left={2})
+        lines += _fitted(header, rows, width, [str(t) for t in tot[3:8]])
     else:
         header = ["SLOT", "PID", "STATE", "CPU%", "RSS", "COMMIT/s", "RO/s", "ABORT/s", "LOCKED",
                   "VALID", "USER", "STALE", "RES", "RETRY/s", "WAKE/s"]
@@ -149,22 +190,46 @@ def render_text(doc, rate=None):
             rows.append([p["slot"], p["pid"], _state(p), _pct(r["cpu_percent"]),
                          _bytes(p["rss_bytes"])] + [_rate(v) for v in vals])
         rows.append(["all", "", "", "", ""] + [_rate(v) for v in sums])
-        lines += _table(header, rows, left={2})
+        lines += _fitted(header, rows, width, [_rate(v) for v in sums[3:8]], "/s")
+
+    waiting = [p for p in procs if p["waiting"]]
+    if waiting:
+        lines.append("")
+        lines.append("waiting in retry() for a change to:")
+        for p in waiting:
+            on = ", ".join(_printable(n, 40) for n in p["waiting_on"]) or "(nothing found)"
+            lines += _fold("  slot %d pid %d:  %s" % (p["slot"], p["pid"], on.replace(", ", ",  ")),
+                           width)
 
     lines.append("")
     hot = doc["hottest_tvars"] if rate is None else rate["hottest_tvars"]
+    name_w = 48 if width is None else max(16, min(48, width - 24))
     if not hot:
         lines.append("hottest TVars: no conflicts")
     else:
         lines.append("hottest TVars by conflicts:")
         if rate is None:
-            rows = [[t["conflicts"], t["index"], _printable(t["name"])] for t in hot]
+            rows = [[t["conflicts"], t["index"], _printable(t["name"], name_w)] for t in hot]
             lines += ["  " + s for s in _table(["CONFLICTS", "INDEX", "NAME"], rows, left={2})]
         else:
-            rows = [[t["conflicts"], _rate(t["conflicts_per_s"]), t["index"], _printable(t["name"])]
-                    for t in hot]
+            rows = [[t["conflicts"], _rate(t["conflicts_per_s"]), t["index"],
+                     _printable(t["name"], name_w)] for t in hot]
             lines += ["  " + s for s in _table(["CONFLICTS", "/s", "INDEX", "NAME"], rows, left={3})]
+    if width is not None:
+        lines = [f for ln in lines for f in _fold(ln, width)]
     return "\n".join(lines) + "\n"
+
+
+def _fitted(header, rows, width, reasons, unit=""):
+    """The process table, fitted to ``width``; if the abort reasons' columns
+    had to go, their totals follow on a line of their own."""
+    if width is None:
+        return _table(header, rows, left={2})
+    lines, dropped = _table(header, rows, left={2}, width=width, drop=_DROP)
+    if any(r in dropped for r in ("LOCKED", "VALID", "USER", "STALE", "RES")):
+        lines.append("aborts%s by reason: %s" % (unit, "  ".join(
+            "%s %s" % (k, v) for k, v in zip(ABORT_REASONS, reasons))))
+    return lines
 
 
 # ---------------------------------------------------------------- Prometheus
@@ -361,6 +426,14 @@ def _show_frame(text, tty):
     sys.stdout.flush()
 
 
+def _width():
+    """The terminal's columns when the text goes to a terminal (or COLUMNS
+    is set); None (no limit) when it goes to a file or a pipe."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return shutil.get_terminal_size((80, 24)).columns
+    return None
+
+
 def _watch(reader, args):
     tty = sys.stdout.isatty() and not args.json
     prev = reader.read(args.hot)
@@ -376,7 +449,7 @@ def _watch(reader, args):
         else:
             head = "%s %s: every %gs, %s (Ctrl-C quits)\n" % (
                 PROG, reader.name, args.watch, time.strftime("%H:%M:%S"))
-            _show_frame(head + render_text(cur, r), tty)
+            _show_frame(head + render_text(cur, r, _width()), tty)
         prev = cur
         n += 1
     return 0
@@ -549,7 +622,7 @@ def main(argv=None):
         elif args.prometheus:
             sys.stdout.write(prometheus_text(doc))
         else:
-            sys.stdout.write(render_text(doc))
+            sys.stdout.write(render_text(doc, width=_width()))
         sys.stdout.flush()
         return 0
     except KeyboardInterrupt:

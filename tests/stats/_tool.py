@@ -20,17 +20,27 @@ def tool_cmd():
     return [sys.executable, "-m", "shmstm.stats_cli"]
 
 
-def run_tool(*args, timeout=60):
-    """CompletedProcess of ``shmstm-stats *args`` (text mode)."""
+def run_tool(*args, timeout=60, env=None):
+    """CompletedProcess of ``shmstm-stats *args`` (text mode); ``env``: extra
+    environment variables."""
     return subprocess.run(tool_cmd() + [str(a) for a in args], cwd=tempfile.gettempdir(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=_env(env))
+
+
+def _env(extra=None):
+    """The tool's environment: no COLUMNS (so the text view is not fitted to
+    whatever terminal ran the tests) unless the test sets it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(extra or {})
+    return env
 
 
 def start_tool(*args):
     """A running ``shmstm-stats *args`` (Popen, text pipes)."""
     return subprocess.Popen(tool_cmd() + [str(a) for a in args], cwd=tempfile.gettempdir(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
 
 
 def text_rows(out):
@@ -46,6 +56,7 @@ def text_rows(out):
         cells = ln.split()
         if cells[0] == "all":
             rows["all"] = dict(zip(header[5:], cells[1:]))
+            break
         else:
             assert len(cells) == len(header), ln
             rows[int(cells[1])] = dict(zip(header, cells))
