@@ -111,3 +111,15 @@ def test_machine_check_prints_rates_and_the_scaling():
     for line in lines[:2]:
         cpu = float(line.split("CPU ")[1].split(" s")[0])
         assert 0 < cpu <= 1.05
+
+
+def test_percall_ops_runs_every_op(tmp_path):
+    """tools/percall_ops (instruction counts under valgrind) runs each op."""
+    tool = os.path.join(REPO, "tools", "percall_ops")
+    for op in ("loop", "peek", "empty", "read", "inc", "transfer"):
+        r = subprocess.run([sys.executable, tool, op, "20"], cwd=str(tmp_path),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (op, r.stderr)
+    r = subprocess.run([sys.executable, tool, "nope", "1"], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "usage" in r.stderr
