@@ -46,6 +46,12 @@ _Static_assert(SHMSTM_LOST_OWNER == LK_LOST_OWNER, "shmstm.h and layout.h disagr
 #define MAX_HEAP (1ull << 36)            /* 32-bit unit offsets in free-list heads */
 #define MAX_TVARS (1u << 24)
 #define MAX_PROCS 4096u                  /* 16 owner bits in a lock word; 4096 keeps scans cheap */
+#define MAX_VALUE (1u << 30)
+/* The same numbers for Python (shmstm.h): it never repeats a layout number. */
+_Static_assert(SHMSTM_MIN_HEAP == MIN_HEAP && SHMSTM_MAX_HEAP == MAX_HEAP &&
+               SHMSTM_MAX_TVARS == MAX_TVARS && SHMSTM_MAX_PROCS == MAX_PROCS &&
+               SHMSTM_MAX_VALUE == MAX_VALUE && SHMSTM_HEAP_UNIT == SHMSTM_UNIT,
+               "shmstm.h and segment.c disagree on the limits");
 
 static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
@@ -71,7 +77,7 @@ static int check_limits(uint32_t max_tvars, uint32_t max_procs, uint32_t max_val
         return SHMSTM_EINVAL;
     if (heap_size < MIN_HEAP || heap_size > MAX_HEAP || heap_size % SHMSTM_UNIT)
         return SHMSTM_EINVAL;
-    if (max_value_size < 1 || max_value_size > heap_size / 2 || max_value_size > (1u << 30))
+    if (max_value_size < 1 || max_value_size > heap_size / 2 || max_value_size > MAX_VALUE)
         return SHMSTM_EINVAL;
     return 0;
 }

@@ -69,6 +69,12 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_HEAP_CLASSES 28
 #define SHMSTM_LAT_BUCKETS 32
 #define SHMSTM_MAX_NAME    400
+#define SHMSTM_MAX_TVARS   16777216      /* limits a segment may have (segment.c) */
+#define SHMSTM_MAX_PROCS   4096
+#define SHMSTM_MIN_HEAP    65536
+#define SHMSTM_MAX_HEAP    68719476736
+#define SHMSTM_MAX_VALUE   1073741824
+#define SHMSTM_HEAP_UNIT   16
 #define SHMSTM_LAYOUT_VERSION_ 8
 #define SHMSTM_LOST_OWNER 65535   /* a lock word's owner after a lost record (layout.h LK_LOST_OWNER) */
 

@@ -597,7 +597,7 @@ class Durable:
 
     def __init__(self, rt, path, mode):
         self.rt = rt
-        self.path = path
+        self.path = None if path is None else os.path.realpath(path)
         self.mode = mode
         self.lock = threading.Lock()
         self.start_failures = 0          # flushers of ours that exited with an error, in a row

@@ -284,6 +284,19 @@ def cleanup_segments(dry_run: bool = False, names: Optional[Iterable[str]] = Non
     return removed
 
 
+def users(name):
+    """The live pids that use runtime ``name``'s segment (own a slot of it or
+    map it), for error messages; [] if it cannot be read."""
+    fn = PREFIX + name
+    try:
+        d = _describe(fn, _mapping_pids())
+    except OSError:
+        return []
+    pids = {p["pid"] for p in d["processes"] if p["alive"]} | set(d["mapped_by"])
+    pids.discard(os.getpid())
+    return sorted(pids)
+
+
 def lock_note(d):
     """What happens to a listed segment's held locks, in words ("" if none)."""
     parts = []

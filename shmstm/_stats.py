@@ -191,7 +191,8 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
             "wakeups": pi.wakeups,
             "bytes_committed": pi.bytes_committed,
             "irrevocable": pi.irrevocable,
-            "commit_rate": done / age if age > 0 else 0.0,
+            # A dead slot commits nothing (its counters stay until recovery).
+            "commit_rate": done / age if age > 0 and alive else 0.0,
             "commit_latency_log2_ns": [pi.lat_hist[i] for i in range(lib.SHMSTM_LAT_BUCKETS)],
             "attach_ns": pi.attach_ns,
         })

@@ -132,6 +132,10 @@ _active = set()
 
 # ---------------------------------------------------------------- codec
 
+_too_large = ("%s of %d bytes exceeds max_value_size=%d, which is fixed when the runtime is "
+              "created (unlink it and open it again with a larger one)")
+
+
 def _encode(value, max_size):
     """(tag, payload) for a value: payload is an int/float for inline tags and
     bytes otherwise.  Raises before anything shared changes."""
@@ -147,22 +151,19 @@ def _encode(value, max_size):
         return (T_TRUE if value else T_FALSE), 0
     elif t is bytes:
         if len(value) > max_size:
-            raise errors.ValueTooLargeError(
-                "value of %d bytes exceeds max_value_size (%d)" % (len(value), max_size))
+            raise errors.ValueTooLargeError(_too_large % ("value", len(value), max_size))
         return T_BYTES, value
     elif t is str:
         b = value.encode("utf-8", "surrogatepass")
         if len(b) > max_size:
-            raise errors.ValueTooLargeError(
-                "value of %d bytes exceeds max_value_size (%d)" % (len(b), max_size))
+            raise errors.ValueTooLargeError(_too_large % ("value", len(b), max_size))
         return T_STR, b
     try:
         b = _dumps(value, PICKLE_PROTOCOL)
     except Exception as e:
         raise errors.EncodeError("cannot store a %s in a TVar: %s" % (t.__name__, e)) from e
     if len(b) > max_size:
-        raise errors.ValueTooLargeError(
-            "pickled value of %d bytes exceeds max_value_size (%d)" % (len(b), max_size))
+        raise errors.ValueTooLargeError(_too_large % ("pickled value", len(b), max_size))
     return T_PICKLE, b
 
 
@@ -608,8 +609,10 @@ class Runtime:
         if hint is None or p is None:
             return e
         key, unit = hint
-        extra = ("free the TVars you no longer need, or " if key != "max_procs" else
-                 "close runtimes in threads that no longer use them, or ")
+        extra = {"max_tvars": "free the anonymous TVars you no longer need (named ones stay), or ",
+                 "heap_size": "free TVars you no longer need, or ",
+                 "max_procs": "let threads that no longer use it end (each gives its slot back), "
+                              "or "}[key]
         durable = (" (a durable runtime's named TVars come back from LMDB)"
                    if self._durable is not None else "")
         return type(e)(
@@ -785,14 +788,17 @@ def _check_limits(limits):
         if v <= 0:
             raise ValueError("limit %s must be positive, got %r" % (k, v))
     lim = _creation_limits(limits)
-    if lim["heap_size"] < 65536 or lim["heap_size"] % 16:
-        raise ValueError("heap_size must be at least 64 KiB and a multiple of 16")
-    if lim["max_value_size"] > lim["heap_size"] // 2:
-        raise ValueError("max_value_size must be at most heap_size / 2")
-    if lim["max_procs"] > 4096:
-        raise ValueError("max_procs must be at most 4096")
-    if lim["max_tvars"] > 1 << 24:
-        raise ValueError("max_tvars must be at most 16777216")
+    heap = lim["heap_size"]
+    if not lib.SHMSTM_MIN_HEAP <= heap <= lib.SHMSTM_MAX_HEAP or heap % lib.SHMSTM_HEAP_UNIT:
+        raise ValueError("heap_size must be a multiple of %d from %d to %d bytes, got %d" % (
+            lib.SHMSTM_HEAP_UNIT, lib.SHMSTM_MIN_HEAP, lib.SHMSTM_MAX_HEAP, heap))
+    if lim["max_value_size"] > min(heap // 2, lib.SHMSTM_MAX_VALUE):
+        raise ValueError("max_value_size must be at most heap_size / 2 and %d, got %d"
+                         % (lib.SHMSTM_MAX_VALUE, lim["max_value_size"]))
+    if lim["max_procs"] > lib.SHMSTM_MAX_PROCS:
+        raise ValueError("max_procs must be at most %d" % lib.SHMSTM_MAX_PROCS)
+    if lim["max_tvars"] > lib.SHMSTM_MAX_TVARS:
+        raise ValueError("max_tvars must be at most %d" % lib.SHMSTM_MAX_TVARS)
     return lim
 
 
@@ -852,14 +858,18 @@ def _reopen_durable(rt, path, mode, map_size, limits):
     d = rt._durable
     if d is None:
         raise errors.DurabilityMismatchError(
-            "runtime %r is open in this process without durability; it cannot be "
-            "opened with a path" % rt.name)
+            "runtime %r is open in this process without durability (its segment has no "
+            "commit ring); it cannot be opened with durability=%r: close it everywhere, "
+            "shmstm.unlink(%r) and open it with path=" % (rt.name, mode, rt.name))
     if path is not None and os.path.realpath(path) != os.path.realpath(d.path):
         raise errors.DurabilityMismatchError(
             "runtime %r keeps its durable data at %r, not %r" % (rt.name, d.path, path))
     if mode != d.mode:
-        raise errors.Error("runtime %r is already open in this process with durability=%r, "
-                           "not %r" % (rt.name, d.mode, mode))
+        raise errors.DurabilityMismatchError(
+            "runtime %r is already open in this process with durability=%r, not %r: open it "
+            "with the same mode, and choose the mode of some commits with "
+            "shmstm.durability(%r) or @shmstm.atomic(durability=%r)" % (
+                rt.name, d.mode, mode, mode, mode))
     _check_same_limits(rt, limits)
     if map_size is not None:
         _durable_mod().open_env(d.path, map_size=map_size)
@@ -905,9 +915,18 @@ def _unregister_unattached(rt):
 
 
 def _exists_error(name, where):
+    if where == "open in this process":
+        return errors.RuntimeExistsError(
+            "runtime %r exists (open in this process) and open(create=True) must create it: "
+            "close it and shmstm.unlink(%r) first, or open it with create=None to attach"
+            % (name, name))
+    pids = _segments.users(name)
+    who = ("in use by pid %s (shmstm-stats --list shows them; a killed program's "
+           "workers may outlive it)" % ", ".join(map(str, pids)) if pids else
+           "used by no live process: shmstm.cleanup_segments(names=[%r]) removes it" % name)
     return errors.RuntimeExistsError(
-        "runtime %r exists (%s) and open(create=True) must create it: close it and "
-        "shmstm.unlink(%r) first, or open it with create=None to attach" % (name, where, name))
+        "runtime %r exists (%s), %s; open(create=True) must create it: stop those processes "
+        "or shmstm.unlink(%r), or open it with create=None to attach" % (name, where, who, name))
 
 
 def _open_plain(name, limits, create=None):
@@ -1112,13 +1131,20 @@ class TVar:
             else:
                 tx._bind(rt)
         if type(value) is not int or not INT64_MIN <= value <= INT64_MAX:
-            value = _Enc(*_encode(value, self._rt._max_value_size), value)
+            try:
+                value = _Enc(*_encode(value, self._rt._max_value_size), value)
+            except errors.ValueTooLargeError as e:
+                raise errors.ValueTooLargeError("%s: %s" % (self._label(), e)) from None
             tx.nonint += 1
         if tx.depth:
             tx.undo.append((self._h, tx.writes.get(self._h)))
         tx.writes[self._h] = value
 
     value = property(get, set, doc="The TVar's value (see get() and set()).")
+
+    def _label(self):
+        return "TVar %r" % self._name if self._name is not None else \
+            "anonymous TVar #%d" % self._idx
 
     def modify(self, fn):
         """Atomically replace the value with ``fn(value)``; returns the new value."""
@@ -1611,9 +1637,11 @@ def retry():
 
 
 def check(cond):
-    """``retry()`` unless ``cond`` is true."""
+    """``retry()`` unless ``cond`` is true (inside a transaction only)."""
+    if _current() is None:
+        raise errors.NotInTransactionError("check() outside a transaction")
     if not cond:
-        retry()
+        raise _RetrySignal()
 
 
 def or_else(*branches):

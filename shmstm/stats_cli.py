@@ -158,7 +158,7 @@ def render_text(doc, rate=None, width=None):
         _bytes(heap["used_bytes"]), sum(c["blocks"] for c in heap["classes"]),
         _bytes(heap["bump"]), _bytes(heap["size"]), 100.0 * heap["bump"] / heap["size"],
         (": " + classes) if classes else ""))
-    lines += _durability_lines(doc["durability"], rate and rate.get("durability"))
+    lines += _durability_lines(doc["durability"], rate and rate.get("durability"), width)
     lines.append("")
 
     if not procs:
@@ -266,11 +266,20 @@ class _Families:
         return "\n".join(out) + "\n"
 
 
-def _durability_lines(dur, rate):
+def _middle(s, width):
+    """``s`` cut in the middle to ``width`` characters (a long path)."""
+    if width is None or len(s) <= width:
+        return s
+    keep = max(width - 3, 8)
+    return s[:keep // 2] + "..." + s[len(s) - (keep - keep // 2):]
+
+
+def _durability_lines(dur, rate, width=None):
     if dur is None:
         return ["durability: none"]
+    path = dur["path"] if dur["path"] is not None else "(path not stored yet)"
     lines = ["durability: LMDB at %s%s" % (
-        dur["path"] if dur["path"] is not None else "(path not stored yet)",
+        _middle(path, None if width is None else width - len("durability: LMDB at ")),
         "" if dur["ready"] else "  (creator still loading LMDB)")]
     fill = "ring %d/%d slots used (%.1f%%)" % (
         dur["ring_fill"], dur["ring_slots"], 100.0 * dur["ring_fill"] / max(dur["ring_slots"], 1))
@@ -447,9 +456,11 @@ def _watch(reader, args):
             sys.stdout.write(json.dumps(cur_out, sort_keys=True) + "\n")
             sys.stdout.flush()
         else:
-            head = "%s %s: every %gs, %s (Ctrl-C quits)\n" % (
+            width = _width()
+            head = "%s %s:  every %gs, %s  (Ctrl-C quits)" % (
                 PROG, reader.name, args.watch, time.strftime("%H:%M:%S"))
-            _show_frame(head + render_text(cur, r, _width()), tty)
+            head = "\n".join(_fold(head, width)) + "\n"
+            _show_frame(head + render_text(cur, r, width), tty)
         prev = cur
         n += 1
     return 0

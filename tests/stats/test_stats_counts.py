@@ -163,9 +163,10 @@ def test_json_numbers(scenario):
             assert p["status"] == "dead", p
             assert p["rss_bytes"] is None and p["cpu_percent"] is None
         assert sum(p["commit_latency_log2_ns"]) == commits
-        # (COMMITS + RO) per second since the claim, at the document's time
-        assert p["commit_rate"] == pytest.approx(
-            (commits + ro) / ((doc["time_ns"] - p["attach_ns"]) / 1e9)), p
+        # (COMMITS + RO) per second since the claim, at the document's time;
+        # a dead process commits nothing
+        assert p["commit_rate"] == (pytest.approx(
+            (commits + ro) / ((doc["time_ns"] - p["attach_ns"]) / 1e9)) if alive else 0.0), p
     # the test process itself is attached too (it created the runtime and set "gate")
     assert os.getpid() in by_pid and by_pid[os.getpid()]["commits"] == N_RETRY
     assert by_pid[os.getpid()]["alive"] and by_pid[os.getpid()]["status"] in LIVE_STATUSES
@@ -195,6 +196,7 @@ def test_text_numbers(scenario):
             assert r["CPU%"] == "-" and r["RSS"] == "-"
     assert int(rows["all"]["COMMITS"]) == 2 * ROUNDS + N_COMMITS + N_DOOMED + N_RETRY
     # COMMIT/s: (COMMITS + RO) over the time since the slot was claimed (attach_ns,
+    # 0 for a dead process;
     # from the JSON document: the same slots, idle since), read by the tool at some
     # moment of text_window; shown with one decimal below 100/s, none above.
     t0, t1 = scenario.text_window
@@ -204,6 +206,8 @@ def test_text_numbers(scenario):
         done = p["commits"] + p["ro_commits"]
         assert int(r["COMMITS"]) + int(r["RO"]) == done
         lo, hi = done / ((t1 - p["attach_ns"]) / 1e9), done / ((t0 - p["attach_ns"]) / 1e9)
+        if not p["alive"]:
+            lo = hi = 0.0               # a dead process commits nothing
         tol = 0.05 if hi < 100 else 0.5
         assert lo - tol <= float(r["COMMIT/s"]) <= hi + tol, (r, lo, hi)
         lo_all, hi_all = lo_all + lo, hi_all + hi

@@ -113,7 +113,7 @@ def test_watch_json_rates_match_totals(runtime, spinner):
 def test_watch_text_frames(runtime, spinner):
     res = run_tool(runtime.name, "--watch", "0.2", "--count", "2")
     assert res.returncode == 0 and res.stderr == "", res.stderr
-    frames = res.stdout.split("shmstm-stats %s: every 0.2s" % runtime.name)
+    frames = res.stdout.split("shmstm-stats %s:  every 0.2s" % runtime.name)
     assert frames[0] == "" and len(frames) == 3
     for f in frames[1:]:
         rows = text_rows(f)
@@ -125,7 +125,7 @@ def test_watch_text_frames(runtime, spinner):
 def test_watch_ctrl_c_exits_cleanly(runtime):
     proc = start_tool(runtime.name, "--watch", "0.1")
     try:
-        assert _readline(proc, "first frame").startswith("shmstm-stats %s: every 0.1s" % runtime.name)
+        assert _readline(proc, "first frame").startswith("shmstm-stats %s:  every 0.1s" % runtime.name)
         _interrupt(proc)
     finally:
         if proc.poll() is None:
