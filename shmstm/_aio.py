@@ -11,8 +11,7 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-from . import errors
-from ._stm import _run_until
+from ._stm import _PollExpired, _run_until
 
 # How often a waiting transaction checks whether its task was cancelled
 # (seconds): its wait is cut into waits this long, each a re-run.
@@ -35,9 +34,10 @@ async def atomically_async(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R
     # Imported here, not with the package: most programs never use asyncio.
     import asyncio
 
+    timed = {}                          # nested timed calls' deadlines, kept across runs
     try:
-        return _run_until(fn, args, kwargs, time.monotonic())      # never waits
-    except errors.RetryTimeout:
+        return _run_until(fn, args, kwargs, time.monotonic(), timed)    # never waits
+    except _PollExpired:
         pass
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
@@ -56,8 +56,8 @@ async def atomically_async(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R
     def wait_in_thread():
         while not stop.is_set():
             try:
-                result = _run_until(fn, args, kwargs, time.monotonic() + CANCEL_POLL)
-            except errors.RetryTimeout:
+                result = _run_until(fn, args, kwargs, time.monotonic() + CANCEL_POLL, timed)
+            except _PollExpired:
                 continue
             except BaseException as e:  # noqa: B902 - handed to the awaiting task
                 report(False, e)

@@ -93,6 +93,10 @@ class _RetrySignal(BaseException):
     """Internal: retry() was called."""
 
 
+class _PollExpired(errors.RetryTimeout):
+    """Internal: a wait cut short by atomically_async's poll deadline."""
+
+
 # This thread's _Tx, reused by every transaction the thread runs (tx.running
 # says whether one is running now), kept in the thread state's dict by
 # shmstm._fast: read once per TVar access and once per transaction, it costs
@@ -1215,7 +1219,7 @@ class _Tx:
     nonint, an upper bound, so that an all-int write set is staged in one
     call)."""
     __slots__ = ("rt", "brt", "ctx", "ptr", "pa", "writes", "undo", "depth", "created",
-                 "doomed", "nonint", "running", "clean", "__weakref__")
+                 "doomed", "nonint", "running", "clean", "timed", "__weakref__")
 
     def __init__(self):
         # Inside the transaction's function now: set and cleared by
@@ -1227,6 +1231,9 @@ class _Tx:
         # asynchronous exception cut that cleanup short, the thread's next
         # transaction resets everything first (_reset).
         self.clean = True
+        # {function: deadline} of the nested @atomic(timeout=...) calls that
+        # retried in this transaction (None: none); its waits end by then.
+        self.timed = None
         self.rt = self.brt = self.ctx = self.ptr = self.pa = None
         self.writes = {}
         self.undo = []
@@ -1416,8 +1423,11 @@ class _Tx:
             self.created = created + self.created
         self._end(AB_SILENT)
 
-    def _block(self, deadline):
-        """retry(): wait until something this attempt read changes."""
+    def _block(self, deadline, poll=False):
+        """retry(): wait until something this attempt read changes, or until
+        ``deadline`` or the deadline of a nested @atomic(timeout=...) call
+        that retried (self.timed).  ``poll``: the expiry of ``deadline``
+        itself raises _PollExpired (atomically_async)."""
         if self.rt is None:
             raise errors.BlockedForeverError(
                 "retry() in a transaction that read no TVar would wait forever")
@@ -1436,6 +1446,11 @@ class _Tx:
         ptr = self.ptr
         rt = self.rt
         self.rt = None                      # the next attempt binds again
+        own = True
+        if self.timed:
+            nested = min(self.timed.values())
+            if deadline is None or nested < deadline:
+                deadline, own = nested, False
         # Counted while in the core: close() from another thread interrupts
         # the wait (SHMSTM_ECLOSED) and frees this context only once the count
         # is back to zero.
@@ -1455,7 +1470,11 @@ class _Tx:
                     continue        # signal handlers ran at this bytecode; wait on
                 lib.shmstm_tx_abort(ptr, AB_SILENT)
                 if rc == E_TIMEOUT:
-                    raise errors.RetryTimeout("transaction blocked in retry() for longer than its timeout")
+                    if poll and own:
+                        raise _PollExpired()
+                    raise errors.RetryTimeout(
+                        "transaction blocked in retry() for longer than its timeout%s"
+                        % ("" if own else " (of an @atomic(timeout=...) call inside it)"))
                 if rc == E_INVAL:
                     raise errors.BlockedForeverError(
                         "retry() in a transaction that read no TVar would wait forever")
@@ -1513,13 +1532,17 @@ def _nested(tx, fn, args, kwargs):
         tx.depth -= 1
 
 
-def _run(tx, fn, args, kwargs, deadline):
-    """The transaction loop of an outermost atomically (tx not running)."""
+def _run(tx, fn, args, kwargs, deadline, poll=False, timed=None):
+    """The transaction loop of an outermost atomically (tx not running).
+    ``timed``: a dict for the deadlines of nested timed calls (tx.timed) that
+    outlives this run (atomically_async re-runs a waiting transaction)."""
     if not callable(fn):
         raise TypeError("atomically() needs a callable, not %s" % type(fn).__name__)
     if not tx.clean:
         tx._reset()                     # the last one's cleanup was cut short
     tx.clean = False
+    if tx.timed is not timed:
+        tx.timed = timed
     conflicts = 0
     try:
         while True:
@@ -1529,7 +1552,7 @@ def _run(tx, fn, args, kwargs, deadline):
             except _Conflict:
                 tx._end(AB_SILENT)
             except _RetrySignal:
-                tx._block(deadline)
+                tx._block(deadline, poll)
                 continue
             except Exception:
                 if tx.doomed is not True:
@@ -1555,16 +1578,17 @@ def _run(tx, fn, args, kwargs, deadline):
         raise
 
 
-def _run_until(f, args, kwargs, deadline):
+def _run_until(f, args, kwargs, deadline, timed):
     """An outermost transaction whose retry() waits until ``deadline``
-    (time.monotonic()) at most, then raises RetryTimeout (atomically_async)."""
+    (time.monotonic()) at most, then raises _PollExpired (atomically_async,
+    which passes the same ``timed`` dict to each run of one transaction)."""
     tx = _get_tx()
     if tx is None:
         tx = _Tx()
         _set_tx(tx)
     elif tx.running:
         raise errors.Error("atomically_async() inside a transaction")
-    return _run(tx, f, args, kwargs, deadline)
+    return _run(tx, f, args, kwargs, deadline, poll=True, timed=timed)
 
 
 def _run_with_timeout(f, args, kwargs, timeout):
@@ -1573,7 +1597,15 @@ def _run_with_timeout(f, args, kwargs, timeout):
         tx = _Tx()
         _set_tx(tx)
     elif tx.running:
-        return _nested(tx, f, args, kwargs)     # the outer transaction's timeout rules
+        # Joins the outer transaction; if it retries, the transaction's wait
+        # ends by this call's deadline (from its first retry in it) at most.
+        try:
+            return _nested(tx, f, args, kwargs)
+        except _RetrySignal:
+            if tx.timed is None:
+                tx.timed = {}
+            tx.timed.setdefault(f, time.monotonic() + timeout)
+            raise
     return _run(tx, f, args, kwargs, time.monotonic() + timeout)
 
 

@@ -95,3 +95,43 @@ def test_errors_reach_the_awaiting_task(runtime):
 
     with pytest.raises(ValueError, match="from the transaction"):
         asyncio.run(main())
+
+
+def test_a_timed_call_keeps_its_timeout_when_nested_or_awaited(runtime):
+    """Regression: @atomic(timeout=0.3) called inside atomically() or awaited
+    through atomically_async() waited forever (the nested call joined the
+    outer transaction and its timeout was dropped)."""
+    flag = runtime.tvar("flag", 0)
+    f = shmstm.atomic(timeout=0.3)(lambda: shmstm.check(flag.value >= 100))
+    for run in (f, lambda: shmstm.atomically(f),
+                lambda: asyncio.run(shmstm.atomically_async(f))):
+        t0 = time.monotonic()
+        with pytest.raises(shmstm.RetryTimeout):
+            run()
+        assert 0.25 < time.monotonic() - t0 < 5
+
+
+def test_a_nested_timeout_does_not_outlast_a_wake_up(runtime):
+    """The nested call's deadline counts from its first retry in the
+    transaction: re-runs after wake-ups do not restart it."""
+    import threading
+
+    flag = runtime.tvar("flag", 0)
+    noise = runtime.tvar("noise", 0)
+    f = shmstm.atomic(timeout=0.5)(lambda: (noise.value, shmstm.check(flag.value >= 100)))
+    stop = threading.Event()
+
+    def poke():                     # wakes the waiter every 50 ms
+        while not stop.wait(0.05):
+            noise.value += 1
+
+    th = threading.Thread(target=poke)
+    th.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(shmstm.RetryTimeout):
+            shmstm.atomically(f)
+        assert 0.45 < time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        th.join()
