@@ -48,6 +48,7 @@ typedef struct shmstm_ctx shmstm_ctx;
                                     commit point with an unreadable record (proc.c R2b) */
 #define SHMSTM_ECLOSED      -25  /* retry() wait ended: another thread closed the runtime */
 #define SHMSTM_ENAMED       -26  /* a named TVar cannot be freed */
+#define SHMSTM_EFOREIGN     -27  /* durable: another runtime writes (or wrote) the LMDB data */
 #define SHMSTM_PENDING       1   /* durable sync commit: committed, durability wait unfinished */
 
 #define SHMSTM_TAG_EMPTY   0

@@ -64,6 +64,9 @@ _ERRORS = {
     lib.SHMSTM_EDURABLE: (errors.DurabilityError, "the flusher cannot write the durable data (LMDB); commit refused"),
     lib.SHMSTM_ECLOSED: (errors.RuntimeClosedError, "the runtime was closed by another thread"),
     lib.SHMSTM_ENAMED: (errors.Error, "a named TVar cannot be freed"),
+    lib.SHMSTM_EFOREIGN: (errors.DurabilityMismatchError,
+                          "another runtime writes the same durable data (two runtimes opened "
+                          "with one path)"),
     lib.SHMSTM_ELOST: (errors.CorruptSegmentError,
                        "the TVar is locked for good: a process died past the commit point of a commit "
                        "on it whose record in shared memory was corrupt, so that commit can be neither "

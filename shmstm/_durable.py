@@ -606,10 +606,11 @@ class Durable:
     # -- open
 
     @staticmethod
-    def prepare(path, limits, map_size=None):
+    def prepare(name, path, limits, map_size=None):
         """Before create: the LMDB's runtime id and flushed_wv go into the new
         segment's parameters."""
         env = open_env(path, map_size=map_size)
+        writer_in_use(env, path, name)
         fw, rid = read_meta(env)
         return {"ring_slots": limits.get("ring_slots") or default_ring_slots(limits["max_procs"]),
                 "clock_start": fw, "runtime_id": rid}
@@ -704,8 +705,28 @@ class Durable:
             self.start_failures = 0
             return False
         key = (self.rt.name, self.rt._params.created_ns)     # this segment, not a predecessor
+        if not self._name_is_ours():
+            # A flusher attaches by name: none can start for a segment whose
+            # name was unlinked (or now names another segment).
+            raise errors.DurabilityError(
+                "the flusher of durable runtime %r is not running and cannot be started: the "
+                "runtime's name was unlinked while it was open, so its commits not yet in LMDB "
+                "cannot be written (unlink only runtimes that are closed everywhere)" % self.rt.name)
         with _children_lock:
             return self._start_flusher(key)
+
+    def _name_is_ours(self):
+        """The runtime's name still refers to this process's segment."""
+        from ._segments import SHM_DIR, _attach_ro, shm_name
+        seg, _ = _attach_ro(SHM_DIR + shm_name(self.rt.name))
+        if seg is None:
+            return False
+        try:
+            info = ffi.new("shmstm_seg_info *")
+            lib.shmstm_seg_info_get(seg, info)
+            return info.created_ns == self.rt._params.created_ns
+        finally:
+            lib.shmstm_seg_detach(seg)
 
     def _start_flusher(self, key):
         now = time.monotonic()
@@ -803,7 +824,9 @@ class Durable:
             info = ffi.new("shmstm_ring_info *")
             lib.shmstm_ring_info_get(seg, info)
             if info.durable_error:
-                raise errors.DurabilityError(
+                cls = (errors.DurabilityMismatchError
+                       if info.durable_error == lib.SHMSTM_EFOREIGN else errors.DurabilityError)
+                raise cls(
                     "%s not yet durable: the flusher cannot write %r (%s); they stay in the "
                     "segment's commit ring until it can"
                     % (what, self.path, flusher_error_text(info.durable_error)))
@@ -835,7 +858,58 @@ def flusher_error_text(code):
     """What stops the flusher, in words that do not speak of one commit."""
     if code == lib.SHMSTM_EDURABLE:
         return "LMDB could not take its write: a full map or an I/O error (the flusher's stderr says which)"
+    if code == lib.SHMSTM_EFOREIGN:
+        return ("another runtime writes (or wrote) the same LMDB data: two runtimes were opened "
+                "with one path, and this one's flusher stopped (its stderr names the other)")
     return str(error_for(code))
+
+
+# meta b"writer": the segment whose flusher writes the data (_flusher.Flusher).
+_WRITER = struct.Struct("<QI")          # created_ns, creator pid; then the runtime's name
+
+
+def describe_writer(w):
+    """A meta b"writer" value in words."""
+    if w is None:
+        return "unknown"
+    w = bytes(w)
+    if len(w) < _WRITER.size:
+        return "unreadable"
+    created_ns, pid = _WRITER.unpack_from(w)
+    return "runtime %r created by pid %d" % (w[_WRITER.size:].decode("utf-8", "replace"), pid)
+
+
+def writer_in_use(env, path, opening):
+    """Refuse to open runtime ``opening`` on data another live runtime
+    writes: the runtime in meta b"writer", if it has another name and its
+    segment still exists under its name with that creation time and a live
+    process attached.  (Two segments of one name: the flusher's check.)"""
+    from ._segments import SHM_DIR, _attach_ro, _slot_table, shm_name
+    _, meta = _dbs(env)
+    with begin(env, db=meta) as txn:
+        w = txn.get(b"writer")
+        w = bytes(w) if w is not None else None
+    if w is None or len(w) < _WRITER.size:
+        return
+    created_ns, _ = _WRITER.unpack_from(w)
+    name = w[_WRITER.size:].decode("utf-8", "surrogatepass")
+    if name == opening:
+        return
+    seg, _ = _attach_ro(SHM_DIR + shm_name(name))
+    if seg is None:
+        return
+    try:
+        info = ffi.new("shmstm_seg_info *")
+        lib.shmstm_seg_info_get(seg, info)
+        pids = [p["pid"] for p in _slot_table(seg) if p["alive"]]
+        same = info.created_ns == created_ns
+    finally:
+        lib.shmstm_seg_detach(seg)
+    if same and pids:
+        raise errors.DurabilityMismatchError(
+            "the durable data at %r is in use by runtime %r (pid %s): one path holds one "
+            "runtime's data; open that runtime by its name, or close it everywhere first"
+            % (path, name, ", ".join(map(str, pids))))
 
 
 _GROUP_NAMES = {lib.SHMSTM_FG_WAIT: "wait", lib.SHMSTM_FG_NOWAIT: "nowait"}

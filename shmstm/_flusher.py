@@ -33,8 +33,9 @@ import time
 import posix_ipc
 
 from ._binding import error_for, ffi, lib
-from ._durable import (DATA_FORMAT, LOG_KEY, _U32, LogDBs, _lmdb, adopt_map_size, last_log_wv,
-                       lmdb_open, log_items, log_key, log_records, stored_flushed, stored_format)
+from ._durable import (DATA_FORMAT, LOG_KEY, _U32, _WRITER, LogDBs, _lmdb, adopt_map_size,
+                       describe_writer, last_log_wv, lmdb_open, log_items, log_key, log_records,
+                       stored_flushed, stored_format)
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536
@@ -96,7 +97,7 @@ def main(argv):
     while True:
         try:
             if flusher is None:
-                flusher = Flusher(seg, params)
+                flusher = Flusher(seg, params, name)
             rc = flusher.run()
         finally:
             lib.shmstm_flusher_release(seg)
@@ -197,10 +198,18 @@ class GroupTuner:
         self.start(now)
 
 
+class Foreign(Exception):
+    """Another runtime's flusher writes (or wrote) this LMDB data."""
+
+
 class Flusher:
-    def __init__(self, seg, params):
+    def __init__(self, seg, params, name):
         self.seg = seg
         self.rid = bytes(ffi.buffer(params.runtime_id, 16))
+        # meta b"writer": the segment whose flusher writes the data (creation
+        # time, creator pid, name).  Runtimes made from the same data share
+        # its runtime id, so the id alone cannot tell two of them apart.
+        self.me = _WRITER.pack(params.created_ns, params.creator_pid) + name.encode()
         buf = ffi.new("char[]", 4096)
         n = lib.shmstm_ring_path(seg, buf, 4096)
         if n < 0:
@@ -244,23 +253,54 @@ class Flusher:
             k = self.names[idx] = ffi.buffer(self.namebuf, n)[:]
         return k
 
+    def foreign(self, why):
+        """Stop writing: committers are refused with DurabilityMismatchError."""
+        print("flusher: %s; this runtime's commits stay in its segment's ring" % why,
+              file=sys.stderr)
+        lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EFOREIGN)
+        return 2
+
+    def check_writer(self, txn):
+        """In every write transaction: the data is still ours to write."""
+        w = txn.get(b"writer", db=self.meta)
+        if w is None or bytes(w) != self.me:
+            raise Foreign("another runtime (%s) took over the durable data at %r"
+                          % (describe_writer(w), self.path))
+
     def run(self):
-        with self.env.begin() as txn:
+        try:
+            return self._run()
+        except Foreign as e:
+            return self.foreign(str(e))
+
+    def _run(self):
+        # One write transaction decides whose the data is: LMDB serialises
+        # writers, so two flushers never both take it.
+        fs, _ = self.seg_flushed()
+        with self.env.begin(write=True, db=self.meta) as txn:
             fl = stored_flushed(txn, self.meta, self.logs)
             rid = txn.get(b"runtime_id", db=self.meta)
             fmt = stored_format(txn, self.meta)     # lmdb_open refused a newer one
-        if rid is not None and bytes(rid) != self.rid:
-            lib.shmstm_ring_set_error(self.seg, lib.SHMSTM_EDURABLE)
-            return 2
-        fs, _ = self.seg_flushed()
+            writer = txn.get(b"writer", db=self.meta)
+            writer = bytes(writer) if writer is not None else None
+            if rid is not None and bytes(rid) != self.rid:
+                raise Foreign("the durable data at %r belongs to another runtime (id %s, this "
+                              "one's %s)" % (self.path, bytes(rid).hex(), self.rid.hex()))
+            if writer is not None and writer != self.me and fl != fs:
+                # Made from this data (at commit fs), and another runtime
+                # wrote it since: two runtimes on one path.
+                raise Foreign("another runtime (%s) wrote the durable data at %r since this "
+                              "one was made from it (LMDB at commit %d, this runtime from %d)"
+                              % (describe_writer(writer), self.path, fl, fs))
+            if rid is None:
+                txn.put(b"runtime_id", self.rid)
+                txn.put(b"flushed_wv", struct.pack("<Q", max(fl, fs)))
+            if fmt != DATA_FORMAT:
+                txn.put(b"format", _U32.pack(DATA_FORMAT))
+            if writer != self.me:
+                txn.put(b"writer", self.me)
         if fl > fs:                      # a predecessor died after its LMDB commit
             lib.shmstm_ring_release(self.seg, fs + 1, fl)
-        if rid is None or fmt != DATA_FORMAT:
-            with self.env.begin(write=True, db=self.meta) as txn:
-                if rid is None:
-                    txn.put(b"runtime_id", self.rid)
-                    txn.put(b"flushed_wv", struct.pack("<Q", max(fl, fs)))
-                txn.put(b"format", _U32.pack(DATA_FORMAT))
         nxt = max(fl, fs) + 1
         empty_wv, empty_t = 0, 0.0
         idle = owner_waits = 0
@@ -430,6 +470,7 @@ class Flusher:
         On an LMDB error the log stays (readers merge it), for the next try."""
         try:
             with self.env.begin(write=True) as txn:
+                self.check_writer(txn)
                 self.fold(txn)
         except self.lmdb.Error:
             return
@@ -477,6 +518,7 @@ class Flusher:
         fault("before_txn")
         try:
             with self.env.begin(write=True) as txn:
+                self.check_writer(txn)
                 if rec is not None:
                     # One record at the log's end, keyed by the batch's
                     # flushed_wv: only the main DB's pages change, where puts

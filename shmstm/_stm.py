@@ -607,6 +607,12 @@ class Runtime:
     def _error(self, rc, what):
         """The exception for core code ``rc``; a full table, heap or slot
         table names the limit, its value and the way out."""
+        if rc == lib.SHMSTM_EDURABLE and self._durable is not None and self._seg is not None:
+            info = ffi.new("shmstm_ring_info *")
+            lib.shmstm_ring_info_get(self._seg, info)
+            if info.durable_error == lib.SHMSTM_EFOREIGN:
+                return errors.DurabilityMismatchError("%s: commit refused: %s" % (
+                    what, _durable_mod().flusher_error_text(info.durable_error)))
         e = error_for(rc, what)
         hint = self._LIMIT_HINTS.get(rc)
         p = self._params
@@ -822,7 +828,7 @@ def _open_durable(name, path, mode, ring_slots, map_size, limits, create=None):
         prep = None         # attach only: the segment knows its path
     else:
         lim2 = dict(lim, ring_slots=ring_slots)
-        prep = _durable_mod().Durable.prepare(path, lim2, map_size)
+        prep = _durable_mod().Durable.prepare(name, path, lim2, map_size)
     with _registry_lock:
         old = _registered(name)         # another thread may have opened it meanwhile
         if old is not None and old._pid == os.getpid():

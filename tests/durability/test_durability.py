@@ -2,6 +2,7 @@
 
 Each test states the property it checks.  Scale the flusher-kill test with
 SHMSTM_DURABLE_KILLS (default 100 kills)."""
+import json
 import os
 import random
 import signal
@@ -1349,3 +1350,79 @@ def test_unlink_discard_removes_a_segment_with_unflushed_commits(segname, dpath,
     os.kill(fpid, signal.SIGCONT)
     assert wait_dead(fpid, 30)
     assert shmstm.read_durable(dpath)["values"]["ctr"] in (0, 1)
+
+
+TWO_WRITER = r'''
+import json, sys, time
+import shmstm
+name, path, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rt = shmstm.open(name, path=path, durability="sync",
+                 max_tvars=4096, heap_size=4 << 20, max_procs=8)
+if tag == "S":
+    rt.tvar("S-first", 0).value = 1     # its flusher is attached and has written
+    shmstm.unlink(name, discard=True)   # the name is free again; this runtime goes on
+    print("unlinked", flush=True)
+    sys.stdin.readline()                # until the other runtime is up
+tvs = [rt.tvar("%s%d" % (tag, j), 0) for j in range(3)]
+acked, refused = 0, None
+for i in range(1, n + 1):
+    try:
+        shmstm.atomically(lambda: [t.set(i) for t in tvs])
+        acked = i
+    except shmstm.DurabilityError as e:
+        refused = "%s: %s" % (type(e).__name__, e)
+        break
+    time.sleep(0.002)
+try:
+    rt.close(timeout=1)
+except shmstm.DurabilityError:
+    pass
+print(json.dumps({"acked": acked, "refused": refused}), flush=True)
+'''
+
+
+def test_two_runtimes_on_one_path_lose_no_acknowledged_commit(segname, dpath, flushers):
+    """Regression (silent data loss): two runtimes made from one LMDB path
+    (here: the first unlinked while still open, the second opened with the
+    same name and path) both wrote it, and acknowledged sync commits of one
+    were overwritten.  Now only one segment's flusher writes the data (meta
+    b"writer", checked in every LMDB write transaction); the other's commits
+    are refused with DurabilityMismatchError, and every commit acknowledged
+    without an error is in LMDB."""
+    from _dhelpers import worker_env
+
+    def start(tag, n):
+        return subprocess.Popen([sys.executable, "-c", TWO_WRITER, segname, dpath, tag, str(n)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=worker_env(), cwd=dpath)
+
+    s = start("S", 150)
+    assert s.stdout.readline().strip() == "unlinked"
+    t = start("T", 150)
+    s.stdin.write("go\n")
+    s.stdin.flush()
+    res = {}
+    for tag, p in (("S", s), ("T", t)):
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        res[tag] = json.loads(out.strip().splitlines()[-1])
+    refused = [k for k in res if res[k]["refused"]]
+    assert len(refused) <= 1, res
+    for k in refused:
+        assert "DurabilityMismatchError" in res[k]["refused"] and "another runtime" in res[k]["refused"]
+    vals = shmstm.read_durable(dpath)["values"]
+    for tag in ("S", "T"):
+        for j in range(3):
+            assert vals.get("%s%d" % (tag, j), 0) == res[tag]["acked"], (tag, res, vals)
+
+
+def test_a_second_runtime_on_a_path_in_use_is_refused_at_open(segname, dpath, flushers):
+    rt = shmstm.open(segname, path=dpath, **LIMITS)
+    flushers.append(flusher_pid(rt))
+    rt.tvar("x", 0).value = 1
+    other = segname + "-2"
+    with pytest.raises(shmstm.DurabilityMismatchError, match=r"in use by runtime %r" % segname):
+        shmstm.open(other, path=dpath, **LIMITS)
+    assert not os.path.exists("/dev/shm/shmstm." + other)
+    rt.close()
+    shmstm.unlink(segname)
