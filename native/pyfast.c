@@ -18,6 +18,7 @@
  *                               costs a fraction of a threading.local's)
  *   call(tx, active, fn, a, kw) fn(*a, **kw) with tx.running set (and tx in
  *                               the set active) for the call's length only
+ *   busy(tx, fn, a)             fn(*a) with tx.busy set for the call's length
  *   Ctx                         the owner of one C context (one process slot)
  *   detach(box)                 take the segment out of its box and unmap it
  *
@@ -314,6 +315,32 @@ static PyObject *fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return r;
 }
 
+/* busy(tx, fn, args): fn(*args) with tx.busy set for the length of the
+ * call: the whole transaction loop (shmstm/_stm.py, _run), so that a
+ * transaction started on the same thread meanwhile (a signal handler, a
+ * finalizer) knows that this thread's context is in use.  Cleared in C, like
+ * running (call above). */
+static PyObject *s_busy;                     /* "busy", interned */
+
+static PyObject *fast_busy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3 || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "busy(tx, fn, args)");
+        return NULL;
+    }
+    PyObject *tx = args[0];
+    if (PyObject_SetAttr(tx, s_busy, Py_True) < 0)
+        return NULL;
+    PyObject *r = PyObject_Call(args[1], args[2], NULL);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (PyObject_SetAttr(tx, s_busy, Py_False) < 0)     /* a __slots__ attribute: cannot fail */
+        PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    return r;
+}
+
 static PyObject *tx_key;                     /* "shmstm._fast.tx", interned */
 
 static PyObject *fast_tx(PyObject *self, PyObject *unused)
@@ -362,6 +389,8 @@ static PyMethodDef methods[] = {
     {"set_tx", fast_set_tx, METH_O, "set_tx(obj or None): set or clear it"},
     {"call", (PyCFunction)(void (*)(void))fast_call, METH_FASTCALL,
      "call(tx, active, fn, args, kwargs): fn(*args, **kwargs) with tx.running set"},
+    {"busy", (PyCFunction)(void (*)(void))fast_busy, METH_FASTCALL,
+     "busy(tx, fn, args): fn(*args) with tx.busy set"},
     {"detach", fast_detach, METH_O, "detach(box): take the segment out of the box and unmap it"},
     {NULL, NULL, 0, NULL},
 };
@@ -376,7 +405,8 @@ PyMODINIT_FUNC PyInit__fast(void)
 {
     tx_key = PyUnicode_InternFromString("shmstm._fast.tx");
     s_running = PyUnicode_InternFromString("running");
-    if (!tx_key || !s_running)
+    s_busy = PyUnicode_InternFromString("busy");
+    if (!tx_key || !s_running || !s_busy)
         return NULL;
     if (PyType_Ready(&CtxType) < 0)
         return NULL;

@@ -319,7 +319,10 @@ int64_t shmstm_peek(const shmstm_ref *r)
  * is in c->last and the payload in c->out (and c->buf for heap values). */
 int64_t shmstm_tx_readv(shmstm_ctx *c, const shmstm_ref *r)
 {
-    int rc = *r->segp == c->seg ? read_tvar(c, r->idx, r->gen, c->out, 1) : SHMSTM_EINVAL;
+    /* gone first: after close() the box is empty too, and a closed runtime
+     * is SHMSTM_ECLOSED, not a bad argument. */
+    int rc = c->gone ? c->gone :
+             *r->segp == c->seg ? read_tvar(c, r->idx, r->gen, c->out, 1) : SHMSTM_EINVAL;
     if (rc == TAG_INT && c->out[0] != SHMSTM_READ_MISS)
         return c->out[0];
     c->last = rc;
@@ -916,9 +919,15 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
 {
     if (s->read_only)
         return SHMSTM_EINVAL;
+    /* The caller guarantees s is attached at entry; a detach racing with this
+     * call (a caller's bug: Python serialises them) must not free s under
+     * it.  This reference becomes the context's on success. */
+    faa_relaxed(&s->refs, 1u);
     shmstm_ctx *c = calloc(1, sizeof *c);
-    if (!c)
+    if (!c) {
+        seg_unref(s);
         return SHMSTM_ENOMEM;
+    }
     c->rs_cap = 64;
     c->rs = malloc(c->rs_cap * sizeof *c->rs);
     c->buf_cap = 4096;
@@ -927,6 +936,7 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
         free(c->rs);
         free(c->buf);
         free(c);
+        seg_unref(s);
         return SHMSTM_ENOMEM;
     }
     uint32_t pid = (uint32_t)getpid();
@@ -973,8 +983,7 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
                 if (c->next)
                     c->next->prev = c;
                 s->ctx_head = c;
-                c->linked = 1;
-                faa_relaxed(&s->refs, 1u);  /* under ctx_lock; dropped by ctx_free */
+                c->linked = 1;              /* the entry's reference is now the context's */
             }
             pthread_mutex_unlock(&s->ctx_lock);
             if (closed)
@@ -986,15 +995,20 @@ int shmstm_ctx_new(shmstm_seg *s, shmstm_ctx **out)
             break;
     }
     if (c->proc) {
-        ctx_give_back(c, SHMSTM_ECLOSED);
+        /* Detached between the claim and the link: the mapping may be gone,
+         * so the slot cannot be given back here; it stays this process's
+         * until the process ends (then recovery frees it).  Unreachable
+         * from Python, where Runtime._lock serialises claims and close. */
         free(c->rs);
         free(c->buf);
         free(c);
+        seg_unref(s);
         return SHMSTM_ECLOSED;
     }
     free(c->rs);
     free(c->buf);
     free(c);
+    seg_unref(s);
     return SHMSTM_EPROCSFULL;
 }
 
@@ -1006,10 +1020,21 @@ int shmstm_ctx_free(shmstm_ctx *c)
     if (!c)
         return 0;
     struct shmstm_seg *s = c->seg;
-    pthread_mutex_lock(&s->ctx_lock);
-    ctx_unlink(c);
-    ctx_give_back(c, SHMSTM_ECLOSED);
-    pthread_mutex_unlock(&s->ctx_lock);
+    if (c->pid != getpid()) {
+        /* Inherited across fork: the slot is the parent's.  Before
+         * shmstm_seg_after_fork the child has one thread (CPython frees the
+         * other threads' states, and with them their contexts, before its
+         * after-fork hooks run) and ctx_lock may be held by a parent thread
+         * that does not exist here: unlink without it.  After it, the
+         * context is no longer linked (ctx_unlink does nothing). */
+        ctx_unlink(c);
+        c->gone = SHMSTM_EFORKED;
+    } else {
+        pthread_mutex_lock(&s->ctx_lock);
+        ctx_unlink(c);
+        ctx_give_back(c, SHMSTM_ECLOSED);
+        pthread_mutex_unlock(&s->ctx_lock);
+    }
     free(c->rs);
     free(c->buf);
     free(c);
@@ -1030,8 +1055,15 @@ void seg_release_ctxs(struct shmstm_seg *s)
 int shmstm_seg_after_fork(shmstm_seg *s)
 {
     pthread_mutex_init(&s->ctx_lock, NULL);
-    for (shmstm_ctx *c = s->ctx_head; c; c = c->next)
+    shmstm_ctx *c = s->ctx_head;
+    while (c) {
+        shmstm_ctx *next = c->next;
         if (!c->gone)
             c->gone = SHMSTM_EFORKED;
+        c->next = c->prev = NULL;       /* unlinked: their frees touch no list */
+        c->linked = 0;
+        c = next;
+    }
+    s->ctx_head = NULL;
     return 0;
 }

@@ -62,7 +62,7 @@ _ERRORS = {
     lib.SHMSTM_EDUP: (errors.Error, "internal error: a TVar staged twice"),
     lib.SHMSTM_ENOFLUSHER: (errors.DurabilityError, "the commit ring is full and its flusher is not running"),
     lib.SHMSTM_EDURABLE: (errors.DurabilityError, "the flusher cannot write the durable data (LMDB); commit refused"),
-    lib.SHMSTM_ECLOSED: (errors.RuntimeClosedError, "the runtime was closed by another thread"),
+    lib.SHMSTM_ECLOSED: (errors.RuntimeClosedError, "the runtime was closed"),
     lib.SHMSTM_ENAMED: (errors.Error, "a named TVar cannot be freed"),
     lib.SHMSTM_EFOREIGN: (errors.DurabilityMismatchError,
                           "another runtime writes the same durable data (two runtimes opened "

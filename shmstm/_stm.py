@@ -104,6 +104,7 @@ class _PollExpired(errors.RetryTimeout):
 _get_tx = _fast.tx
 _set_tx = _fast.set_tx
 _call = _fast.call
+_busy = _fast.busy
 
 # _Tx.doomed while a rollback (_Tx._rollback) is under way: truthy, so the
 # attempt never commits, but not True, so the exception that cut the rollback
@@ -311,7 +312,12 @@ class Runtime:
         self._ctxs = weakref.WeakSet()   # every live _Ctx of this process (weak: see _Ctx)
         self._lock = threading.RLock()
         self._waits = threading.Condition(self._lock)
-        self._waiting = 0          # threads of this process in a retry() wait or a sync commit (close)
+        # Waits of this process's threads in the core (retry(), a sync
+        # commit, flush()) that close() must interrupt and wait for: one token
+        # each, added by _wait_begin and discarded by the waiter's finally in
+        # one C call (set.discard), so an asynchronous exception can neither
+        # leave a token behind nor drop one twice.
+        self._waiters = set()
         self._refs = 0
         self._closed = False
         self._pid = os.getpid()
@@ -429,26 +435,18 @@ class Runtime:
             return self._new_ctx()
         return ctx
 
-    def _wait_begin(self, on_closed=None, arg=None):
-        """Count a wait (retry, sync commit) in the core, which close() from
-        another thread interrupts and waits for; on a closed runtime, run
-        ``on_closed(arg)`` under the lock (its contexts are freed under it,
-        or about to be) and raise RuntimeClosedError."""
+    def _wait_begin(self, tok, on_closed=None, arg=None):
+        """Register the wait ``tok`` (a new object) in the core, which close()
+        from another thread interrupts and waits for; on a closed runtime, run
+        ``on_closed(arg)`` under the lock and raise RuntimeClosedError.  The
+        caller discards the token in a ``finally`` that begins before this
+        call: ``self._waiters.discard(tok)``."""
         with self._lock:
             if self._closed:
                 if on_closed is not None:
                     on_closed(arg)
                 raise errors.RuntimeClosedError("runtime %r is closed" % self.name)
-            self._waiting += 1
-
-    def _wait_done(self):
-        """A counted wait (retry, sync commit) left the core (see close)."""
-        with self._lock:
-            self._waiting -= 1
-            # Only close() waits for the count (it sets _closed under this
-            # lock first): no notify, a Python-level call, on every commit.
-            if not self._waiting and self._closed:
-                self._waits.notify_all()
+            self._waiters.add(tok)
 
     def close(self, timeout=CLOSE_FLUSH_TIMEOUT):
         """Detach this process from the runtime (idempotent).  ``open()`` is
@@ -470,20 +468,31 @@ class Runtime:
         Interrupted (KeyboardInterrupt, a signal handler that raises), it
         can be called again: it finishes what the interrupted call began."""
         unflushed = None
-        if self._durable is not None and not self._closed and self._refs <= 1 \
-                and self._seg is not None and _current() is None:
+        flushed = False
+        while True:
+            with _registry_lock:
+                with self._lock:
+                    flush_now = False
+                    if not self._closed:
+                        if self._refs > 1:
+                            self._refs -= 1
+                            return
+                        # The last handle: a durable runtime's commits first
+                        # (decided here, under the lock, so that two threads
+                        # closing at once cannot both skip it).
+                        flush_now = not flushed and self._durable is not None and \
+                            self._seg is not None and _current() is None
+                        if not flush_now:
+                            self._closed = True
+                    if not flush_now:
+                        self._teardown()
+                        break
+            flushed = True
             try:
-                self._durable.flush(timeout)
-            except errors.DurabilityError as e:
-                unflushed = e
-        with _registry_lock:
-            with self._lock:
-                if not self._closed:
-                    if self._refs > 1:
-                        self._refs -= 1
-                        return
-                    self._closed = True
-                self._teardown()
+                self.flush(timeout)             # counted: a concurrent teardown waits for it
+            except (errors.DurabilityError, errors.RuntimeClosedError) as e:
+                if not self._closed:            # else another thread closed it meanwhile
+                    unflushed = e
         if unflushed is not None:
             raise errors.DurabilityError("runtime %r closed; %s" % (self.name, unflushed))
 
@@ -503,30 +512,32 @@ class Runtime:
         d = self._durable
         if d is None:
             return
-        self._wait_begin()                  # close() from another thread waits for us
+        tok = object()
         try:
+            self._wait_begin(tok)           # close() from another thread waits for us
             d.flush(timeout)
         finally:
-            self._wait_done()
+            self._waiters.discard(tok)
 
     def _teardown(self):
         """Give back everything this process holds of the runtime (close();
         _registry_lock and self._lock held).  Every step is idempotent, so an
         interrupted teardown is finished by the next close()."""
-        if self._waiting:
+        if self._waiters:
             mine = self._local.ctx
             for ctx in list(self._ctxs):
                 p = ctx.ptr
                 if ctx is not mine and p is not None:
                     lib.shmstm_ctx_interrupt(p)
-            while self._waiting:
-                self._waits.wait()      # releases self._lock, not _registry_lock
+            while self._waiters:
+                self._waits.wait(0.05)  # releases self._lock, not _registry_lock
         if self._durable is not None:
             self._durable.close()
-        for ctx in list(self._ctxs):
-            ctx.release()
-        # Gives back the slot of any context still alive that no list knows
-        # (a traceback may hold one), then unmaps.
+        # Gives back the slot of every context of this process (each thread's,
+        # and any a traceback may hold), then unmaps.  The contexts' memory
+        # stays with their owners (freed when each object dies), so a thread
+        # that still uses one gets RuntimeClosedError (SHMSTM_ECLOSED), never
+        # freed memory.
         _fast.detach(self._boxaddr)
         self._local = _Local()
         if _registry.get(self.name) is self:
@@ -1002,17 +1013,20 @@ def _drain_before_unlink(name, timeout):
     if not pending:
         return
     try:
-        rt = open(name)                 # attaches, and starts a flusher if none runs
+        rt = open(name, create=False)   # attaches, and starts a flusher if none runs
     except errors.SegmentNotFoundError:
         return
     try:
-        rt._wait_begin()
+        if rt._durable is None:         # another segment under the name meanwhile
+            return
+        tok = object()
         try:
+            rt._wait_begin(tok)
             rt._durable.wait_flushed(
                 target, time.monotonic() + timeout,
                 "runtime %r: its commits up to wv %d are" % (name, target))
         finally:
-            rt._wait_done()
+            rt._waiters.discard(tok)
     except errors.DurabilityError as e:
         raise errors.DurabilityError(
             "%s; unlink refused, so that they are not lost: open the runtime again (with a "
@@ -1057,7 +1071,7 @@ def _after_fork_child():
     for rt in list(_registry.values()):
         rt._lock = threading.RLock()
         rt._waits = threading.Condition(rt._lock)
-        rt._waiting = 0             # the parent's waiting threads do not exist here
+        rt._waiters = set()         # the parent's waiting threads do not exist here
         seg = rt._seg
         if seg is not None:
             # Every inherited context answers SHMSTM_EFORKED from now on; its
@@ -1225,13 +1239,21 @@ class _Tx:
     nonint, an upper bound, so that an all-int write set is staged in one
     call)."""
     __slots__ = ("rt", "brt", "ctx", "ptr", "pa", "writes", "undo", "depth", "created",
-                 "doomed", "nonint", "running", "clean", "timed", "__weakref__")
+                 "doomed", "nonint", "running", "clean", "timed", "busy", "waiting", "epoch",
+                 "__weakref__")
 
     def __init__(self):
         # Inside the transaction's function now: set and cleared by
         # shmstm._fast.call around each call of it, in C, so that no
         # asynchronous exception can leave it set.
         self.running = False
+        # A transaction loop (_run) is on this thread's stack: set and cleared
+        # in C by shmstm._fast.busy.  waiting: that loop is blocked in retry()
+        # (_block), the only place where another transaction may start on
+        # the thread (from a signal handler); epoch counts the loops started.
+        self.busy = False
+        self.waiting = False
+        self.epoch = 0
         # The last transaction ended through its own cleanup.  False from the
         # start of a transaction until its cleanup is complete: if an
         # asynchronous exception cut that cleanup short, the thread's next
@@ -1285,13 +1307,17 @@ class _Tx:
             del created[since:]
 
     def _end(self, reason):
-        """End the attempt without committing (idempotent)."""
-        if self.rt is not None:
-            ctx = self.ctx
-            if ctx is not None and ctx.ptr is not None:
+        """End the attempt without committing (idempotent).  The C context is
+        cleared even if the attempt touched no TVar: it may hold the
+        irrevocable token, or an interrupted wait's read set."""
+        ctx = self.ctx
+        if ctx is not None and ctx.ptr is not None:
+            if self.rt is not None:
                 self._discard_created()
-                lib.shmstm_tx_abort(ctx.ptr, reason)
-            self.rt = None
+            else:
+                reason = AB_SILENT      # nothing was attempted: no abort to count
+            lib.shmstm_tx_abort(ctx.ptr, reason)
+        self.rt = None
         self.writes.clear()
         del self.undo[:]
         self.doomed = False
@@ -1407,8 +1433,9 @@ class _Tx:
         in finish_wait), so it is counted like a retry() wait: close() from
         another thread interrupts the wait and frees the context only after."""
         rt = self.rt
-        rt._wait_begin(self._give_back, created)
+        tok = object()
         try:
+            rt._wait_begin(tok, self._give_back, created)
             rc = _fcommit(self.pa, writes)
             if rc < 0:
                 return self._commit_failed(rc, ptr, created)
@@ -1420,7 +1447,7 @@ class _Tx:
                 rt._durable.finish_wait(ptr)
             return True
         finally:
-            rt._wait_done()
+            rt._waiters.discard(tok)
 
     def _give_back(self, created):
         """A sync commit found its runtime closed: the attempt ends (the core
@@ -1457,12 +1484,20 @@ class _Tx:
             nested = min(self.timed.values())
             if deadline is None or nested < deadline:
                 deadline, own = nested, False
-        # Counted while in the core: close() from another thread interrupts
-        # the wait (SHMSTM_ECLOSED) and frees this context only once the count
-        # is back to zero.
-        rt._wait_begin()
+        # Registered while in the core: close() from another thread interrupts
+        # the wait (SHMSTM_ECLOSED) and detaches only once it has left.
+        # A transaction run on this thread meanwhile (a signal handler's)
+        # reuses the thread's context, read set included: it bumps epoch, and
+        # this wait then ends as if woken (the attempt re-runs).
+        epoch = self.epoch
+        was_waiting = self.waiting      # (a signal handler's transaction waits inside ours)
+        tok = object()
         try:
+            self.waiting = True
+            rt._wait_begin(tok)
             while True:
+                if self.epoch != epoch:
+                    return
                 if deadline is None:
                     ns = -1
                 else:
@@ -1470,7 +1505,7 @@ class _Tx:
                     if ns < 0:
                         ns = 0
                 rc = lib.shmstm_tx_wait(ptr, ns)
-                if rc == 0:
+                if rc == 0 or self.epoch != epoch:
                     return
                 if rc == E_INTR:
                     continue        # signal handlers ran at this bytecode; wait on
@@ -1490,7 +1525,8 @@ class _Tx:
                         % rt.name)
                 raise error_for(rc, "retry")
         finally:
-            rt._wait_done()
+            rt._waiters.discard(tok)
+            self.waiting = was_waiting
 
 
 def _backoff(n):
@@ -1517,7 +1553,21 @@ def atomically(fn, *args, **kwargs):
         _set_tx(tx)
     elif tx.running:
         return _nested(tx, fn, args, kwargs)
-    return _run(tx, fn, args, kwargs, None)
+    elif tx.busy:
+        return _reentered(tx, fn, args, kwargs, None)
+    return _busy(tx, _run, (tx, fn, args, kwargs, None))
+
+
+def _reentered(tx, fn, args, kwargs, deadline, poll=False, timed=None):
+    """An outermost transaction started while this thread's transaction loop
+    is not in its function: from a signal handler or a finalizer.  Possible
+    only while that loop waits in retry() (it then re-runs: _block); while it
+    commits, the thread's context holds its staged writes."""
+    if not tx.waiting:
+        raise errors.Error(
+            "a transaction cannot start while this thread is committing one (from a signal "
+            "handler or a finalizer): set a flag there and act on it outside")
+    return _run(tx, fn, args, kwargs, deadline, poll, timed)
 
 
 def _nested(tx, fn, args, kwargs):
@@ -1547,6 +1597,7 @@ def _run(tx, fn, args, kwargs, deadline, poll=False, timed=None):
     if not tx.clean:
         tx._reset()                     # the last one's cleanup was cut short
     tx.clean = False
+    tx.epoch += 1
     if tx.timed is not timed:
         tx.timed = timed
     conflicts = 0
@@ -1559,6 +1610,7 @@ def _run(tx, fn, args, kwargs, deadline, poll=False, timed=None):
                 tx._end(AB_SILENT)
             except _RetrySignal:
                 tx._block(deadline, poll)
+                tx.clean = False                # (a transaction run in the wait cleared it)
                 continue
             except Exception:
                 if tx.doomed is not True:
@@ -1594,7 +1646,9 @@ def _run_until(f, args, kwargs, deadline, timed):
         _set_tx(tx)
     elif tx.running:
         raise errors.Error("atomically_async() inside a transaction")
-    return _run(tx, f, args, kwargs, deadline, poll=True, timed=timed)
+    elif tx.busy:
+        return _reentered(tx, f, args, kwargs, deadline, True, timed)
+    return _busy(tx, _run, (tx, f, args, kwargs, deadline, True, timed))
 
 
 def _run_with_timeout(f, args, kwargs, timeout):
@@ -1612,7 +1666,9 @@ def _run_with_timeout(f, args, kwargs, timeout):
                 tx.timed = {}
             tx.timed.setdefault(f, time.monotonic() + timeout)
             raise
-    return _run(tx, f, args, kwargs, time.monotonic() + timeout)
+    elif tx.busy:
+        return _reentered(tx, f, args, kwargs, time.monotonic() + timeout)
+    return _busy(tx, _run, (tx, f, args, kwargs, time.monotonic() + timeout))
 
 
 def atomic(fn=None, *, timeout=None, durability=None):

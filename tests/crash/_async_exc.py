@@ -22,6 +22,8 @@ Modes:
           main thread (contexts, slots, the mapping, close's teardown)
   thread  the same, interrupted in the worker thread only (a thread's context
           and its release when the thread ends)
+  wait    open -> a retry() wait that times out -> close (a wait that close()
+          would wait for forever if its registration were kept)
 """
 import dis
 import json
@@ -78,6 +80,21 @@ class Injector:
         elif event == "return":
             self.prev.pop(frame, None)
         return self.local_trace
+
+
+def wait_operation(name, inj):
+    """open -> a retry() that waits and times out -> close: the wait's
+    registration (close() waits for registered waits) must be given back."""
+    sys.settrace(inj.global_trace)
+    try:
+        with shmstm.open(name, **LIMITS) as rt:
+            acct = rt.tvar("acct0")
+            try:
+                shmstm.atomic(timeout=0.002)(lambda: shmstm.check(acct.value < -1))()
+            except shmstm.RetryTimeout:
+                pass
+    finally:
+        sys.settrace(None)
 
 
 def operation(name, main_inj, thread_inj):
@@ -151,11 +168,16 @@ def check(name, holder, total, k):
 def main():
     mode, name, holder, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     stride = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    def run(inj):
+        if mode == "close":
+            operation(name, inj, None)
+        elif mode == "thread":
+            operation(name, None, inj)
+        else:
+            wait_operation(name, inj)
+
     count = Injector()
-    if mode == "close":
-        operation(name, count, None)
-    else:
-        operation(name, None, count)
+    run(count)
     finish(name)
     n = count.n
     fired = 0
@@ -163,10 +185,7 @@ def main():
     for k in range(0, n, stride):
         inj = Injector(at=k)
         try:
-            if mode == "close":
-                operation(name, inj, None)
-            else:
-                operation(name, None, inj)
+            run(inj)
         except KeyboardInterrupt:
             pass
         fired += inj.fired

@@ -56,6 +56,12 @@ def test_an_exception_anywhere_in_open_transact_close_leaves_no_slot_and_no_mapp
     run_injections(segname, "close")
 
 
+def test_an_exception_anywhere_in_a_retry_wait_leaves_close_nothing_to_wait_for(segname):
+    """Regression: an exception landing just after a wait registered itself
+    (or just before it unregistered) left close() waiting for it forever."""
+    run_injections(segname, "wait")
+
+
 def test_an_exception_anywhere_in_a_thread_gives_its_slot_back_when_it_ends(segname):
     """No slot stays held by a live process once its threads have ended: the
     worker thread is interrupted at each point in turn."""
@@ -123,3 +129,115 @@ def test_signal_storm_open_transfer_close(segname):
               totals["thread_cycles"], totals["thread_caught"], totals["injected"]))
     assert totals["cycles"] > 0 and totals["caught"] > 100 * rounds
     assert totals["thread_cycles"] > 0 and totals["thread_caught"] > 10 * rounds
+
+
+REENTRY = r'''
+import json, signal, sys, threading, time
+import shmstm
+rt = shmstm.open(sys.argv[1], max_tvars=256, heap_size=1 << 16, max_procs=24)
+a, b, flag, noise = rt.tvar("a", 0), rt.tvar("b", 0), rt.tvar("flag", 0), rt.tvar("noise", 0)
+res = {"ok": 0, "refused": 0, "other": 0}
+
+def inc(tv):
+    tv.value += 1
+
+def handler(signum, frame):
+    try:
+        shmstm.atomically(inc, noise if in_wait[0] else b)
+        res["ok"] += 1
+    except shmstm.Error as e:
+        res["refused" if "cannot start while" in str(e) else "other"] += 1
+
+in_wait = [False]
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0004, 0.0004)
+acked = 0
+t_end = time.monotonic() + 1.5
+while time.monotonic() < t_end:
+    shmstm.atomically(inc, a)
+    acked += 1
+ok_before_wait = res["ok"]
+in_wait[0] = True
+threading.Timer(0.5, lambda: flag.set(1)).start()
+shmstm.atomically(lambda: shmstm.check(flag.value == 1))   # handlers run during the wait
+signal.setitimer(signal.ITIMER_REAL, 0)
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+res.update(acked=acked, a=a.value, b=b.value, noise=noise.value, ok_before_wait=ok_before_wait)
+rt.close()
+print(json.dumps(res))
+'''
+
+
+def test_a_signal_handlers_transaction_never_undoes_the_threads_own(segname):
+    """Regression (lost acknowledged commits): a SIGALRM handler running a
+    transaction while its thread's transaction committed reset the thread's
+    context, and the thread's atomically() returned without committing.  Now
+    a handler's transaction is refused while its thread commits, and runs
+    while its thread waits in retry() (which then re-runs); every
+    transaction that returned is in the TVars, and nothing else is."""
+    with shmstm.open(segname, **STORM_LIMITS):
+        r = subprocess.run([sys.executable, "-c", REENTRY, segname], capture_output=True,
+                           text=True, timeout=120, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["a"] == res["acked"] > 0, res
+    assert res["b"] == res["ok_before_wait"] and res["noise"] == res["ok"] - res["ok_before_wait"]
+    assert res["other"] == 0 and res["noise"] > 0, res
+    print("re-entry: %d thread commits, %d handler commits (%d during a retry wait), %d "
+          "refused" % (res["acked"], res["ok"], res["noise"], res["refused"]))
+
+
+def test_a_transaction_that_touched_nothing_gives_the_irrevocable_token_back(runtime):
+    """Regression: an attempt that ended before its first TVar access (here:
+    its function raised) kept the irrevocable token its loop had taken, and
+    every writer of every process waited until the thread's next transaction."""
+    from shmstm._binding import lib
+
+    runtime.tvar("x", 0).value = 1
+    ctx = runtime._ctx()
+    assert lib.shmstm_tx_irrevocable(ctx.ptr, -1) == 0
+    assert runtime.stats()["irrevocable_holder_slot"] == ctx.ptr.slot
+    with pytest.raises(ZeroDivisionError):
+        shmstm.atomically(lambda: 1 / 0)
+    assert runtime.stats()["irrevocable_holder_slot"] is None
+
+
+CLOSED_UNDER = r'''
+import sys, threading
+import shmstm
+rt = shmstm.open(sys.argv[1], max_tvars=256, heap_size=1 << 16, max_procs=24)
+tv = rt.tvar("x", 5)
+bound, closed, out = threading.Event(), threading.Event(), []
+
+def other():
+    out.append(shmstm.atomically(lambda: tv.value))   # binds this thread's context
+    bound.set()
+    closed.wait()
+    for op in (lambda: shmstm.atomically(lambda: tv.value), lambda: tv.value,
+               lambda: tv.set(6)):
+        try:
+            op()
+            out.append("no error")
+        except shmstm.RuntimeClosedError:
+            out.append("closed")
+
+t = threading.Thread(target=other)
+t.start()
+bound.wait()
+rt.close()
+closed.set()
+t.join()
+print(out)
+'''
+
+
+def test_a_thread_that_uses_a_runtime_closed_by_another_gets_runtime_closed_error(segname):
+    """Regression (use after free): close() freed every thread's context, and
+    another thread's next transaction used the freed memory.  Now close()
+    gives back their slots and leaves the memory to their owners: the thread
+    gets RuntimeClosedError."""
+    with shmstm.open(segname, **STORM_LIMITS):
+        r = subprocess.run([sys.executable, "-c", CLOSED_UNDER, segname], capture_output=True,
+                           text=True, timeout=60, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[5, 'closed', 'closed', 'closed']", r.stdout

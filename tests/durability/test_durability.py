@@ -1426,3 +1426,48 @@ def test_a_second_runtime_on_a_path_in_use_is_refused_at_open(segname, dpath, fl
     assert not os.path.exists("/dev/shm/shmstm." + other)
     rt.close()
     shmstm.unlink(segname)
+
+
+TWO_CLOSERS = r'''
+import sys, threading
+import shmstm
+rt = shmstm.open(sys.argv[1])           # attaches; the test's flusher is stopped
+rt.tvar("ctr", 0).value = 7             # async: acknowledged, not in LMDB
+out = {}
+
+def close(tag, timeout):
+    try:
+        rt.close(timeout=timeout)
+        out[tag] = "returned"
+    except shmstm.DurabilityError as e:
+        out[tag] = "DurabilityError" if "not yet durable" in str(e) else "other: %s" % e
+
+ts = [threading.Thread(target=close, args=(t, to)) for t, to in (("a", 0.5), ("b", 3.0))]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+print(sorted(out.values()), rt.closed)
+'''
+
+
+def test_two_threads_closing_at_once_neither_crashes_nor_skips_the_flush(segname, dpath,
+                                                                         flushers):
+    """Regression (SIGSEGV): two threads closing the last handle at once both
+    waited for the flusher, unlocked; the first to finish unmapped the segment
+    under the other's wait.  Now the flush is decided under the lock and
+    counted: one close reports the commit not yet durable, the other returns,
+    and the runtime is closed."""
+    from _dhelpers import worker_env
+
+    rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
+    try:
+        r = subprocess.run([sys.executable, "-c", TWO_CLOSERS, segname], capture_output=True,
+                           text=True, timeout=120, env=worker_env(), cwd=dpath)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.strip() == "['DurabilityError', 'returned'] True", r.stdout
+    finally:
+        os.kill(fpid, signal.SIGCONT)
+    rt.close()
+    assert shmstm.unlink(segname)
+    assert shmstm.read_durable(dpath)["values"]["ctr"] == 7

@@ -277,6 +277,32 @@ int main(void)
     CHECK(shmstm_tx_end_ro(c) == 0, "future_version_is_corrupt: end");
     printf("ok future_version_is_corrupt\n");
 
+    /* fork_child_free_skips_a_held_lock: a fork taken while ctx_lock is held
+     * (by a thread in ctx_new's link step; here the forking thread itself):
+     * in the child, freeing an inherited context must neither wait for the
+     * lock (CPython frees other threads' contexts before its after-fork
+     * hooks run) nor give back the parent's slot. */
+    shmstm_ctx *c2;
+    CHECK(shmstm_ctx_new(s, &c2) == 0, "fork_child_free: ctx");
+    uint32_t slot2 = c2->slot;
+    pthread_mutex_lock(&s->ctx_lock);
+    pid_t k = fork();
+    if (k == 0) {
+        alarm(10);                          /* a hang fails the case */
+        shmstm_ctx_free(c2);
+        shmstm_seg_after_fork(s);
+        _exit(0);
+    }
+    pthread_mutex_unlock(&s->ctx_lock);
+    int wst = 0;
+    CHECK(waitpid(k, &wst, 0) == k, "fork_child_free: waitpid");
+    CHECK(WIFEXITED(wst) && WEXITSTATUS(wst) == 0, "fork_child_free_skips_a_held_lock: the child hung");
+    CHECK(ps_state(load_acquire(&s->procs[slot2].owner)) == PS_ACTIVE &&
+          ps_pid(load_acquire(&s->procs[slot2].owner)) == (uint32_t)getpid(),
+          "fork_child_free_skips_a_held_lock: the parent's slot was given back");
+    shmstm_ctx_free(c2);
+    printf("ok fork_child_free_skips_a_held_lock\n");
+
     shmstm_ctx_free(c);
     case_done(s);
     return 0;

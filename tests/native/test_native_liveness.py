@@ -28,7 +28,8 @@ def test_liveness_cases(tmp_path):
                ("recovering_live", "recovering_reused_pid", "emfile_is_not_death", "gone_is_death",
                 "corrupt_spill_rolls_back", "corrupt_index_rolls_back", "committed_corrupt_is_lost",
                 "reclaimed_slot_aba", "free_owner_lock_released", "impossible_owner_lock_released",
-                "attach_releases_orphans", "future_version_is_corrupt"))
+                "attach_releases_orphans", "future_version_is_corrupt",
+                "fork_child_free_skips_a_held_lock"))
 
 
 def test_heap_cases(tmp_path):
