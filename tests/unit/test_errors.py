@@ -289,3 +289,37 @@ def test_a_value_block_that_does_not_decode_is_corrupt_segment_error(runtime):
             shmstm.atomically(lambda: tv.value)
     tv = runtime.new_tvar(5)              # the runtime still works
     assert tv.value == 5
+
+
+def test_importing_from_the_source_tree_says_so(tmp_path):
+    """Regression: Python run inside the repository imports its source tree
+    (no compiled modules) instead of the installed package, and the error
+    told the user to 'pip install .', which they had just done."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(shmstm.__file__)
+    pkg = tmp_path / "shmstm"
+    pkg.mkdir()
+    for fn in os.listdir(src):
+        if fn.endswith(".py"):
+            shutil.copy(os.path.join(src, fn), str(pkg))
+    (tmp_path / "setup.py").write_text("# a source checkout\n")
+    # As a user of a regular install runs it; an in-place build (pip install
+    # -e) adds a finder that would find the checkout first whatever the cwd.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if 'editable' not in repr(f).lower()]; import shmstm")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "imported from its source tree" in r.stderr and "another directory" in r.stderr, \
+        r.stderr[-2000:]
+
+
+def test_durability_without_a_path_on_a_new_name_says_a_path_is_needed(segname):
+    with pytest.raises(shmstm.SegmentNotFoundError, match="created by open.. with path="):
+        shmstm.open(segname, durability="sync")
+    with pytest.raises(ValueError, match="needs path="):
+        shmstm.open(segname, durability="sync", create=True)
+    assert not os.path.exists("/dev/shm/shmstm." + segname)
