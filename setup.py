@@ -46,7 +46,7 @@ setup(
     install_requires=["cffi>=1.15", "posix_ipc>=1.1", "psutil>=5.9", "lmdb>=1.4"],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3", "pytest-timeout>=2", "prometheus_client>=0.16",
-                 "mypy>=1.8"],
+                 "mypy>=1.8", "ruff>=0.4"],
         "durable": [],
     },
     entry_points={"console_scripts": [

@@ -492,7 +492,7 @@ def _serve(reader, args):
     try:
         server = http.server.HTTPServer(("127.0.0.1", args.serve), Handler)
     except OSError as e:
-        raise _UsageError("cannot listen on 127.0.0.1:%d: %s" % (args.serve, e.strerror or e))
+        raise _UsageError("cannot listen on 127.0.0.1:%d: %s" % (args.serve, e.strerror or e)) from None
     with server:
         print("%s: serving runtime %r at http://127.0.0.1:%d/metrics" % (
             PROG, reader.name, server.server_address[1]), flush=True)

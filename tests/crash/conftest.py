@@ -4,8 +4,9 @@
   temporary directory, built once per test process (each xdist worker builds its own
   into its own basetemp: no lock needed, ~2 s).  The .py files are copied from the
   ``shmstm`` package this test run imports (the installed release package in CI),
-  the C core (and ``shmstm._fast``, which must match its pointer table) is compiled from this repository's ``native/`` with SHMSTM_DEBUG=1 by the
-  project's one cffi builder, ``native/build_shmstm.py``.
+  the C core (and ``shmstm._fast``, which must match its pointer table) is compiled
+  from this repository's ``native/`` with SHMSTM_DEBUG=1 by the project's one cffi
+  builder, ``native/build_shmstm.py``.
 * ``run_driver(scenario, cfg, debug=True)``: runs ``_driver.py`` in a subprocess (with
   the debug build on PYTHONPATH when ``debug``) and returns its JSON observations.
 

@@ -2,7 +2,6 @@
 the terminal (regressions: a waiting process showed as waiting but not on
 what; --watch wrapped in an 80-column terminal, rows of ~110 characters)."""
 import json
-import os
 import subprocess
 import sys
 import tempfile
