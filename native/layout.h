@@ -410,6 +410,10 @@ struct shm_header {
  *   with the owner and sync bits of 2: the claim is the commit point, the
  *   release of 5 follows it at once);
  *   otherwise (low 4 bits 0) the heap offset of a record (struct ring_rec). */
+/* ring_kind(rec): the low 4 bits of a slot's rec word. */
+#define RING_HEAP_KIND  0u     /* a heap record's offset (16-byte aligned: kind 0) */
+#define RING_VOID_KIND  1u     /* RING_VOID */
+#define RING_NOOP_KIND  2u     /* RING_NOOP marker: committed, no durable TVar written */
 #define RING_EMPTY_KIND 3u
 #define RING_CLAIM_KIND 4u     /* claimed for an inline record: owner as RING_NOOP's */
 #define RING_INLINE_KIND 5u    /* the inline record is in the slot: owner as RING_NOOP's */
@@ -495,6 +499,8 @@ _Static_assert(sizeof(struct shm_ring_slot) == 64, "ring slot is one cache line"
  * block header, one cache line (heap blocks of 64 bytes and more are
  * line-aligned: heap.c). */
 _Static_assert(sizeof(struct ring_rec) == 24 && sizeof(struct ring_ent) == 16, "ring record");
+_Static_assert((RING_VOID & 15u) == RING_VOID_KIND && (RING_NOOP & 15u) == RING_NOOP_KIND,
+               "ring kinds");
 _Static_assert(sizeof(a64) == 8 && sizeof(a32) == 4, "lock-free atomics");
 
 /* The layout signature folds the layout version and every struct size and the

@@ -43,6 +43,13 @@ _Static_assert(SHMSTM_FS_ANY == FS_ANY && SHMSTM_FS_SYNC == FS_SYNC,
 _Static_assert(SHMSTM_DS_LOADING == DS_LOADING && SHMSTM_DS_READY == DS_READY,
                "durable_state names differ between shmstm.h and layout.h");
 
+/* The collect's entries, as Python reads them (shmstm.h). */
+_Static_assert(sizeof(shmstm_collect_entry) == sizeof(struct ring_ent) &&
+               offsetof(shmstm_collect_entry, idx) == offsetof(struct ring_ent, idx) &&
+               offsetof(shmstm_collect_entry, tag) == offsetof(struct ring_ent, tag) &&
+               offsetof(shmstm_collect_entry, len) == offsetof(struct ring_ent, len),
+               "shmstm_collect_entry is struct ring_ent");
+
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
 #define RELEASE_CHUNK 64u            /* records freed per chain push (shmstm_ring_release) */
 #define COLLECT_AHEAD 8u             /* slots between a record's prefetch and its check */
@@ -264,14 +271,14 @@ int ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *recp
             pass_flush_wake(h);
         }
         if (rc) {
-            if (ring_kind(rec) == 0)
+            if (ring_kind(rec) == RING_HEAP_KIND)
                 heap_free(s, NULL, rec);
             return rc;
         }
     }
     struct shm_commit_rec *r = &c->proc->rec;
     store_relaxed(&r->wv, 0);                /* recovery: no wv yet */
-    store_relaxed(&r->ring_rec, ring_kind(rec) == 0 ? rec : 0);
+    store_relaxed(&r->ring_rec, ring_kind(rec) == RING_HEAP_KIND ? rec : 0);
     *recp = rec;
     return 0;
 }
@@ -293,7 +300,7 @@ int ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec)
 {
     struct shmstm_seg *s = c->seg;
     struct shm_ring_slot *sl = slot_of(s, wv);
-    if (ring_kind(rec) == 0)
+    if (ring_kind(rec) == RING_HEAP_KIND)
         ((struct ring_rec *)heap_payload(s, rec))->wv = wv;   /* private until the CAS */
     /* Pairs with the flusher's store_release of seq when it recycled round
      * wv - N.  By the room invariant seq < wv never happens; the loop is a
@@ -373,7 +380,7 @@ void ring_unwind(shmstm_ctx *c, uint64_t wv, uint64_t rec)
         cas_acq_rel(&sl->rec, &exp, RING_VOID);   /* fails if void, or recycled */
     }
     store_relaxed(&c->proc->rec.ring_rec, 0);
-    if (rec && ring_kind(rec) == 0)
+    if (rec && ring_kind(rec) == RING_HEAP_KIND)
         heap_free(s, NULL, rec);
 }
 
@@ -491,7 +498,7 @@ uint32_t ring_recover_decide(struct shmstm_seg *s, struct shm_commit_rec *r, uin
                 return rst;
             continue;
         }
-        if (ring_kind(v) == RING_EMPTY_KIND || ring_kind(v) == 1)
+        if (ring_kind(v) == RING_EMPTY_KIND || ring_kind(v) == RING_VOID_KIND)
             return rst;      /* void, or voided and recycled for a later round */
         /* A fill: ours, unless the slot was voided and recycled since our
          * look at seq and a later round's committer filled it.  That
@@ -805,11 +812,7 @@ uint32_t shmstm_flusher_poll_sync(shmstm_seg *s, uint32_t target, int64_t timeou
 /* Collect the processed slots from from_wv on, coalesced: buf receives the
  * latest value of every TVar written by the commits collected, each TVar once,
  * as ring_ent + payload padded to 8 (the flusher's LMDB batch).
- * out[0]: next wv not collected; out[1]: bytes used; out[2]: why it stopped
- * (0 reached the clock, 1 slot out[0] still EMPTY, 2 its owner is between
- * fill and COMMITTED, 3 buffer or max_commits reached, 4 slot out[0] fails
- * its checks: the next collect returns SHMSTM_ECORRUPT); out[3]: entries;
- * out[4]: sync commits among them (group commit, _flusher.py).
+ * out: shmstm_collect_out (shmstm.h), the stop reasons SHMSTM_COLLECT_*.
  * Returns the number of commits (void ones included) or an error.
  *
  * Two passes: forward, to check every slot (seq, checksum) and bound the
@@ -822,7 +825,7 @@ uint32_t shmstm_flusher_poll_sync(shmstm_seg *s, uint32_t target, int64_t timeou
  * the TVars written, not to the commits: the flusher shares two cores with
  * the committers. */
 int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
-                        char *buf, uint64_t cap, uint64_t *out)
+                        char *buf, uint64_t cap, shmstm_collect_out *out)
 {
     if (!s->ring_slots)
         return SHMSTM_EINVAL;
@@ -845,11 +848,11 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     uint32_t *owners = s->collect_owners, *owner_stamp = owners + s->max_procs, n_owners = 0;
     struct shm_header *h = s->h;
     uint64_t wv = from_wv, bound = 0;
-    uint32_t why = 0, corrupt = 0;
+    uint32_t why = SHMSTM_COLLECT_CLOCK, corrupt = 0;
     uint64_t clock = load_acquire(&h->clock);
     for (; wv <= clock; wv++) {
         if (wv - from_wv >= max_commits) {
-            why = 3;
+            why = SHMSTM_COLLECT_FULL;
             break;
         }
         if (wv + COLLECT_AHEAD <= clock) {
@@ -859,17 +862,17 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
              * stalling the loop.  A hint only: the value is checked when
              * its turn comes. */
             uint64_t ahead = load_relaxed(&slot_of(s, wv + COLLECT_AHEAD)->rec);
-            if (ring_kind(ahead) == 0 && ahead < s->heap_size)
+            if (ring_kind(ahead) == RING_HEAP_KIND && ahead < s->heap_size)
                 __builtin_prefetch(s->heap + ahead);
         }
         struct shm_ring_slot *sl = slot_of(s, wv);
         if (load_acquire(&sl->seq) != wv) {
-            why = 1;              /* not recycled yet: cannot happen past flushed_wv */
+            why = SHMSTM_COLLECT_EMPTY;   /* not recycled yet: cannot happen past flushed_wv */
             break;
         }
         uint64_t rec = load_acquire(&sl->rec);   /* pairs with the fill CAS */
         if (ring_kind(rec) == RING_EMPTY_KIND) {
-            why = 1;
+            why = SHMSTM_COLLECT_EMPTY;
             break;
         }
         if (ring_kind(rec) == RING_CLAIM_KIND) {
@@ -885,14 +888,14 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 rec = load_acquire(&sl->rec);
             }
             if (ring_kind(rec) == RING_CLAIM_KIND) {
-                why = 2;
+                why = SHMSTM_COLLECT_OWNER;
                 break;
             }
         }
         uint32_t owner = UINT32_MAX;
         const struct ring_rec *rh = NULL;
         uint64_t need = 0;
-        if (ring_kind(rec) == 2) {
+        if (ring_kind(rec) == RING_NOOP_KIND) {
             owner = ring_owner(rec);
         } else if (ring_kind(rec) == RING_INLINE_KIND) {
             owner = ring_owner(rec);
@@ -906,7 +909,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             if (corrupt)
                 break;
             need = sl->in_n * (sizeof(struct ring_ent) + 8);
-        } else if (ring_kind(rec) == 0) {
+        } else if (ring_kind(rec) == RING_HEAP_KIND) {
             uint32_t blen;
             if (!heap_block_ok(s, rec, &blen) || blen < sizeof(struct ring_rec)) {
                 corrupt = 1;
@@ -919,7 +922,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
                 break;
             }
             owner = rh->owner & ~RING_OWNER_SYNC;
-        } else if (ring_kind(rec) != 1) {
+        } else if (ring_kind(rec) != RING_VOID_KIND) {
             corrupt = 1;
             break;
         }
@@ -930,7 +933,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         if (rh)
             need = rh->bytes;
         if (bound + need > cap) {
-            why = 3;
+            why = SHMSTM_COLLECT_FULL;
             break;
         }
         bound += need;
@@ -941,7 +944,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
     if (corrupt) {
         if (wv == from_wv)
             return SHMSTM_ECORRUPT;
-        why = 4;
+        why = SHMSTM_COLLECT_CORRUPT;
     }
 
     /* Do not let a slot be recycled while its owner still says VALIDATING
@@ -962,14 +965,14 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
         w = load_acquire(&r->wv);
         if (w >= from_wv && w < wv && load_acquire(&r->state) == CR_VALIDATING) {
             wv = w;
-            why = 2;
+            why = SHMSTM_COLLECT_OWNER;
         }
     }
     uint64_t used = 0, ents = 0, syncs = 0;
     for (uint64_t w = wv; w-- > from_wv;) {
         struct shm_ring_slot *sl = slot_of(s, w);
         uint64_t rec = load_acquire(&sl->rec);
-        if (ring_kind(rec) == 2 || ring_kind(rec) == RING_INLINE_KIND)
+        if (ring_kind(rec) == RING_NOOP_KIND || ring_kind(rec) == RING_INLINE_KIND)
             syncs += (rec & RING_NOOP_SYNC) != 0;
         if (ring_kind(rec) == RING_INLINE_KIND) {
             for (uint32_t i = 0; i < sl->in_n; i++) {
@@ -985,7 +988,7 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             }
             continue;
         }
-        if (ring_kind(rec) != 0)
+        if (ring_kind(rec) != RING_HEAP_KIND)
             continue;                 /* void or no durable TVar written */
         const struct ring_rec *rh = (const struct ring_rec *)heap_payload(s, rec);
         syncs += (rh->owner & RING_OWNER_SYNC) != 0;
@@ -1007,11 +1010,11 @@ int shmstm_ring_collect(shmstm_seg *s, uint64_t from_wv, uint32_t max_commits,
             q += sz;
         }
     }
-    out[0] = wv;
-    out[1] = used;
-    out[2] = why;
-    out[3] = ents;
-    out[4] = syncs;
+    out->next_wv = wv;
+    out->used = used;
+    out->stop = why;
+    out->entries = ents;
+    out->syncs = syncs;
     return (int)(wv - from_wv);
 }
 
@@ -1077,7 +1080,7 @@ int shmstm_ring_void(shmstm_seg *s, uint64_t wv)
     uint64_t exp = ring_empty(wv);
     if (cas_acq_rel(&sl->rec, &exp, RING_VOID))
         return 1;
-    return ring_kind(exp) == 1;
+    return ring_kind(exp) == RING_VOID_KIND;
 }
 
 /* After the LMDB commit of (from_wv..to_wv): free the records, recycle the
@@ -1107,7 +1110,7 @@ int shmstm_ring_release(shmstm_seg *s, uint64_t from_wv, uint64_t to_wv)
             /* Before the free (never freed twice); release: see
              * ring_recover_decide. */
             store_release(&sl->rec, ring_empty(wv + s->ring_slots));
-            if (ring_kind(rec) == 0) {
+            if (ring_kind(rec) == RING_HEAP_KIND) {
                 /* The collect checked the record (a restarted flusher's
                  * predecessor did); still bounds-checked before its owner is
                  * read, and a bad owner only sends it to the shared lists. */

@@ -268,8 +268,30 @@ int shmstm_ring_set_ready(shmstm_seg *seg, const char *path, size_t len);
 int shmstm_ring_path(shmstm_seg *seg, char *buf, uint32_t cap);
 int shmstm_ring_ready(shmstm_seg *seg);
 int shmstm_ring_wait(shmstm_seg *seg, uint64_t wv, int64_t timeout_ns);
+/* shmstm_ring_collect's result, read by field (the flusher). */
+typedef struct {
+    uint64_t next_wv;         /* the next wv not collected */
+    uint64_t used;            /* bytes of buf used */
+    uint64_t entries;         /* entries in buf (each TVar once, its latest value) */
+    uint64_t syncs;           /* sync commits among those collected (group commit) */
+    uint32_t stop;            /* why it stopped: SHMSTM_COLLECT_* */
+    uint32_t pad_;
+} shmstm_collect_out;
+#define SHMSTM_COLLECT_CLOCK   0   /* reached the clock */
+#define SHMSTM_COLLECT_EMPTY   1   /* slot next_wv is still EMPTY */
+#define SHMSTM_COLLECT_OWNER   2   /* its owner is between its fill and COMMITTED */
+#define SHMSTM_COLLECT_FULL    3   /* the buffer or max_commits is full */
+#define SHMSTM_COLLECT_CORRUPT 4   /* slot next_wv fails its checks: the next collect
+                                      returns SHMSTM_ECORRUPT */
+/* One entry of buf: then `len` payload bytes, padded to 8 (layout.h ring_ent). */
+typedef struct {
+    uint32_t idx;
+    uint32_t tag;
+    uint32_t len;
+    uint32_t pad_;
+} shmstm_collect_entry;
 int shmstm_ring_collect(shmstm_seg *seg, uint64_t from_wv, uint32_t max_commits,
-                        char *buf, uint64_t cap, uint64_t *out);
+                        char *buf, uint64_t cap, shmstm_collect_out *out);
 /* A collected batch as one LMDB log record (ring.c): its length, or
  * SHMSTM_ETOOLARGE if longer than cap. */
 int shmstm_ring_encode_log(shmstm_seg *seg, const char *in, uint64_t used, uint64_t n_entries,

@@ -53,7 +53,10 @@ LOG_ITEMS = 64                # ... this many ...
 LOG_BYTES = 2048              # ... and bytes goes to the log as one record
 LOG_FOLD = 64                 # log records before the next write folds them into "vars"
 BUF = 8 << 20
-_ENT = struct.Struct("<IIII")
+# The collect's stop reasons and entry header (shmstm.h).
+C_CLOCK, C_EMPTY, C_OWNER, C_FULL = (lib.SHMSTM_COLLECT_CLOCK, lib.SHMSTM_COLLECT_EMPTY,
+                                     lib.SHMSTM_COLLECT_OWNER, lib.SHMSTM_COLLECT_FULL)
+ENT_SIZE = ffi.sizeof("shmstm_collect_entry")
 _fault = os.environ.get("SHMSTM_FLUSHER_FAULT", "")
 _fault_point, _, _n = _fault.partition(":")
 _fault_left = int(_n or 1) if _fault else 0
@@ -223,7 +226,7 @@ class Flusher:
             self.log_n = sum(1 for _ in log_records(txn, self.logs))
         self.buf = ffi.new("char[]", BUF)
         self.mv = ffi.buffer(self.buf)
-        self.out = ffi.new("uint64_t[5]")
+        self.out = ffi.new("shmstm_collect_out *")
         self.names = {}
         self.namebuf = ffi.new("char[]", 512)
         self.logbuf = ffi.new("char[]", LOG_BYTES)
@@ -313,7 +316,7 @@ class Flusher:
                 return 4
             fills = lib.shmstm_ring_sync_fills(self.seg)     # before the collect: group, async nap
             k = self.collect(nxt)
-            if 0 < k and self.out[2] == 2 and owner_waits < OWNER_YIELDS:
+            if 0 < k and self.out.stop == C_OWNER and owner_waits < OWNER_YIELDS:
                 # A committer is between its fill and its COMMITTED store (a
                 # few instructions; it was preempted): let it finish rather
                 # than cut the batch there, which would cost the commits
@@ -321,7 +324,7 @@ class Flusher:
                 owner_waits += 1
                 os.sched_yield()
                 continue
-            if 0 < k and self.out[2] in (0, 1) and self.tuner.wait and \
+            if 0 < k and self.out.stop in (C_CLOCK, C_EMPTY) and self.tuner.wait and \
                     (fills - self.rel_fills) & 0xFFFFFFFF < sync_last:
                 k = self.group(nxt, sync_last)
             if k < 0:
@@ -332,14 +335,15 @@ class Flusher:
                       "LMDB at commit %d" % (nxt, error_for(k), nxt - 1), file=sys.stderr)
                 lib.shmstm_ring_set_error(self.seg, k)
                 return 3
-            stop, used, why = self.out[0], self.out[1], self.out[2]
-            if why != 2:
+            out = self.out
+            stop, used, why = out.next_wv, out.used, out.stop
+            if why != C_OWNER:
                 owner_waits = 0
-            if k == 0 and why == 3:           # one commit's record is larger than the buffer
+            if k == 0 and why == C_FULL:      # one commit's record is larger than the buffer
                 self.grow()
                 continue
             if k > 0:
-                if not self.write(nxt, stop - 1, used, self.out[3]):
+                if not self.write(nxt, stop - 1, used, out.entries):
                     # LMDB error: committers are refused meanwhile.  With
                     # nobody attached, exit: the commits stay in the
                     # segment's ring, and the next opener's flusher retries.
@@ -354,7 +358,7 @@ class Flusher:
                     self.open_dbs()     # some py-lmdb versions drop DB handles on a resize
                     continue
                 nxt = stop
-                sync_last = self.out[4]
+                sync_last = out.syncs
                 if sync_last:
                     self.tuner.note(sync_last, time.monotonic())
                     word = self.tuner.word()
@@ -362,7 +366,7 @@ class Flusher:
                         self.group_word = word
                         lib.shmstm_flusher_set_group(self.seg, word)
                 idle = 0
-                if not sync_last and why == 0:
+                if not sync_last and why == C_CLOCK:
                     # An async-only batch: nap before the next one, so that
                     # batches grow with the commit rate (each TVar is written
                     # once per batch, however often it was committed).  Any
@@ -371,7 +375,7 @@ class Flusher:
                     # the nap, also one made during the write.
                     lib.shmstm_flusher_wait_sync(self.seg, (fills + 1) & 0xFFFFFFFF, ASYNC_NAP_NS)
                 continue
-            if why == 1:                      # slot nxt still EMPTY
+            if why == C_EMPTY:                # slot nxt still EMPTY
                 now = time.monotonic()
                 if empty_wv != nxt:
                     empty_wv, empty_t = nxt, now
@@ -382,7 +386,7 @@ class Flusher:
                 # few instructions): nap; only a sync commit wakes us early.
                 lib.shmstm_flusher_sleep(self.seg, nxt, NAP_NS, lib.SHMSTM_FS_SYNC)
                 continue
-            if why == 2:                      # owner between its fill and COMMITTED
+            if why == C_OWNER:                # owner between its fill and COMMITTED
                 # A few instructions normally; long only if the owner is
                 # preempted or stopped (SIGSTOP): then do not burn a core.
                 owner_waits += 1
@@ -496,9 +500,10 @@ class Flusher:
         pos = 0
         items = []
         for _ in range(n_entries):
-            idx, tag, ln, _p = _ENT.unpack_from(mv, pos)
-            pos += 16
-            items.append((self.name_of(idx), bytes((tag,)) + mv[pos:pos + ln]))
+            e = ffi.cast("shmstm_collect_entry *", self.buf + pos)
+            ln = e.len
+            pos += ENT_SIZE
+            items.append((self.name_of(e.idx), bytes((e.tag,)) + mv[pos:pos + ln]))
             pos += (ln + 7) & ~7
         assert pos == used, "flusher: malformed batch (%d of %d bytes)" % (pos, used)
         return items
