@@ -37,7 +37,7 @@ struct shmstm_seg {
     uint64_t ring_mask;          /* ring_slots - 1 if a power of two, else 0 (slot_of) */
     uint64_t heap_size;
     uint32_t max_tvars, max_procs, max_value_size, dir_slots;
-    /* The flusher's coalescing table (ring.c, shmstm_ring_collect):
+    /* The flusher's coalescing table (ring_flush.c, shmstm_ring_collect):
      * process-private, allocated at the first collect, freed at detach. */
     uint32_t *collect_seen;      /* [max_tvars]: stamp of the last batch that emitted it */
     uint32_t collect_stamp;
@@ -116,7 +116,7 @@ struct shmstm_ctx {
     a32 interrupted;         /* process-local; set (seq_cst) by another thread's
                               * shmstm_ctx_interrupt, read (seq_cst) by the owning
                               * thread's retry wait (a Dekker pair with the slot's
-                              * futex word, wait.c) and sync flush wait (ring.c,
+                              * futex word, wait.c) and sync flush wait (ring_commit.c,
                               * polled every 50 ms); never cleared */
 };
 
@@ -186,7 +186,7 @@ void ctx_reset(shmstm_ctx *c);
 void free_staged(shmstm_ctx *c);
 void release_token(shmstm_ctx *c);
 
-/* ring.c (durable runtimes only; every call is behind `if (s->ring_slots)`) */
+/* ring_commit.c (durable runtimes only; every call is behind `if (s->ring_slots)`) */
 void     ring_init(struct shmstm_seg *s, const shmstm_params *p);
 int      ring_prepare(shmstm_ctx *c, struct shm_wentry *e, uint32_t n, uint64_t *rec);
 int      ring_fill(shmstm_ctx *c, uint64_t wv, uint64_t rec);

@@ -15,7 +15,7 @@
  *
  * Concurrency: alloc and free may run concurrently in any processes.
  * A process killed inside alloc or free leaks at most the block in hand (a
- * flusher killed inside a release, at most one chunk of records: ring.c).
+ * flusher killed inside a release, at most one chunk of records: ring_flush.c).
  *
  * Commit-ring records (durable runtimes) have lists of their own per process
  * slot (shm_proc.rec_free): the flusher frees a released range's records to

@@ -316,7 +316,7 @@ struct shm_header {
      * to reads, and a per-class line would cost 1.7 KiB per segment. */
     _Alignas(64) a64 heap_free[HEAP_CLASSES];
 
-    /* durability (issue 4, native/ring.c).  Meaningful only when
+    /* durability (native/ring_commit.c, native/ring_flush.c).  Meaningful only when
      * ring_slots != 0.  All on one line: the flusher writes most of it, and
      * committers touch it once per commit (room check) at most. */
     _Alignas(64) a64 flushed_wv; /* every wv <= flushed_wv is in LMDB (or was void).
@@ -341,7 +341,7 @@ struct shm_header {
                                 then a wake of one waiter with the bits of the
                                 wvs it released, which wakes the rest
                                 (flush_wake_bits).  R: sync waits (futex_wait_bits with
-                                flush_bit(wv), ring.c) and ring-full waiters
+                                flush_bit(wv), ring.h) and ring-full waiters
                                 (plain futex_wait: every wake reaches them) */
     a32 ring_futex;          /* W: committers faa_seq_cst after filling a slot when
                                 flusher_sleeping.  R: the flusher's futex_wait */
@@ -376,7 +376,7 @@ struct shm_header {
                                 lease holder (relaxed) when it changes.  R: the
                                 stats (relaxed).  advisory */
     _Alignas(64) a32 flush_wake_bits;
-                             /* chained wake-ups (ring.c, pass_flush_wake): the
+                             /* chained wake-ups (ring.h, pass_flush_wake): the
                                 futex bits of releases whose waiters may not all
                                 be woken yet.  W: the flusher fetch_or (acq_rel)
                                 before its faa of flush_futex and the wake of ONE
@@ -389,7 +389,7 @@ struct shm_header {
                                 re-check) */
 };
 
-/* ---- commit ring (durable runtimes; native/ring.c) ----
+/* ---- commit ring (durable runtimes; native/ring_commit.c, ring_flush.c) ----
  * Slot wv % ring_slots serves write version wv in its round.
  *   seq: the wv the slot serves now (Vyukov's sequence stamp).  W: ring_init
  *        at creation; the flusher store_release(seq + ring_slots) when it

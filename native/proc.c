@@ -197,7 +197,7 @@ int slot_recover(struct shmstm_seg *s, uint32_t slot)
     struct shm_commit_rec *r = &p->rec;
     uint32_t rst = load_acquire(&r->state);
     if (s->ring_slots)
-        rst = ring_recover_decide(s, r, rst);   /* durable: slot wv decides (ring.c) */
+        rst = ring_recover_decide(s, r, rst);   /* durable: slot wv decides (ring_commit.c) */
     uint32_t n = load_relaxed(&r->n);
     struct shm_wentry *e = rec_entries(s, r);
     uint64_t mine = lk_make_locked(slot);

@@ -150,7 +150,7 @@ int shmstm_seg_create(int fd, shmstm_params *p, shmstm_seg **out)
         return rc;
     if (p->ring_slots && (p->ring_slots > (1u << 24) ||
                           p->ring_slots < 2u * (p->max_procs + 1u)))
-        return SHMSTM_EINVAL;            /* room margin: see ring.c */
+        return SHMSTM_EINVAL;            /* room margin: see ring_commit.c */
     struct geometry g;
     compute_geometry(p->max_tvars, p->max_procs, p->heap_size, p->ring_slots, &g);
     /* A size beyond what the file system has free is refused before any

@@ -219,7 +219,7 @@ int shmstm_tx_abort(shmstm_ctx *c, uint32_t reason);
 int shmstm_tx_wait(shmstm_ctx *c, int64_t timeout_ns);
 /* From another thread of the process (Runtime.close): make c's retry() wait,
  * now or next, return SHMSTM_ECLOSED, and its sync flush wait hand over to
- * Python (wait.c, ring.c). */
+ * Python (wait.c, ring_commit.c). */
 int shmstm_ctx_interrupt(shmstm_ctx *c);
 int shmstm_tx_irrevocable(shmstm_ctx *c, int64_t timeout_ns);
 uint32_t shmstm_tx_failed_idx(shmstm_ctx *c);
@@ -242,7 +242,7 @@ int shmstm_tx_commit_2(shmstm_ctx *c, int64_t h1, int64_t v1, int64_t h2, int64_
 /* The table of entry points shmstm._fast calls holding the GIL (fast.h). */
 const void *shmstm_fast_table(void);
 
-/* durability (native/ring.c) */
+/* durability (native/ring_commit.c, native/ring_flush.c) */
 typedef struct {
     uint32_t ring_slots;
     uint32_t ring_fill;       /* clock - flushed_wv: commits not yet in LMDB */
@@ -292,7 +292,7 @@ typedef struct {
 } shmstm_collect_entry;
 int shmstm_ring_collect(shmstm_seg *seg, uint64_t from_wv, uint32_t max_commits,
                         char *buf, uint64_t cap, shmstm_collect_out *out);
-/* A collected batch as one LMDB log record (ring.c): its length, or
+/* A collected batch as one LMDB log record (ring_flush.c): its length, or
  * SHMSTM_ETOOLARGE if longer than cap. */
 int shmstm_ring_encode_log(shmstm_seg *seg, const char *in, uint64_t used, uint64_t n_entries,
                            char *out, uint64_t cap);
@@ -307,11 +307,11 @@ int shmstm_flusher_holds(shmstm_seg *seg);
 #define SHMSTM_FS_ANY  1    /* flusher_sleep: any commit wakes the flusher */
 #define SHMSTM_FS_SYNC 2    /* only sync commits do (async ones wait for the nap) */
 int shmstm_flusher_sleep(shmstm_seg *seg, uint64_t next_wv, int64_t timeout_ns, uint32_t wake_on);
-/* Poll slot next_wv up to poll_ns without sleeping: 1 filled, 0 not (ring.c). */
+/* Poll slot next_wv up to poll_ns without sleeping: 1 filled, 0 not (ring_flush.c). */
 int shmstm_flusher_poll(shmstm_seg *seg, uint64_t next_wv, int64_t poll_ns);
 uint32_t shmstm_ring_sync_fills(shmstm_seg *seg);
 uint32_t shmstm_flusher_wait_sync(shmstm_seg *seg, uint32_t target, int64_t timeout_ns);
-/* The same, polling (sched_yield) instead of sleeping (ring.c). */
+/* The same, polling (sched_yield) instead of sleeping (ring_flush.c). */
 uint32_t shmstm_flusher_poll_sync(shmstm_seg *seg, uint32_t target, int64_t timeout_ns);
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);
 uint64_t shmstm_ctx_last_wv(shmstm_ctx *c);

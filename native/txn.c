@@ -667,7 +667,7 @@ static void note_latency(struct shm_proc *p, uint64_t t0)
  *                                                      commit.validated
  *  6. state := CR_COMMITTED            <-- commit point, point of no return
  *     (durable runtimes: the CAS of ring slot wv to the record comes first
- *     and is the commit point; ring.c)
+ *     and is the commit point; ring_commit.c)
  *                                                      commit.committed
  *  7. publish each new value                           commit.published_one
  *  8. release each lock with version wv (store_release)
@@ -795,7 +795,7 @@ int shmstm_tx_commit(shmstm_ctx *c)
     }
     FAULT_POINT("commit.validated");
     /* 6: the commit point.  Recovery rolls forward from here on.  In a
-     * durable runtime the commit point is the fill of ring slot wv (ring.c);
+     * durable runtime the commit point is the fill of ring slot wv (ring_commit.c);
      * a slot voided by the flusher means roll back. */
     if (s->ring_slots && !ring_fill(c, wv, rrec)) {
         reason = AB_VALIDATE;

@@ -107,7 +107,7 @@ def main(argv):
         # A process that attached between run()'s last look at the slots and
         # the release may have seen our lease and started no flusher: look
         # again after the release (the release and an opener's slot claim are
-        # a Dekker pair with seq_cst fences, ring.c), and carry on if so.
+        # a Dekker pair with seq_cst fences, ring_flush.c), and carry on if so.
         if rc != 0 or not flusher.anyone_attached():
             return rc
         if lib.shmstm_flusher_claim(seg) != 1:
