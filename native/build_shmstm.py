@@ -16,7 +16,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def package_version():
     with open(os.path.join(HERE, "..", "shmstm", "__about__.py")) as f:
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
-SOURCES = ["segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c", "ring_commit.c", "ring_flush.c"]
+SOURCES = ["clock.c", "segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c",
+           "ring_commit.c", "ring_flush.c"]
 
 
 def read_cdef():

@@ -154,6 +154,7 @@ static inline uint64_t fnv1a(const unsigned char *p, size_t n)
     return h;
 }
 
+/* clock.c */
 uint64_t now_ns(void);
 uint64_t realtime_ns(void);
 pid_t    my_tid(void);
@@ -165,6 +166,7 @@ void     heap_free(struct shmstm_seg *s, struct shm_proc *p, uint64_t off);
 int      heap_alloc_rec(struct shmstm_seg *s, struct shm_proc *p, size_t len, uint64_t *off);
 void     heap_free_records(struct shmstm_seg *s, uint64_t *offs, const uint32_t *owners, uint32_t n);
 int      heap_block_ok(struct shmstm_seg *s, uint64_t off, uint32_t *len);
+struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r);
 static inline struct shm_block *heap_block(struct shmstm_seg *s, uint64_t off)
 {
     return (struct shm_block *)(s->heap + off);
@@ -181,7 +183,6 @@ void tvar_push_free(struct shmstm_seg *s, uint32_t idx);
 static inline int tag_is_heap(uint32_t tag) { return tag >= TAG_HEAP_MIN && tag <= TAG_MAX; }
 
 /* txn.c */
-struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r);
 void ctx_reset(shmstm_ctx *c);
 void free_staged(shmstm_ctx *c);
 void release_token(shmstm_ctx *c);

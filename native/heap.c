@@ -206,3 +206,18 @@ int heap_block_ok(struct shmstm_seg *s, uint64_t off, uint32_t *len)
     *len = l;
     return 1;
 }
+
+/* A commit record's write entries: inline, or in its spill block (NULL if
+ * the spill offset is not a block of the right size: a corrupt record).
+ * Here because it is a heap lookup; txn.c writes records, proc.c and
+ * ring_commit.c read them. */
+struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r)
+{
+    uint64_t off = load_relaxed(&r->spill_off);
+    if (!off)
+        return r->e;
+    uint32_t len;
+    if (!heap_block_ok(s, off, &len) || len < load_relaxed(&r->spill_cap) * sizeof(struct shm_wentry))
+        return NULL;
+    return (struct shm_wentry *)heap_payload(s, off);
+}

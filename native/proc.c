@@ -51,24 +51,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include <sys/syscall.h>
 #include "core.h"
-
-uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-uint64_t realtime_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-pid_t my_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
 /* starttime (field 22 of /proc/<pid>/stat, clock ticks since boot); 0 when
  * the kernel says the process does not exist or is a zombie (dead, not yet

@@ -34,17 +34,6 @@
 #define READ_SPIN_LIMIT    400u     /* lock_wait rounds before a read gives up */
 #define COMMIT_SPIN_LIMIT  2000u    /* ... before a commit gives up on a lock */
 
-struct shm_wentry *rec_entries(struct shmstm_seg *s, struct shm_commit_rec *r)
-{
-    uint64_t off = load_relaxed(&r->spill_off);
-    if (!off)
-        return r->e;
-    uint32_t len;
-    if (!heap_block_ok(s, off, &len) || len < load_relaxed(&r->spill_cap) * sizeof(struct shm_wentry))
-        return NULL;
-    return (struct shm_wentry *)heap_payload(s, off);
-}
-
 void ctx_reset(shmstm_ctx *c)
 {
     c->active = 0;

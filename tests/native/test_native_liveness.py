@@ -9,7 +9,7 @@ import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "native")
-SOURCES = ("segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c", "ring_commit.c",
+SOURCES = ("clock.c", "segment.c", "heap.c", "tvar.c", "txn.c", "wait.c", "proc.c", "fault.c", "ring_commit.c",
            "ring_flush.c")
 
 
