@@ -4,8 +4,10 @@
  * /shmstm-bench-c-<pid> created and removed):
  *
  *   gcc -std=c11 -O2 -Inative -DSHMSTM_PKG_VERSION='"bench"' tools/bench_c.c \
- *       native/segment.c native/heap.c native/tvar.c native/txn.c native/wait.c \
- *       native/proc.c native/fault.c native/ring.c -o /tmp/bench_c && /tmp/bench_c
+ *       $(find native -name '*.c' ! -name pyfast.c) -o /tmp/bench_c && /tmp/bench_c
+ *
+ * (every C file of the core: all of native's but the CPython module
+ * pyfast.c; tests/test_tools_bench.py builds it the same way.)
  *
  * It calls the same entry points the Python hot path calls (shmstm_peek,
  * shmstm_tx_readv, shmstm_tx_commit_1/_2), so the difference between these

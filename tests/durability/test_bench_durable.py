@@ -42,36 +42,17 @@ def test_bench_durable_quick(tmp_path):
             assert row["disk_flushes_per_op"] >= 1
 
 
-def test_probe_lmdb_reports_every_mode(tmp_path):
-    """tools/probe_lmdb runs a round and reports, per wait mode, positive
-    transaction times."""
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "probe_lmdb"), "--seconds", "0.2",
-                        "--rounds", "1", "--keys", "2", "--dir", str(tmp_path)],
-                       cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("LMDB write transactions (sync=True, 2 keys")
-    modes = {ln.split()[0]: ln for ln in lines[1:]}
-    assert set(modes) == {"sleep", "yield", "spin"}
-    for ln in modes.values():
-        assert int(ln.split()[1]) > 0
-        assert float(ln.split("median ")[1].split(" ms")[0]) > 0
-    assert os.listdir(str(tmp_path)) == []          # its LMDB is removed
-
-
-def test_ab_sync_one_round(tmp_path):
-    """tools/ab_sync (through bench_durable --row) runs a round with the same
-    interpreter on both sides and summarises every sync row with positive
-    rates."""
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ab_sync"), sys.executable,
-                        sys.executable, "--rounds", "1", "--seconds", "0.3"],
-                       cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("round 1: lmdb sync=True P=2 ")
-    summary = {ln.split(":")[0]: ln for ln in lines[1:]}
-    assert set(summary) == {"sync P=1", "sync P=2", "sync x16"}
-    for ln in summary.values():
-        a = int(ln.split("A median ")[1].split(",")[0])
-        b = int(ln.split("B median ")[1].split(";")[0])
-        assert a > 0 and b > 0 and "B faster in" in ln
+def test_bench_durable_row_prints_one_json_row(tmp_path):
+    """bench_durable --row (one row once, the unit of an A/B comparison of two
+    builds: docs/benchmarks.md) prints that row as one JSON line, for a shmstm
+    row with threads and for LMDB used directly."""
+    tool = os.path.join(REPO, "tools", "bench_durable")
+    for row in (["sync", "2", "2"], ["lmdb-sync", "1", "1"]):
+        r = subprocess.run([sys.executable, tool, "--row"] + row + ["--seconds", "0.3"],
+                           cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (row, r.stderr[-3000:])
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["ops_per_s"] > 0 and "steal" in out, (row, out)
+        if row[0] == "sync":
+            assert out["ring_full_waits"] == 0 and out["ops_per_cpu_s"] > 0
+            assert out["group_commit"] in ("wait", "nowait", None)
