@@ -8,6 +8,7 @@
 #include <string.h>
 #include "core.h"
 
+#define RING_DEFAULT_SLOTS 65536u    /* shmstm_ring_default_slots */
 #define ROOM_CHECK_ROUNDS 10u        /* futex slices between flusher liveness checks */
 
 /* ring_rec.sum: FNV-1a over the entries' 8-byte words (entries are whole

@@ -409,6 +409,15 @@ void ring_recover_cleanup(struct shmstm_seg *s, struct shm_commit_rec *r, uint32
 
 /* ---- for Python: the committers' settings ---- */
 
+/* The default ring size of a new durable segment: a large ring, and at least
+ * four times the room margin (max_procs + 1, see the invariants) that
+ * segment.c requires twice of. */
+uint32_t shmstm_ring_default_slots(uint32_t max_procs)
+{
+    uint32_t margin = max_procs + 1u;
+    return margin * 4u > RING_DEFAULT_SLOTS ? margin * 4u : RING_DEFAULT_SLOTS;
+}
+
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync)
 {
     c->dsync = sync ? 1 : 0;

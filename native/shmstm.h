@@ -76,6 +76,14 @@ typedef struct shmstm_ctx shmstm_ctx;
 #define SHMSTM_MAX_HEAP    68719476736
 #define SHMSTM_MAX_VALUE   1073741824
 #define SHMSTM_HEAP_UNIT   16
+/* open()'s defaults for a new segment. */
+#define SHMSTM_DEFAULT_MAX_TVARS  65536
+#define SHMSTM_DEFAULT_HEAP       67108864
+#define SHMSTM_DEFAULT_MAX_PROCS  64
+#define SHMSTM_DEFAULT_MAX_VALUE  1048576
+/* A TVar handle, as the fast paths take it: (int64_t)(gen << 32 | idx). */
+#define SHMSTM_HANDLE_GEN_SHIFT   32
+#define SHMSTM_HANDLE_IDX_MASK    4294967295
 #define SHMSTM_LAYOUT_VERSION_ 8
 #define SHMSTM_LOST_OWNER 65535   /* a lock word's owner after a lost record (layout.h LK_LOST_OWNER) */
 
@@ -316,6 +324,7 @@ uint32_t shmstm_flusher_poll_sync(shmstm_seg *seg, uint32_t target, int64_t time
 int shmstm_ctx_set_sync(shmstm_ctx *c, int sync);
 uint64_t shmstm_ctx_last_wv(shmstm_ctx *c);
 uint64_t shmstm_seg_last_wv(shmstm_seg *seg);   /* this process's last durable commit */
+uint32_t shmstm_ring_default_slots(uint32_t max_procs);  /* ring_slots of a new durable segment */
 /* CDEF END */
 
 #endif

@@ -274,8 +274,8 @@ int shmstm_read1(shmstm_ctx *c, uint32_t idx, uint32_t gen, int64_t *out)
  * their own.  commit_1 and commit_2 are kept for tools/bench_c.c (the C
  * core's own cost) and callers without shmstm._fast. */
 
-static inline uint32_t h_idx(int64_t h) { return (uint32_t)((uint64_t)h & 0xffffffffu); }
-static inline uint32_t h_gen(int64_t h) { return (uint32_t)((uint64_t)h >> 32); }
+static inline uint32_t h_idx(int64_t h) { return (uint32_t)((uint64_t)h & SHMSTM_HANDLE_IDX_MASK); }
+static inline uint32_t h_gen(int64_t h) { return (uint32_t)((uint64_t)h >> SHMSTM_HANDLE_GEN_SHIFT); }
 
 /* An atomic snapshot read of one TVar outside a transaction, without a
  * context: no process slot is needed.  Only an unlocked, live, int-valued

@@ -563,7 +563,7 @@ class durability:
 # ---------------------------------------------------------------- the runtime's side
 
 def default_ring_slots(max_procs):
-    return max(65536, 4 * (max_procs + 1))
+    return lib.shmstm_ring_default_slots(max_procs)
 
 
 def check_flusher_env(env):

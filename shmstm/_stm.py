@@ -70,11 +70,11 @@ _unpack = ffi.unpack
 _loads = pickle.loads
 _dumps = pickle.dumps
 
-DEFAULT_LIMITS = {
-    "max_tvars": 65536,
-    "heap_size": 64 << 20,
-    "max_procs": 64,
-    "max_value_size": 1 << 20,
+DEFAULT_LIMITS = {                  # a new segment's (shmstm.h)
+    "max_tvars": lib.SHMSTM_DEFAULT_MAX_TVARS,
+    "heap_size": lib.SHMSTM_DEFAULT_HEAP,
+    "max_procs": lib.SHMSTM_DEFAULT_MAX_PROCS,
+    "max_value_size": lib.SHMSTM_DEFAULT_MAX_VALUE,
 }
 
 _WAIT_FOR_INIT_NS = 5_000_000_000
@@ -208,9 +208,13 @@ def _undecodable(tag, e):
                                       "corrupt" % (what, type(e).__name__, e))
 
 
+_GEN_SHIFT = lib.SHMSTM_HANDLE_GEN_SHIFT
+_IDX_MASK = lib.SHMSTM_HANDLE_IDX_MASK
+
+
 def _handle(idx, gen):
-    """The TVar handle the fast paths take: (int64_t)(gen << 32 | idx)."""
-    h = gen << 32 | idx
+    """The TVar handle the fast paths take: (int64_t)(gen << shift | idx)."""
+    h = gen << _GEN_SHIFT | idx
     return h - (1 << 64) if h >= 1 << 63 else h
 
 
@@ -235,8 +239,8 @@ class _Enc:
         return self.value
 
     def stage(self, ptr, h):
-        idx = h & 0xFFFFFFFF
-        gen = (h >> 32) & 0xFFFFFFFF
+        idx = h & _IDX_MASK
+        gen = (h >> _GEN_SHIFT) & _IDX_MASK
         tag = self.tag
         if tag >= T_BYTES:
             return _stage_b(ptr, idx, gen, tag, self.payload, len(self.payload))
@@ -1221,7 +1225,7 @@ class TVar:
 def _tvar_from_pickle(rt, idx, gen, name):
     if not isinstance(rt, Runtime) or not all(isinstance(x, int) for x in (idx, gen)):
         raise errors.StaleTVarError("malformed TVar handle in pickle")
-    if not (0 <= idx < 1 << 32 and 0 <= gen < 1 << 32):
+    if not (0 <= idx <= _IDX_MASK and 0 <= gen <= _IDX_MASK):
         raise errors.StaleTVarError("TVar handle out of range: (%d, %d)" % (idx, gen))
     return TVar(rt, idx, gen, name)
 
@@ -1395,7 +1399,7 @@ class _Tx:
                     if rc < 0:
                         rt = self.rt
                         self._end(AB_RESOURCE)
-                        raise rt._error(rc, "committing %s" % rt._describe(h & 0xFFFFFFFF))
+                        raise rt._error(rc, "committing %s" % rt._describe(h & _IDX_MASK))
         # The TVars this attempt created leave self.created before the call:
         # an interrupt (KeyboardInterrupt from a signal handler) landing just
         # after a successful commit makes atomically() end the attempt, and
