@@ -279,12 +279,11 @@ uint32_t shmstm_flusher_wait_sync(shmstm_seg *s, uint32_t target, int64_t timeou
 }
 
 /* Group commit for a batch of few sync commits: like flusher_wait_sync, but
- * poll sync_fills (sched_yield between looks) instead of sleeping.  Measured
- * on this VM with tools/probe_lmdb: while the hypervisor takes a share of the
- * vCPUs, an LMDB write transaction begun just after its process slept ~0.2 ms
- * took 1.0x-1.9x as long on average as one begun after the same wait spent
- * yielding (up to 3x in an ad-hoc run at 25-30% steal; no difference on a
- * quiet host; docs/benchmarks.md).  With one or two sync
+ * poll sync_fills (sched_yield between looks) instead of sleeping.  On a
+ * virtual machine whose hypervisor takes a share of the vCPUs, an LMDB write
+ * transaction begun just after its process slept ~0.2 ms took 1.0x-1.9x as
+ * long on average as one begun after the same wait spent yielding (no
+ * difference on a quiet host; docs/design.md, "Measured decisions").  With one or two sync
  * committers the vCPUs are mostly idle, so the yields take CPU nobody needs;
  * with more, the stragglers need the CPU and the flusher sleeps instead
  * (_flusher.py).

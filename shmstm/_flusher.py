@@ -125,7 +125,7 @@ class GroupTuner:
     fsync that is slow next to the committers' turnaround (a real disk), the
     wait is; where the turnaround is as long as the write (a fast virtual
     disk, 16 committers on 2 CPUs) writing at once was 1.2x-1.4x faster
-    (docs/benchmarks.md).  So the tuner measures both, in four EPOCH-long
+    (docs/durability.md).  So the tuner measures both, in four EPOCH-long
     probes ordered wait, no wait, no wait, wait (a steady drift of the
     machine's speed counts the same for both), as sync commits acknowledged
     per second, and then keeps the faster for EXPLOIT epochs.  The wait stays
@@ -440,8 +440,9 @@ class Flusher:
         written alone, are waited for together again.  Async-only loads never
         wait here.  Returns the commits collected from nxt now.  After a
         batch of at most POLL_MAX_SYNC sync commits it polls instead of
-        sleeping: an LMDB write begun just after a sleep is slower on this VM
-        (shmstm_flusher_poll_sync), and so few committers leave the CPU idle."""
+        sleeping: an LMDB write begun just after a sleep is slower on a busy
+        virtual machine (shmstm_flusher_poll_sync), and so few committers
+        leave the CPU idle."""
         target = (self.rel_fills + last) & 0xFFFFFFFF
         if last <= POLL_MAX_SYNC and POLL_NS > 0:
             lib.shmstm_flusher_poll_sync(self.seg, target, GROUP_WAIT_NS)
