@@ -1,4 +1,4 @@
-"""Durable runtimes (issue 4): opening with a path, the flusher's lease, the
+"""Durable runtimes: opening with a path, the flusher's lease, the
 durability modes, and reading LMDB without a segment.
 
 LMDB layout (one environment per path, a directory):

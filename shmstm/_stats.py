@@ -225,8 +225,7 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
         "irrevocable_holder_slot": info.token - 1 if info.token else None,
         "processes": procs,
         "hottest_tvars": _hot_tvars(seg, hot, cache),
-        # Durable runtimes (issue 4) will fill this object (keys reserved in
-        # docs/stats.md); a runtime without durability has none.
+        # The commit ring's facts (docs/stats.md); None without durability.
         "durability": None if not ring_slots else _ring_stats(seg),
     }
 
