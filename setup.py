@@ -36,8 +36,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["shmstm"],
-    package_data={"shmstm": ["py.typed", "*.pyi"]},
+    packages=["shmstm", "shmstm.cli", "shmstm.shm", "shmstm.stats", "shmstm.stm", "shmstm.store"],
+    package_data={"shmstm": ["py.typed"], "shmstm.stm": ["*.pyi"]},
     setup_requires=["cffi>=1.15"],
     cffi_modules=["native/build_shmstm.py:ffibuilder"],
     ext_modules=[FAST],
@@ -50,9 +50,9 @@ setup(
         "durable": [],
     },
     entry_points={"console_scripts": [
-        "shmstm-demo=shmstm.demo:main",
-        "shmstm-stats=shmstm.stats_cli:main",
-        "shmstm-cleanup=shmstm._cleanup_cli:main",
+        "shmstm-demo=shmstm.cli.demo:main",
+        "shmstm-stats=shmstm.cli.stats:main",
+        "shmstm-cleanup=shmstm.cli.cleanup:main",
     ]},
     zip_safe=False,
 )

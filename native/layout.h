@@ -370,7 +370,7 @@ struct shm_header {
                                 stores FS_GROUP.  R: sync committers load_seq_cst
                                 after seeing FS_GROUP.  advisory */
     a32 flusher_group;       /* the flusher's group-commit choice (GroupTuner,
-                                _flusher.py): 0 not stated yet, else FG_WAIT or
+                                store/flusher.py): 0 not stated yet, else FG_WAIT or
                                 FG_NOWAIT, plus FG_FIXED when set by
                                 SHMSTM_FLUSH_GROUP rather than measured.  W: the
                                 lease holder (relaxed) when it changes.  R: the

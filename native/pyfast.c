@@ -1,10 +1,11 @@
-/* pyfast.c -- shmstm._fast: the hot calls of shmstm/_stm.py, without cffi's
+/* pyfast.c -- shmstm._fast: the hot calls of shmstm/stm/ (tx.py,
+ * tvar.py), without cffi's
  * per-call cost (fast.h says why and what keeps it safe).
  *
  * Private to shmstm.  The functions take the addresses of a C context and of
- * a TVar's shmstm_ref as Python ints (shmstm/_stm.py takes them from its cffi
+ * a TVar's shmstm_ref as Python ints (shmstm/stm/ takes them from its cffi
  * objects, which keep the memory alive); a wrong address crashes the process,
- * like any raw pointer, so nothing outside shmstm/_stm.py calls them.
+ * like any raw pointer, so nothing outside shmstm/stm/ and shmstm/shm/ calls them.
  *
  *   bind(table)                 table: address of shmstm_fast_table(); once
  *   peek(ref) -> int            shmstm_peek
@@ -277,7 +278,7 @@ static PyObject *fast_detach(PyObject *self, PyObject *arg)
 
 /* call(tx, active, fn, args, kwargs): fn(*args, **kwargs) with tx.running
  * set and tx in the set active for the length of the call.  The flag and the
- * set are the hot path's "am I in a transaction" (shmstm/_stm.py): set in
+ * set are the hot path's "am I in a transaction" (shmstm/stm/): set in
  * Python, an asynchronous exception landing in the cleanup would leave them
  * set, and the thread's next atomically() would take itself for a nested
  * one and never commit.  Here they are undone in C after the call returns,
@@ -316,7 +317,7 @@ static PyObject *fast_call(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 
 /* busy(tx, fn, args): fn(*args) with tx.busy set for the length of the
- * call: the whole transaction loop (shmstm/_stm.py, _run), so that a
+ * call: the whole transaction loop (shmstm/stm/tx.py, _run), so that a
  * transaction started on the same thread meanwhile (a signal handler, a
  * finalizer) knows that this thread's context is in use.  Cleared in C, like
  * running (call above). */

@@ -224,7 +224,7 @@ int shmstm_flusher_sleep(shmstm_seg *s, uint64_t next_wv, int64_t timeout_ns, ui
 /* Poll slot next_wv for up to poll_ns without sleeping: 1 once it is filled
  * (or voided), 0 at the deadline.  Reads only; flusher_sleeping stays
  * FS_AWAKE, so committers make no wake-up call meanwhile.  For the flusher
- * after a batch of few sync commits (_flusher.py): their committers come back
+ * after a batch of few sync commits (store/flusher.py): their committers come back
  * within microseconds, and a flusher asleep on an idle vCPU takes far longer
  * than that to be woken on some hosts (docs/durability.md).  It yields the CPU
  * every 64 rounds, so a committer waiting for this vCPU gets it. */
@@ -286,7 +286,7 @@ uint32_t shmstm_flusher_wait_sync(shmstm_seg *s, uint32_t target, int64_t timeou
  * difference on a quiet host; docs/design.md, "Measured decisions").  With one or two sync
  * committers the vCPUs are mostly idle, so the yields take CPU nobody needs;
  * with more, the stragglers need the CPU and the flusher sleeps instead
- * (_flusher.py).
+ * (store/flusher.py).
  * Reads only: flusher_sleeping stays FS_AWAKE, so no committer calls
  * futex_wake meanwhile.  Returns sync_fills as last read. */
 uint32_t shmstm_flusher_poll_sync(shmstm_seg *s, uint32_t target, int64_t timeout_ns)
@@ -520,7 +520,7 @@ static inline void put_le32(unsigned char *p, uint32_t v)
 }
 
 /* A collected batch (the collect's output: n_entries entries, used bytes)
- * as one LMDB log record in _durable.encode_log's format: per entry, u32 LE
+ * as one LMDB log record (store/schema.py decodes it): per entry, u32 LE
  * name length, the name, u32 LE value length, the tag byte and the payload.
  * Process-private buffers only; the names come from the segment's directory
  * (name_block).  Returns the record's length, SHMSTM_ETOOLARGE if it is

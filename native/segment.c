@@ -8,7 +8,7 @@
  *    INIT_READY (store_release); attachers read the header only after seeing
  *    INIT_READY (load_acquire): the pair orders the whole initialisation.
  *  - The creator initialises the object under a private temporary name
- *    ("/shmstm.<name>.init-<pid>-<random>", shmstm/_segments.py) and only then
+ *    ("/shmstm.<name>.init-<pid>-<random>", shmstm/shm/segments.py) and only then
  *    links it to "/shmstm.<name>", so the runtime's name never refers to a
  *    half-initialised segment made by this version: a creator killed half-way
  *    leaves only its temporary name (removed by shmstm-cleanup), and the next

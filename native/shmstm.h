@@ -6,7 +6,7 @@
  * Conventions: functions are shmstm_<object>_<verb>; they return 0 (or a
  * non-negative result documented per function) on success and a negative
  * SHMSTM_E* code on failure.  Python maps codes to exceptions in one table
- * (shmstm/_binding.py).
+ * (shmstm/_core.py).
  */
 #ifndef SHMSTM_H
 #define SHMSTM_H

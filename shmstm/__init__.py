@@ -17,12 +17,13 @@ that run truly in parallel in several processes (GHC-STM semantics:
 See docs/api.md for the whole API.
 """
 from .__about__ import __version__
-from ._aio import atomically_async
-from ._durable import durability, read_durable
-from ._stm import (
-    Runtime, TVar, atomic, atomically, check, in_transaction, open, or_else, retry, unlink,
-)
-from ._segments import cleanup_segments, list_segments
+from .shm.segments import cleanup_segments, list_segments
+from .stm.aio import atomically_async
+from .stm.runtime import Runtime, open, unlink
+from .stm.tvar import TVar
+from .stm.tx import atomic, atomically, check, in_transaction, or_else, retry
+from .store.durable import durability
+from .store.schema import read_durable
 from .errors import (
     BlockedForeverError, CorruptSegmentError, CrossRuntimeError, EncodeError, Error,
     ForkedContextError, HeapFullError, LayoutMismatchError, LimitMismatchError,

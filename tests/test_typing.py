@@ -1,7 +1,7 @@
 """The public API's type annotations (the package ships py.typed): a typed user
 program checks cleanly under ``mypy --strict`` with the types a user expects
 (``rt.tvar("a", 100)`` is a ``TVar[int]``), a wrong value type is caught, and
-the stub that carries them (shmstm/_stm.pyi) matches the module
+the stubs that carry them (shmstm/stm/*.pyi) match the modules
 (mypy.stubtest)."""
 import os
 import subprocess
@@ -56,11 +56,11 @@ USER = textwrap.dedent('''
 ''')
 
 EXPECTED = [       # mypy may print builtins qualified or not
-    'Revealed type is "shmstm._stm.TVar[int]"',
+    'Revealed type is "shmstm.stm.tvar.TVar[int]"',
     'Revealed type is "def () -> int"',
     'Revealed type is "int"',
     'Revealed type is "str"',
-    'Revealed type is "shmstm._stm.TVar[Any]"',
+    'Revealed type is "shmstm.stm.tvar.TVar[Any]"',
     'Revealed type is "int"',
 ]
 
@@ -111,6 +111,7 @@ def test_a_value_of_the_wrong_type_is_caught(tmp_path):
 
 def test_the_stub_matches_the_module(tmp_path):
     allow = tmp_path / "allow.txt"
-    allow.write_text("shmstm._stm.TVar.__class_getitem__\n")   # the stub's Generic has it
-    r = mypy(tmp_path, "shmstm._stm", "--allowlist", str(allow), module="mypy.stubtest")
+    allow.write_text("shmstm.stm.tvar.TVar.__class_getitem__\n")   # the stub's Generic has it
+    r = mypy(tmp_path, "shmstm.stm.tx", "shmstm.stm.tvar", "shmstm.stm.runtime",
+             "--allowlist", str(allow), module="mypy.stubtest")
     assert r.returncode == 0, r.stdout + r.stderr

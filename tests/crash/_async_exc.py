@@ -32,7 +32,7 @@ import sys
 import threading
 
 import shmstm
-from shmstm import _segments
+from shmstm.shm import segments as _segments
 
 PKG = os.path.dirname(os.path.abspath(shmstm.__file__)) + os.sep
 LIMITS = dict(max_tvars=64, heap_size=1 << 16, max_procs=16)

@@ -19,7 +19,7 @@ def final_check(name, n_acc, limits=LIMITS):
     """Re-check a bank segment with this test process's own shmstm (the release
     build in CI): the total is conserved and no TVar lock is held.  Returns the
     balances."""
-    from shmstm import _segments
+    from shmstm.shm import segments as _segments
 
     locks = _segments.lock_report(name)
     assert locks == [], "locks held at quiescence: %r" % locks

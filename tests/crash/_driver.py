@@ -21,8 +21,8 @@ import time
 import traceback
 
 import shmstm
-from shmstm import _segments
-from shmstm._binding import ffi, lib
+from shmstm.shm import segments as _segments
+from shmstm._core import ffi, lib
 
 REC_STATES = {0: "idle", 1: "locking", 2: "validating", 3: "committed"}
 IN_COMMIT = (1, 2, 3)
@@ -92,7 +92,7 @@ def fork(fn, *args):
             code = 3
         finally:
             try:
-                shmstm._stm._close_all()    # what a normal exit's atexit hook does
+                shmstm.shm.runtime._close_all()    # what a normal exit's atexit hook does
             except BaseException:
                 code = code or 4
             os._exit(code)

@@ -32,7 +32,7 @@ import sys
 import threading
 
 import shmstm
-from shmstm import _segments
+from shmstm.shm import segments as _segments
 
 LIMITS = dict(max_tvars=256, heap_size=1 << 16, max_procs=24)
 

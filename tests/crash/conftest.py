@@ -72,12 +72,11 @@ def debug_pkg(tmp_path_factory):
         pytest.fail("crash tests need the C sources (native/) next to tests/: %s" % native)
     root = str(tmp_path_factory.mktemp("shmstm-debug"))
     shutil.copytree(native, os.path.join(root, "native"))
-    pkg = os.path.join(root, "shmstm")
-    os.mkdir(pkg)
     src = os.path.dirname(shmstm.__file__)
-    for fn in os.listdir(src):
-        if fn.endswith(".py") or fn == "py.typed":
-            shutil.copy2(os.path.join(src, fn), pkg)
+    shutil.copytree(src, os.path.join(root, "shmstm"),
+                    ignore=lambda d, names: [n for n in names if not (
+                        n.endswith((".py", ".pyi")) or n == "py.typed"
+                        or os.path.isdir(os.path.join(d, n)) and n != "__pycache__")])
     env = dict(os.environ)
     env.pop("SHMSTM_SANITIZE", None)
     r = subprocess.run([sys.executable, "-c", _BUILD], cwd=root, env=env,
@@ -85,7 +84,7 @@ def debug_pkg(tmp_path_factory):
     if r.returncode != 0:
         pytest.fail("debug build failed:\n%s\n%s" % (r.stdout[-3000:], r.stderr[-3000:]))
     check = subprocess.run(
-        [sys.executable, "-c", "import shmstm._binding as b; print(b._build)"],
+        [sys.executable, "-c", "import shmstm._core as b; print(b._build)"],
         cwd=root, env=dict(env, PYTHONPATH=root), capture_output=True, text=True, timeout=60)
     if check.returncode != 0 or not check.stdout.strip().endswith("debug"):
         pytest.fail("debug build does not import: %s %s" % (check.stdout, check.stderr[-2000:]))

@@ -202,7 +202,7 @@ def test_a_transaction_that_touched_nothing_gives_the_irrevocable_token_back(run
     """Regression: an attempt that ended before its first TVar access (here:
     its function raised) kept the irrevocable token its loop had taken, and
     every writer of every process waited until the thread's next transaction."""
-    from shmstm._binding import lib
+    from shmstm._core import lib
 
     runtime.tvar("x", 0).value = 1
     ctx = runtime._ctx()

@@ -14,7 +14,7 @@ import posix_ipc
 import pytest
 
 import shmstm
-from shmstm._binding import ffi, lib
+from shmstm._core import ffi, lib
 
 pytestmark = pytest.mark.crash
 
@@ -46,7 +46,7 @@ def _header_child(q, name, image, file_size, n):
     """For each mutant: shmstm_header_check on the bytes, then the real thing: a
     forged segment with that header, opened with shmstm.open and used."""
     try:
-        shmstm._stm._WAIT_FOR_INIT_NS = 20_000_000    # an init_state flip: short wait
+        shmstm.shm.runtime._WAIT_FOR_INIT_NS = 20_000_000    # an init_state flip: short wait
         buf = ffi.new("unsigned char[]", len(image))
         results = []
         for flips, data in _mutants(image, n, 7):
@@ -146,7 +146,7 @@ class _Forged:
         self.args = args
 
     def __reduce__(self):
-        return (shmstm._stm._tvar_from_pickle, self.args)
+        return (shmstm.stm.tvar._tvar_from_pickle, self.args)
 
 
 def _forgeries(rt, live, n, seed):
@@ -171,7 +171,7 @@ def _forgeries(rt, live, n, seed):
         elif kind == 4:            # not a runtime at all
             args = (rnd.choice(["rt", 5, None, b"x"]), 0, 1, None)
         else:                      # a runtime that does not exist
-            args = (shmstm._stm._runtime_from_pickle("no-such-%d" % rnd.randrange(1 << 30)),
+            args = (shmstm.stm.runtime._runtime_from_pickle("no-such-%d" % rnd.randrange(1 << 30)),
                     0, 1, None)
         out.append(pickle.dumps(_Forged(*args)))
     return out

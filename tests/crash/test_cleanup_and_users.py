@@ -100,11 +100,11 @@ def test_mapped_without_slot_is_in_use(segname):
 
 def test_cleanup_command(segname):
     """shmstm-cleanup --dry-run --json lists the segment as stale and removes nothing;
-    without --dry-run it removes it (run as ``python -m shmstm._cleanup_cli``, the
+    without --dry-run it removes it (run as ``python -m shmstm.cli.cleanup``, the
     console script's module, so it also works from a source tree)."""
     with shmstm.open(segname, **LIMITS) as rt:
         rt.tvar("x", 1)
-    cmd = [sys.executable, "-m", "shmstm._cleanup_cli"]
+    cmd = [sys.executable, "-m", "shmstm.cli.cleanup"]
     out = subprocess.run(cmd + ["--dry-run", "--json", segname], capture_output=True,
                          text=True, timeout=60, check=True, cwd=NEUTRAL)
     doc = json.loads(out.stdout)

@@ -8,12 +8,12 @@ later or now, and that no lock is left held.
 import pytest
 
 import shmstm
-from shmstm import _segments
+from shmstm.shm import segments as _segments
 from _helpers import LIMITS
 
 
 class _AbortInterrupted:
-    """Stands in for the compiled ``lib`` in shmstm._stm: once ``armed``, the next
+    """Stands in for the compiled ``lib`` in shmstm.stm.tx: once ``armed``, the next
     call of ``shmstm_tx_abort`` raises KeyboardInterrupt *instead of* running, as if
     a signal handler had raised just before Python made that C call."""
 
@@ -41,7 +41,7 @@ def test_interrupted_cleanup_never_commits_later(runtime, monkeypatch):
     write set of ints only is staged and committed in one C call, anything else is
     staged one C call per write, which a signal can interrupt in between."""
     a, b, c = runtime.tvar("a", 100.0), runtime.tvar("b", 0.0), runtime.tvar("c", 0)
-    real_stage = shmstm._stm._stage_f
+    real_stage = shmstm.stm.tx._stage_f
     calls = [0]
 
     def stage_then_interrupt(*args):
@@ -55,14 +55,14 @@ def test_interrupted_cleanup_never_commits_later(runtime, monkeypatch):
         a.value = a.value - 10
         b.value = b.value + 10
 
-    proxy = _AbortInterrupted(shmstm._stm.lib)
-    monkeypatch.setattr(shmstm._stm, "_stage_f", stage_then_interrupt)
-    monkeypatch.setattr(shmstm._stm, "lib", proxy)
+    proxy = _AbortInterrupted(shmstm.stm.tx.lib)
+    monkeypatch.setattr(shmstm.stm.tx, "_stage_f", stage_then_interrupt)
+    monkeypatch.setattr(shmstm.stm.tx, "lib", proxy)
     with pytest.raises(KeyboardInterrupt):
         shmstm.atomically(transfer)
     assert calls[0] == 2 and proxy.fired == 1
-    monkeypatch.setattr(shmstm._stm, "_stage_f", real_stage)
-    monkeypatch.setattr(shmstm._stm, "lib", proxy._real)
+    monkeypatch.setattr(shmstm.stm.tx, "_stage_f", real_stage)
+    monkeypatch.setattr(shmstm.stm.tx, "lib", proxy._real)
     assert not shmstm.in_transaction()
     assert (a.value, b.value) == (100.0, 0.0), "interrupted transfer visible"
     c.value = 1                             # an unrelated transaction in the same thread

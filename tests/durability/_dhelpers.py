@@ -2,6 +2,7 @@
 import`` is ambiguous when several test folders with a conftest.py are
 collected in one run)."""
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -49,3 +50,17 @@ def worker_env(pythonpath=None, **extra):
 def spawn(args, pythonpath=None, **kw):
     env = worker_env(pythonpath, **kw.pop("env", {}))
     return subprocess.Popen([sys.executable, WORKER] + [str(a) for a in args], env=env, **kw)
+
+
+_LOG_LEN = struct.Struct("<I")
+
+
+def encode_log(items):
+    """A log record of (name, value) byte pairs, as the flusher's C encoder
+    (shmstm_ring_encode_log) writes them: u32 LE length, name, u32 LE length,
+    value, for each.  The reference its test compares C against, and the
+    maker of 0.1.0-style data."""
+    parts = []
+    for k, v in items:
+        parts += (_LOG_LEN.pack(len(k)), k, _LOG_LEN.pack(len(v)), v)
+    return b"".join(parts)

@@ -153,8 +153,8 @@ def sync_rounds(name, path, worker, threads, rounds):
 
 
 def claim(name):
-    from shmstm import _flusher
-    from shmstm._binding import lib
+    from shmstm.store import flusher as _flusher
+    from shmstm._core import lib
     seg, _params = _flusher.attach(name)
     print("ready", flush=True)
     sys.stdin.readline()

@@ -1,4 +1,4 @@
-"""Durability (issue 4): real processes, real LMDB, real SIGKILL.
+"""Durability: real processes, real LMDB, real SIGKILL.
 
 Each test states the property it checks.  Scale the flusher-kill test with
 SHMSTM_DURABLE_KILLS (default 100 kills)."""
@@ -6,15 +6,20 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
 
+import _dhelpers
 import shmstm
-from shmstm import _durable
 from _dhelpers import spawn, wait_dead, wait_for
+from shmstm import _codec, _core
+from shmstm.store import durable as _dur, env as _env, schema as _schema
+
+_I64 = struct.Struct("<q")
 
 LIMITS = dict(max_tvars=4096, heap_size=4 << 20, max_procs=8)
 
@@ -120,16 +125,16 @@ def test_data_in_a_newer_format_is_refused_and_left_as_it_is(segname, dpath, flu
     shmstm.unlink(segname)
     assert wait_dead(pid)
     durable = shmstm.read_durable(dpath)
-    assert durable["format"] == _durable.DATA_FORMAT and durable["values"] == {"a": 1}
-    env = _durable.open_env(dpath)          # this process's (cached) environment
-    _, meta = _durable._dbs(env)
-    newer = _durable.DATA_FORMAT + 1
-    with _durable.begin(env, write=True, db=meta) as txn:
+    assert durable["format"] == _env.DATA_FORMAT and durable["values"] == {"a": 1}
+    env = _env.open_env(dpath)          # this process's (cached) environment
+    _, meta = _env._dbs(env)
+    newer = _env.DATA_FORMAT + 1
+    with _env.begin(env, write=True, db=meta) as txn:
         txn.put(b"format", struct.pack("<I", newer))
     data = os.path.join(dpath, "data.mdb")
     with open(data, "rb") as f:
         before = f.read()
-    want = "format %d; shmstm .* reads formats up to %d" % (newer, _durable.DATA_FORMAT)
+    want = "format %d; shmstm .* reads formats up to %d" % (newer, _env.DATA_FORMAT)
     with pytest.raises(shmstm.DurableFormatError, match=want) as ei:
         shmstm.read_durable(dpath)
     assert dpath in str(ei.value)
@@ -150,7 +155,7 @@ def test_machine_crash_sync(segname, dpath, flushers, tmp_path, monkeypatch, gro
     segment unlinked; reopening from LMDB conserves money and contains every
     acknowledged commit.  Under both group-commit choices of the flusher
     (SHMSTM_FLUSH_GROUP: waiting for a group's stragglers, or not)."""
-    from shmstm import _segments
+    from shmstm.shm import segments as _segments
     monkeypatch.setenv("SHMSTM_FLUSH_GROUP", group)
     n = 8
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
@@ -248,10 +253,10 @@ def _start_now(d):
     has either exited (it lost the lease) or holds the lease (ensure_flusher
     keeps one start in flight, so it would not start another before).  The
     flusher started, or None if one had taken the lease meanwhile."""
-    for p in _durable._children:
+    for p in _dur._children:
         wait_for(lambda: p.poll() is not None or d.rt.stats()["durability"]["flusher_pid"] == p.pid,
                  30, "flusher %d to exit or take the lease" % p.pid)
-    return _durable._children[-1] if d.ensure_flusher() else None
+    return _dur._children[-1] if d.ensure_flusher() else None
 
 
 def _check_prefix(vals):
@@ -491,7 +496,7 @@ def test_a_forged_ring_record_is_never_written_to_lmdb(segname, dpath, flushers,
     os.kill(fpid, signal.SIGCONT)
     assert wait_dead(fpid)
     st = rt.stats()["durability"]
-    assert st["error"] == _durable.lib.SHMSTM_ECORRUPT and "corrupt" in st["error_message"]
+    assert st["error"] == _core.lib.SHMSTM_ECORRUPT and "corrupt" in st["error_message"]
     durable = shmstm.read_durable(dpath)
     assert durable["flushed_wv"] == wv - 1 and durable["values"]["ctr"] == 1
     other = rt.tvar("other", 5)
@@ -511,7 +516,7 @@ def test_flusher_poll_sees_a_fill_and_ends_at_its_deadline(segname, dpath, flush
     commits) returns 1 for a filled slot, also one filled by another thread
     while it polls, and 0 only once its deadline has passed.  The flusher is
     stopped so that nothing recycles the slots meanwhile."""
-    from shmstm._binding import lib
+    from shmstm._core import lib
 
     rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
     try:
@@ -547,7 +552,7 @@ def test_flusher_poll_sync_sees_a_sync_fill_and_ends_at_its_deadline(segname, dp
     stopped, so the sync commit waits for it until it continues."""
     import threading
 
-    from shmstm._binding import lib
+    from shmstm._core import lib
 
     rt, fpid, ctr = stopped_flusher(segname, dpath, flushers)
     th = None
@@ -760,7 +765,7 @@ def test_full_map_is_an_error_and_loses_nothing(segname, dpath, flushers):
         rt.close()
     assert wait_dead(fpid, 30), "a failing flusher with nobody attached must exit"
     # The commits LMDB lacks are in the segment's ring: cleanup must keep it...
-    from shmstm._segments import cleanup_segments, list_segments
+    from shmstm.shm.segments import cleanup_segments, list_segments
     assert cleanup_segments(names=[segname]) == []
     listed = [d for d in list_segments() if d["name"] == segname]
     assert listed and listed[0]["unflushed"] == st["committed_wv"] - st["flushed_wv"] > 0
@@ -807,19 +812,19 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
     flushers.append(flusher_pid(rt))
     with shmstm.durability("sync"):
         rt.tvar("x", 0).value = 7
-    env = _durable.open_env(dpath)
-    vars_db, _ = _durable._dbs(env)
-    logs = _durable.LogDBs(env)
+    env = _env.open_env(dpath)
+    vars_db, _ = _env._dbs(env)
+    logs = _schema.LogDBs(env)
     inside, leave, read = threading.Event(), threading.Event(), []
 
     def reader():
-        with _durable.begin(env) as txn:
+        with _env.begin(env) as txn:
             inside.set()
             leave.wait(30)
-            read.append(_durable.decode_value(_durable.durable_items(txn, vars_db, logs)[b"x"]))
+            read.append(_codec.decode_record(_schema.durable_items(txn, vars_db, logs)[b"x"]))
 
     def raiser():
-        _durable.open_env(dpath, map_size=1 << 26)      # what open(map_size=) does first
+        _env.open_env(dpath, map_size=1 << 26)      # what open(map_size=) does first
 
     r = threading.Thread(target=reader)
     r.start()
@@ -827,7 +832,7 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
     w = threading.Thread(target=raiser)
     w.start()
     try:
-        wait_for(lambda: _durable._gate(env).waiting == 1, 30, "the raise to wait for the reader")
+        wait_for(lambda: _env._gate(env).waiting == 1, 30, "the raise to wait for the reader")
         assert env.info()["map_size"] == 1 << 24            # not raised under the reader
     finally:
         leave.set()
@@ -836,7 +841,7 @@ def test_map_size_raise_waits_for_the_read_txn_of_another_thread(segname, dpath,
     assert not r.is_alive() and not w.is_alive()
     assert read == [7]
     assert env.info()["map_size"] == 1 << 26
-    assert _durable.stored_map_size(env) == 1 << 26
+    assert _env.stored_map_size(env) == 1 << 26
     assert shmstm.read_durable(dpath)["values"]["x"] == 7
     rt.close()
     shmstm.unlink(segname)
@@ -849,7 +854,7 @@ def test_txn_gate_nests_in_a_thread_and_a_resize_waits_for_every_holder():
     refused (it would wait for itself)."""
     import threading
 
-    gate = _durable._TxnGate()
+    gate = _env._TxnGate()
     order = []
     inside, nest = threading.Event(), threading.Event()
 
@@ -1043,7 +1048,7 @@ def test_a_bad_flusher_switch_is_the_openers_error(segname, dpath, flushers, mon
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=var):
         shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
-    from shmstm import _segments
+    from shmstm.shm import segments as _segments
     assert segname not in [s["name"] for s in _segments.list_segments()]
     monkeypatch.delenv(var)
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
@@ -1056,13 +1061,13 @@ def test_a_bad_flusher_switch_is_the_openers_error(segname, dpath, flushers, mon
 
 def _raw(dpath, name):
     """(log records, the raw "vars" value of name or None) in LMDB now."""
-    env = _durable.open_env(dpath)
-    vars_db, _ = _durable._dbs(env)
-    logs = _durable.LogDBs(env)
-    with _durable.begin(env) as txn:
+    env = _env.open_env(dpath)
+    vars_db, _ = _env._dbs(env)
+    logs = _schema.LogDBs(env)
+    with _env.begin(env) as txn:
         v = txn.get(name, db=vars_db)
-        records = sum(1 for _ in _durable.log_records(txn, logs))
-        return records, None if v is None else _durable.decode_value(bytes(v))
+        records = sum(1 for _ in _schema.log_records(txn, logs))
+        return records, None if v is None else _codec.decode_record(bytes(v))
 
 
 def test_small_batches_go_to_the_log_and_every_reader_merges_it(segname, dpath, flushers,
@@ -1114,17 +1119,17 @@ def test_a_log_in_the_0_1_0_layout_is_merged_and_folded(segname, dpath, flushers
     import struct
 
     def val(i):
-        return _durable.encode_value(_durable.T_INT, _durable._I64.pack(i))
+        return _codec.to_record(_codec.T_INT, _I64.pack(i))
 
-    env = _durable.open_env(dpath)
-    vars_db, meta = _durable._dbs(env)
-    with _durable.begin(env, write=True) as txn:
+    env = _env.open_env(dpath)
+    vars_db, meta = _env._dbs(env)
+    with _env.begin(env, write=True) as txn:
         legacy = env.open_db(b"log", txn=txn)
         txn.put(b"a", val(1), db=vars_db)
         txn.put(b"c", val(7), db=vars_db)
-        txn.put(struct.pack(">Q", 4), _durable.encode_log([(b"a", val(2)), (b"b", val(3))]),
+        txn.put(struct.pack(">Q", 4), _dhelpers.encode_log([(b"a", val(2)), (b"b", val(3))]),
                 db=legacy)
-        txn.put(struct.pack(">Q", 5), _durable.encode_log([(b"b", val(4))]), db=legacy)
+        txn.put(struct.pack(">Q", 5), _dhelpers.encode_log([(b"b", val(4))]), db=legacy)
         txn.put(b"flushed_wv", struct.pack("<Q", 5), db=meta)
     assert shmstm.read_durable(dpath) == {"flushed_wv": 5, "runtime_id": None, "format": None,
                                           "values": {"a": 2, "b": 4, "c": 7}}
@@ -1135,13 +1140,13 @@ def test_a_log_in_the_0_1_0_layout_is_merged_and_folded(segname, dpath, flushers
     assert rt.stats()["durability"]["committed_wv"] == 6
 
     def legacy_left():
-        with _durable.begin(env) as txn:
+        with _env.begin(env) as txn:
             return txn.stat(legacy)["entries"]
     wait_for(lambda: legacy_left() == 0 and _raw(dpath, b"b") == (0, 4), 30,
              "the idle flusher to fold the 0.1.0 log")
     durable = shmstm.read_durable(dpath)
     assert durable["values"] == {"a": 2, "b": 4, "c": 8} and durable["flushed_wv"] == 6
-    assert durable["format"] == _durable.DATA_FORMAT      # the flusher marked it at its start
+    assert durable["format"] == _env.DATA_FORMAT      # the flusher marked it at its start
     rt.close()
     shmstm.unlink(segname)
 
@@ -1153,7 +1158,7 @@ def test_the_flushers_c_log_encoding_is_encode_logs(segname):
     then writes "vars"), a malformed batch or an unnamed TVar an error."""
     import struct
 
-    from shmstm._binding import ffi, lib
+    from shmstm._core import ffi, lib
     rt = shmstm.open(segname, **LIMITS)
     try:
         names = ["a", "\u00e9t\u00e9", "n" * 300]
@@ -1174,7 +1179,7 @@ def test_the_flushers_c_log_encoding_is_encode_logs(segname):
             return k if k < 0 else ffi.buffer(buf, k)[:]
 
         inb = batch(list(zip(tvs, vals)))
-        want = _durable.encode_log([(n.encode(), bytes((t,)) + p) for n, (t, p) in zip(names, vals)])
+        want = _dhelpers.encode_log([(n.encode(), bytes((t,)) + p) for n, (t, p) in zip(names, vals)])
         assert encode(inb, 3) == want
         assert encode(inb, 3, cap=len(want)) == want
         assert encode(inb, 3, cap=len(want) - 1) == lib.SHMSTM_ETOOLARGE
@@ -1192,11 +1197,11 @@ def test_log_records_are_decoded_strictly():
     """encode_log / decode_log round-trip any bytes (names and values with
     NULs), and a truncated or padded record is refused, not misread."""
     items = [(b"a\x00b", b"\x03" + bytes(8)), (b"", b"\x07xyz"), (b"\xff" * 300, b"\x01" * 9)]
-    rec = _durable.encode_log(items)
-    assert _durable.decode_log(rec) == items
+    rec = _dhelpers.encode_log(items)
+    assert _schema.decode_log(rec) == items
     for bad in (rec[:-1], rec + b"\x00", rec[:3]):
         with pytest.raises(shmstm.CorruptSegmentError, match="malformed log record"):
-            _durable.decode_log(bad)
+            _schema.decode_log(bad)
 
 
 def test_log_folds_keep_the_state_across_many_batches(segname, dpath, flushers):
@@ -1204,7 +1209,7 @@ def test_log_folds_keep_the_state_across_many_batches(segname, dpath, flushers):
     longer than the log holds (LOG_FOLD records): the log never holds more
     than LOG_FOLD records (the write after them folds it into "vars"), and
     after every commit LMDB's merged state is that commit's."""
-    from shmstm._flusher import LOG_FOLD
+    from shmstm.store.flusher import LOG_FOLD
     rt = shmstm.open(segname, path=dpath, durability="sync", **LIMITS)
     flushers.append(flusher_pid(rt))
     tvs = [rt.tvar(n, 0) for n in ("a", "b", "c")]

@@ -2,7 +2,7 @@
 
 The installed console script is used when it sits next to this interpreter
 (``pip install '.[test]'``, as CI does); otherwise ``python -m
-shmstm.stats_cli`` (a source checkout on PYTHONPATH).  Either way the tool
+shmstm.cli.stats`` (a source checkout on PYTHONPATH).  Either way the tool
 runs from a scratch directory, never from the repository root, where the
 source tree (without the compiled core) would shadow the installed package.
 """
@@ -17,7 +17,7 @@ SCRIPT = os.path.join(os.path.dirname(sys.executable), "shmstm-stats")
 def tool_cmd():
     if os.path.exists(SCRIPT):
         return [SCRIPT]
-    return [sys.executable, "-m", "shmstm.stats_cli"]
+    return [sys.executable, "-m", "shmstm.cli.stats"]
 
 
 def run_tool(*args, timeout=60, env=None):

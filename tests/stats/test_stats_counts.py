@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from shmstm._binding import lib
+from shmstm._core import lib
 
 import _stats_workers as W
 from _helpers import LIMITS, unique_name, wait_until_blocked

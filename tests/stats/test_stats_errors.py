@@ -39,7 +39,7 @@ def _raw_segment(name, data):
 
 def _reader_raises(name, exc, *words):
     import shmstm
-    from shmstm._stats import StatsReader
+    from shmstm.stats.reader import StatsReader
 
     with pytest.raises(exc) as e:
         StatsReader(name)
@@ -76,8 +76,8 @@ def test_segment_not_readable_by_this_user(runtime):
     naming the runtime and the object, and exit status 1."""
     import io
     import shmstm
-    from shmstm import stats_cli
-    from shmstm._stats import StatsReader
+    from shmstm.cli import stats as stats_cli
+    from shmstm.stats.reader import StatsReader
 
     def other():
         try:
@@ -102,7 +102,7 @@ def test_segment_not_readable_by_this_user(runtime):
 def test_another_layout_version(runtime):
     """A real segment whose layout signature is not this build's."""
     import shmstm
-    from shmstm._binding import lib
+    from shmstm._core import lib
 
     sig = struct.pack("=Q", lib.shmstm_layout_signature())
     with open(SHM + runtime.name, "r+b") as f:
@@ -144,7 +144,7 @@ def test_never_initialised(segname):
 def test_bad_name():
     _fails(run_tool("a/b"), 1, "without '/'")
     with pytest.raises(TypeError):
-        from shmstm._stats import StatsReader
+        from shmstm.stats.reader import StatsReader
         StatsReader(3)
 
 
@@ -167,7 +167,7 @@ def test_usage_errors(args, words):
 
 def test_reader_bad_arguments(runtime):
     import shmstm
-    from shmstm._stats import StatsReader
+    from shmstm.stats.reader import StatsReader
 
     for wait in (-1, "1", None, float("nan")):
         with pytest.raises((ValueError, TypeError)):
@@ -186,7 +186,7 @@ def test_reader_bad_arguments(runtime):
 def test_rates_of_a_slot_claimed_in_the_interval():
     """A slot that appears between two reads is rated from its claim, not over
     the whole interval; one that was there is rated over the interval."""
-    from shmstm._stats import ABORT_REASONS, rates
+    from shmstm.stats.reader import ABORT_REASONS, rates
 
     def proc(slot, attach_ns, commits, cpu):
         return {"slot": slot, "pid": 100 + slot, "attach_ns": attach_ns, "alive": True,

@@ -75,8 +75,8 @@ def _shows(cell, x):
 
 
 def test_watch_json_rates_match_totals(runtime, spinner):
-    from shmstm._stats import ABORT_REASONS
-    from shmstm.stats_cli import render_text
+    from shmstm.stats.reader import ABORT_REASONS
+    from shmstm.cli.stats import render_text
 
     res = run_tool(runtime.name, "--watch", "0.2", "--count", "3", "--json")
     assert res.returncode == 0 and res.stderr == "", res.stderr

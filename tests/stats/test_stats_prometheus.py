@@ -147,7 +147,7 @@ def _conflicts(rt, x, rounds):
 
 
 def test_reused_tvar_index_is_a_new_series(runtime):
-    from shmstm._stats import rates
+    from shmstm.stats.reader import rates
 
     t1 = runtime.new_tvar(0)
     _conflicts(runtime, t1, 3)

@@ -4,7 +4,7 @@ import posix_ipc
 import pytest
 
 import shmstm
-from shmstm import _stm
+from shmstm import _core
 
 
 def _still_works(rt):
@@ -91,7 +91,7 @@ def test_forged_and_stale_handles(runtime):
         with pytest.raises(shmstm.StaleTVarError):
             f.value = 5
     with pytest.raises(shmstm.StaleTVarError):
-        shmstm._stm._tvar_from_pickle(runtime, -1, 1, None)
+        shmstm.stm.tvar._tvar_from_pickle(runtime, -1, 1, None)
     assert tv.value == 1
     _still_works(runtime)
 
@@ -188,8 +188,8 @@ def test_half_initialised_segment_times_out(segname, monkeypatch):
     shm = posix_ipc.SharedMemory("/shmstm." + segname, posix_ipc.O_CREX, mode=0o600, size=1 << 16)
     shm.close_fd()
     try:
-        monkeypatch.setattr(shmstm._stm, "_WAIT_FOR_INIT_NS", 200_000_000)
-        rt = shmstm._stm.Runtime(segname)
+        monkeypatch.setattr(shmstm.shm.runtime, "_WAIT_FOR_INIT_NS", 200_000_000)
+        rt = shmstm.Runtime(segname)
         with pytest.raises(shmstm.SegmentInitError):
             rt._attach({}, wait_ns=200_000_000)
     finally:
@@ -215,7 +215,7 @@ def test_bad_map_size(segname, tmp_path):
         with pytest.raises(ValueError, match="map_size must be a multiple of 4096"):
             shmstm.open(segname, path=d, map_size=bad)
     assert not os.path.exists(os.path.join(d, "data.mdb"))
-    assert not os.path.exists("/dev/shm" + _stm._shm_name(segname))
+    assert not os.path.exists("/dev/shm" + _core.shm_name(segname))
 
 
 def test_full_dev_shm_is_a_clear_error_at_creation(segname):
@@ -239,7 +239,7 @@ def test_fault_injection_is_compiled_out_of_release_builds():
     """The kill points, delays and shake exist only in debug builds: a release
     build (what pip install . makes) refuses to arm them; a debug build
     (SHMSTM_DEBUG=1, the ASan runs) arms and disarms them."""
-    from shmstm._binding import ffi, lib
+    from shmstm._core import ffi, lib
     debug = ffi.string(lib.shmstm_build_info()).decode().endswith(" debug")
     rc = lib.shmstm_fault_set(b"no.such.point", 1, 0, 0, 0)
     if debug:
@@ -251,7 +251,7 @@ def test_fault_injection_is_compiled_out_of_release_builds():
 def test_build_info_names_the_version_and_the_layout():
     """The compiled core says which package version and segment layout it is
     (a stale build is refused at import by that version)."""
-    from shmstm._binding import ffi, lib
+    from shmstm._core import ffi, lib
 
     info = ffi.string(lib.shmstm_build_info()).decode().split()
     assert info[0] == shmstm.__version__
@@ -300,11 +300,8 @@ def test_importing_from_the_source_tree_says_so(tmp_path):
     import sys
 
     src = os.path.dirname(shmstm.__file__)
-    pkg = tmp_path / "shmstm"
-    pkg.mkdir()
-    for fn in os.listdir(src):
-        if fn.endswith(".py"):
-            shutil.copy(os.path.join(src, fn), str(pkg))
+    shutil.copytree(src, str(tmp_path / "shmstm"),
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     (tmp_path / "setup.py").write_text("# a source checkout\n")
     # As a user of a regular install runs it; an in-place build (pip install
     # -e) adds a finder that would find the checkout first whatever the cwd.

@@ -7,7 +7,7 @@ import pytest
 
 import shmstm
 from shmstm import atomically
-from shmstm import _stm
+from shmstm.stm import tvar as _tvar, tx as _tx
 
 from test_api import VALUES
 
@@ -84,7 +84,7 @@ def test_forged_generations_are_stale_on_every_path(runtime, gen):
     those whose 64-bit handle is negative) is refused by the snapshot read,
     the transactional read and the commit, never answered."""
     tv = runtime.new_tvar(41)
-    forged = _stm.TVar(runtime, tv._idx, gen, None)
+    forged = _tvar.TVar(runtime, tv._idx, gen, None)
     with pytest.raises(shmstm.StaleTVarError):
         forged.value
     with pytest.raises(shmstm.StaleTVarError):
@@ -100,7 +100,7 @@ def test_forged_generations_are_stale_on_every_path(runtime, gen):
 
 def test_handle_packing():
     for idx, gen in [(0, 1), (5, 0x7FFFFFFF), (65535, 0x80000000), (0xFFFFFFFF, 0xFFFFFFFF)]:
-        h = _stm._handle(idx, gen)
+        h = _tx._handle(idx, gen)
         assert -(1 << 63) <= h < (1 << 63)
         assert (h & 0xFFFFFFFF, (h >> 32) & 0xFFFFFFFF) == (idx, gen)
 
@@ -124,7 +124,7 @@ def test_read_outside_while_another_thread_is_in_a_transaction(runtime):
     t.start()
     try:
         assert written.wait(10)
-        assert _stm._active                  # the writer's transaction is running
+        assert _tx._active                  # the writer's transaction is running
         assert tv.value == 1                 # not the buffered 2
     finally:
         release.set()
@@ -139,7 +139,7 @@ def test_signal_during_a_commit_wait_reruns_the_commit(runtime):
     once and raises nothing (it used to raise 'error -14' on a runtime
     without durability)."""
     import signal
-    from shmstm._binding import lib
+    from shmstm._core import lib
     tv = runtime.tvar("x", 0)
     got, handled = threading.Event(), threading.Event()
 
@@ -174,16 +174,16 @@ def test_threads_transaction_objects_die_with_their_threads(runtime):
 
     def count():
         gc.collect()
-        return sum(1 for o in gc.get_objects() if type(o) is _stm._Tx)
+        return sum(1 for o in gc.get_objects() if type(o) is _tx._Tx)
 
     atomically(lambda: tv.value)            # this thread's own, kept
     before = count()
     seen = []
 
     def body():
-        assert _stm._fast.tx() is None       # a new thread starts without one
+        assert _tx._fast.tx() is None       # a new thread starts without one
         tv.modify(lambda v: v + 1)
-        seen.append(id(_stm._fast.tx()))
+        seen.append(id(_tx._fast.tx()))
     for _ in range(50):
         t = threading.Thread(target=body)
         t.start()

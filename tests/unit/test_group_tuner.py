@@ -1,11 +1,11 @@
-"""The flusher's group-commit tuner (shmstm._flusher.GroupTuner): pure logic,
+"""The flusher's group-commit tuner (shmstm.store.flusher.GroupTuner): pure logic,
 fed with batch acknowledgements at chosen times.  Properties: it keeps
 waiting for stragglers unless not waiting was measured faster by its margin,
 it probes wait / no wait / no wait / wait, a pause of the load restarts the
 probes, and it probes again after its exploit epochs."""
 import pytest
 
-from shmstm._flusher import GroupTuner
+from shmstm.store.flusher import GroupTuner
 
 
 def feed(t, now, rate, seconds, batch=8):

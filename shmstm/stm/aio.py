@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
-from ._stm import _PollExpired, _run_until
+from .tx import _PollExpired, _run_until
 
 # How often a waiting transaction checks whether its task was cancelled
 # (seconds): its wait is cut into waits this long, each a re-run.

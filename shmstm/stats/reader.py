@@ -18,8 +18,9 @@ import time
 import posix_ipc
 import psutil
 
-from . import errors
-from ._binding import _fast, address, error_for, ffi, lib
+from .. import _core, errors
+from .._core import _fast, address, error_for, ffi, lib
+from ..store.durable import ring_stats
 
 SCHEMA = "shmstm-stats/1"
 ABORT_REASONS = ("locked", "validate", "user", "stale", "resource")
@@ -124,11 +125,6 @@ def _hot_tvars(seg, hot, cache):
     return out
 
 
-def _ring_stats(seg):
-    from ._durable import ring_stats        # lmdb is not needed to read the ring
-    return ring_stats(seg)
-
-
 def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
     """The statistics document of a mapped segment (schema: docs/stats.md).
 
@@ -226,7 +222,7 @@ def runtime_stats(seg, name, ring_slots=0, hot=DEFAULT_HOT, cache=None):
         "processes": procs,
         "hottest_tvars": _hot_tvars(seg, hot, cache),
         # The commit ring's facts (docs/stats.md); None without durability.
-        "durability": None if not ring_slots else _ring_stats(seg),
+        "durability": None if not ring_slots else ring_stats(seg),
     }
 
 
@@ -240,13 +236,11 @@ class StatsReader:
     runtime.  Close it (or use it as a context manager) to unmap."""
 
     def __init__(self, name, wait=0.5):
-        from ._stm import _check_name, _shm_name
-
-        _check_name(name)
+        _core.check_name(name)
         if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not wait >= 0:
             raise ValueError("wait must be a non-negative number of seconds, not %r" % (wait,))
         self.name = name
-        shm_name = _shm_name(name)
+        shm_name = _core.shm_name(name)
         try:
             shm = posix_ipc.SharedMemory(shm_name, 0, read_only=True)
         except posix_ipc.ExistentialError:

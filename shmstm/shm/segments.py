@@ -19,20 +19,12 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import posix_ipc
 
-from . import errors
-from ._binding import _fast, address, error_for, ffi, lib
-
-SHM_DIR = "/dev/shm"
-PREFIX = "shmstm."
+from .. import errors
+from .._core import PREFIX, SHM_DIR, _fast, address, error_for, ffi, lib, shm_name
 # Temporary name of a segment being initialised: <name>.init-<creator pid>-<8 hex>.
 _TMP_RE = re.compile(r"^(?P<base>.+)\.init-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 __all__ = ["list_segments", "cleanup_segments"]
-
-
-def shm_name(name):
-    """The POSIX shm name of runtime ``name``."""
-    return "/" + PREFIX + name
 
 
 def _path(shmname):
@@ -324,3 +316,32 @@ def lock_report(name):
                  "alive": procs.get(s, {}).get("alive", False)} for i, s in locked]
     finally:
         lib.shmstm_seg_detach(seg)
+
+
+def check_writer(writer, path, opening):
+    """Refuse to open runtime ``opening`` on data another live runtime
+    writes: ``writer`` (schema.parse_writer: created_ns, pid, name) names the
+    runtime whose flusher writes the data at ``path``; refused if it has
+    another name and its segment still exists under it, with that creation
+    time and a live process attached.  (Two segments of one name: the
+    flusher's own check.)"""
+    if writer is None:
+        return
+    created_ns, _, name = writer
+    if name == opening:
+        return
+    seg, _ = _attach_ro(SHM_DIR + shm_name(name))
+    if seg is None:
+        return
+    try:
+        info = ffi.new("shmstm_seg_info *")
+        lib.shmstm_seg_info_get(seg, info)
+        pids = [p["pid"] for p in _slot_table(seg) if p["alive"]]
+        same = info.created_ns == created_ns
+    finally:
+        lib.shmstm_seg_detach(seg)
+    if same and pids:
+        raise errors.DurabilityMismatchError(
+            "the durable data at %r is in use by runtime %r (pid %s): one path holds one "
+            "runtime's data; open that runtime by its name, or close it everywhere first"
+            % (path, name, ", ".join(map(str, pids))))

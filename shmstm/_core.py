@@ -1,6 +1,7 @@
-"""The one module that imports the compiled core (shmstm._native, and
-shmstm._fast for the hot calls), and the table that maps its return codes to
-exceptions."""
+"""The compiled core as Python sees it: the one import of shmstm._native (cffi)
+and shmstm._fast (the hot calls), the table that maps the core's return codes
+to exceptions, and the conventions every layer shares (segment names, the
+call that creates a TVar)."""
 import os
 
 from . import errors
@@ -87,3 +88,31 @@ def check(rc, what=None):
     if rc < 0:
         raise error_for(rc, what)
     return rc
+
+
+# ---------------------------------------------------------------- segment names
+
+SHM_DIR = "/dev/shm"
+PREFIX = "shmstm."
+
+
+def shm_name(name):
+    """The POSIX shm name of runtime ``name``."""
+    return "/" + PREFIX + name
+
+
+def check_name(name):
+    if not isinstance(name, str):
+        raise TypeError("runtime name must be a str, not %s" % type(name).__name__)
+    if not name or len(name) > 200 or "/" in name or "\0" in name:
+        raise ValueError("runtime name must be 1-200 characters without '/' or NUL: %r" % (name,))
+
+
+def new_call(fn, cptr, name_args, tag, payload, oi):
+    """Call shmstm_tvar_new or shmstm_tvar_named (fn) with an encoded value
+    (tag, payload: _codec.encode); oi receives (index, generation)."""
+    if tag == lib.SHMSTM_TAG_FLOAT:
+        return fn(cptr, *name_args, tag, 0, payload, ffi.NULL, 0, oi, oi + 1)
+    if tag >= lib.SHMSTM_TAG_BYTES:
+        return fn(cptr, *name_args, tag, 0, 0.0, payload, len(payload), oi, oi + 1)
+    return fn(cptr, *name_args, tag, payload, 0.0, ffi.NULL, 0, oi, oi + 1)

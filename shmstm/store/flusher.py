@@ -12,7 +12,7 @@ opener, or by any process that finds the lease holder dead.  It:
      them (coalesced: last value per TVar) in ONE LMDB write transaction that
      also stores flushed_wv and the runtime id (a batch of 3-64 TVars as one
      log record in the main DB, keyed by its flushed_wv, folded into "vars"
-     after LOG_FOLD records and when idle; see _durable.py), then free the
+     after LOG_FOLD records and when idle; see schema.py), then free the
      records, recycle
      the slots, advance flushed_wv and wake sync waiters.  A slot left EMPTY
      for GRACE seconds (its committer died before its commit point, or is
@@ -32,10 +32,10 @@ import time
 
 import posix_ipc
 
-from ._binding import error_for, ffi, lib
-from ._durable import (DATA_FORMAT, LOG_KEY, _U32, _WRITER, LogDBs, _lmdb, adopt_map_size,
-                       describe_writer, last_log_wv, lmdb_open, log_items, log_key, log_records,
-                       stored_flushed, stored_format)
+from .._core import error_for, ffi, lib
+from .env import DATA_FORMAT, _U32, _lmdb, adopt_map_size, lmdb_open, stored_format
+from .schema import (LOG_KEY, _WRITER, LogDBs, describe_writer, last_log_wv, log_items, log_key,
+                     log_records, stored_flushed)
 
 GRACE = float(os.environ.get("SHMSTM_FLUSH_GRACE", "1.0"))
 MAX_COMMITS = 65536

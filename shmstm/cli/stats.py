@@ -23,10 +23,10 @@ import shutil
 import sys
 import time
 
-from . import errors
-from . import _segments
-from ._segments import list_segments
-from ._stats import ABORT_REASONS, DEFAULT_HOT, StatsReader, rates
+from .. import errors
+from ..shm import segments as _segments
+from ..shm.segments import list_segments
+from ..stats.reader import ABORT_REASONS, DEFAULT_HOT, StatsReader, rates
 
 PROG = "shmstm-stats"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

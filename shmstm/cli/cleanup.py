@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from . import _segments
-from ._segments import cleanup_segments, list_segments
+from ..shm import segments as _segments
+from ..shm.segments import cleanup_segments, list_segments
 
 
 def _human(segs, removed, dry_run):

@@ -1,0 +1,1 @@
+"""The command-line tools: shmstm-stats, shmstm-cleanup and shmstm-demo."""

@@ -1,0 +1,1 @@
+"""Reading a runtime's statistics from its segment, without a slot or a lock."""
